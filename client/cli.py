@@ -1,0 +1,206 @@
+"""`fedrad-site`: the hospital site agent's command line."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedrad.client.dicom_io import RADIOGRAPH_MODALITIES
+from fedrad.client.preprocess import PreprocessConfig
+from fedrad.client.site_data import (
+    SiteDataError,
+    default_cache_dir,
+    prepare_site,
+    read_reports,
+    scan_site,
+)
+from fedrad.common.cli_support import (
+    EXIT_FINDINGS,
+    emit_json,
+    fail,
+    not_yet,
+    progress_bar,
+    setup_logging,
+)
+from fedrad.common.findings import FINDINGS
+from fedrad.common.labeler import label_report
+
+app = typer.Typer(
+    name="fedrad-site",
+    help="Hospital site agent: check and prepare local data, label reports, join a federation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")]
+WorkersOpt = Annotated[int, typer.Option(help="Decoding processes (0 = one per core).", min=0)]
+
+
+def _modalities(value: str) -> frozenset[str]:
+    mods = frozenset(m.strip().upper() for m in value.split(",") if m.strip())
+    if not mods:
+        fail("--modalities needs at least one modality, e.g. CR,DX")
+    return mods
+
+
+DEFAULT_MODALITIES = ",".join(sorted(RADIOGRAPH_MODALITIES))
+ModalitiesOpt = Annotated[
+    str,
+    typer.Option(help="Accepted DICOM modalities, comma-separated."),
+]
+
+
+@app.command()
+def check(
+    data_dir: Annotated[Path, typer.Argument(help="The site's data directory.")],
+    json_out: JsonOpt = False,
+    modalities: ModalitiesOpt = DEFAULT_MODALITIES,
+    workers: WorkersOpt = 0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Report what would be used for training and what is skipped, and why. Writes nothing.
+
+    Exit 0 when at least one study is usable, 1 when none is, 2 on a fatal problem.
+    """
+    setup_logging(verbose)
+    try:
+        with progress_bar("reading DICOM") as bar:
+            scan, _ = scan_site(
+                data_dir,
+                modalities=_modalities(modalities),
+                workers=workers,
+                progress=bar.update,
+                on_total=lambda n: setattr(bar, "total", n),
+            )
+    except SiteDataError as exc:
+        fail(str(exc))
+    summary = scan.summary()
+    if json_out:
+        emit_json(summary)
+    else:
+        _print_check(summary)
+    if not scan.studies:
+        typer.echo("error: no usable study (image + report) in this directory", err=True)
+        raise typer.Exit(EXIT_FINDINGS)
+
+
+def _print_check(summary: dict) -> None:
+    typer.echo(f"files seen:      {summary['files_seen']}")
+    typer.echo(f"images decoded:  {summary['images_decoded']}")
+    typer.echo(f"report rows:     {summary['reports']}")
+    typer.echo(f"usable studies:  {summary['usable']}")
+    present = ", ".join(f"{k} {v}" for k, v in summary["labels_present"].items())
+    typer.echo(f"labels present:  {present}")
+    skipped = summary["skipped"]
+    typer.echo(f"skipped:         {len(skipped)}")
+    for item in skipped:
+        typer.echo(f"  {item['path']}: {item['reason']}")
+
+
+@app.command()
+def prepare(
+    data_dir: Annotated[Path, typer.Argument(help="The site's data directory.")],
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Where tensors go (default DATA_DIR/.fedrad-cache).")
+    ] = None,
+    image_size: Annotated[int, typer.Option(help="Model input side in pixels.")] = 128,
+    modalities: ModalitiesOpt = DEFAULT_MODALITIES,
+    workers: WorkersOpt = 0,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """De-identify, label and preprocess every usable study into the local cache."""
+    setup_logging(verbose)
+    try:
+        config = PreprocessConfig(image_size=image_size)
+    except ValueError as exc:
+        fail(str(exc))
+    cache = cache_dir or default_cache_dir(data_dir)
+    try:
+        with progress_bar("preparing") as bar:
+            scan, manifest = prepare_site(
+                data_dir,
+                cache,
+                config=config,
+                modalities=_modalities(modalities),
+                workers=workers,
+                progress=bar.update,
+                on_total=lambda n: setattr(bar, "total", n),
+            )
+    except SiteDataError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write the cache at {cache}: {exc.strerror}")
+    summary = scan.summary()
+    summary["manifest"] = str(manifest)
+    if json_out:
+        emit_json(summary)
+    else:
+        typer.echo(f"{summary['usable']} studies cached; manifest: {manifest}")
+    if not scan.studies:
+        typer.echo("error: no usable study (image + report) in this directory", err=True)
+        raise typer.Exit(EXIT_FINDINGS)
+
+
+@app.command()
+def label(
+    reports_csv: Annotated[
+        Path, typer.Argument(help="A report export with accession_number, report.")
+    ],
+    json_out: JsonOpt = False,
+) -> None:
+    """Label each report: 1 present, 0 absent or negated, -1 uncertain, per finding."""
+    if not reports_csv.exists():
+        fail(f"no such file: {reports_csv}")
+    if reports_csv.is_dir():
+        fail(f"expected a CSV file, got a directory: {reports_csv}")
+    try:
+        rows = read_reports(reports_csv)
+    except SiteDataError as exc:
+        fail(str(exc))
+    out: dict[str, dict[str, int]] = {}
+    for row in rows:
+        if not row.accession:
+            typer.echo(f"warning: line {row.line} has no accession_number; skipped", err=True)
+            continue
+        out[row.accession] = label_report(row.report).labels
+    if json_out:
+        emit_json(out)
+        return
+    writer = csv.writer(typer.get_text_stream("stdout"))
+    writer.writerow(["accession_number", *FINDINGS])
+    for accession, labels in out.items():
+        writer.writerow([accession, *(labels[f] for f in FINDINGS)])
+
+
+@app.command()
+def init() -> None:
+    """Create the site's keys and config (federation onboarding)."""
+    not_yet("fedrad-site init")
+
+
+@app.command()
+def start() -> None:
+    """Join a federation as a Flower SuperNode."""
+    not_yet("fedrad-site start")
+
+
+@app.command()
+def budget() -> None:
+    """Show the privacy budget spent and left."""
+    not_yet("fedrad-site budget")
+
+
+@app.command()
+def report() -> None:
+    """Write a report, finding probabilities and answers for one scan."""
+    not_yet("fedrad-site report")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""fedrad.common."""

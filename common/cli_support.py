@@ -1,0 +1,59 @@
+"""What every fedrad CLI shares: logging set-up, one-line fatal errors, JSON output, progress."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+import typer
+from tqdm import tqdm
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1  # ran, but the answer is "no" (nothing usable, audit failed, ...)
+EXIT_USAGE = 2  # bad input: the command could not do its job
+
+NOT_YET = "not yet available in this version of fedrad"
+
+
+def setup_logging(verbose: bool) -> None:
+    """Logs go to stderr so that stdout stays clean for --json."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """One line on stderr and a meaningful exit code; never a traceback."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def emit_json(payload: object) -> None:
+    typer.echo(json.dumps(payload, indent=2, sort_keys=False))
+
+
+def not_yet(command: str) -> NoReturn:
+    fail(f"'{command}' is {NOT_YET}", EXIT_USAGE)
+
+
+@contextmanager
+def progress_bar(description: str, *, enabled: bool = True) -> Iterator[tqdm]:
+    """A tqdm bar on stderr, shown only when stderr is a terminal (tqdm decides)."""
+    bar = tqdm(
+        desc=description,
+        unit="file",
+        disable=None if enabled else True,
+        file=sys.stderr,
+        leave=False,
+    )
+    try:
+        yield bar
+    finally:
+        bar.close()

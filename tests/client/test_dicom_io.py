@@ -1,0 +1,81 @@
+"""Reading radiographs: every kind of bad file becomes a one-line reason, good ones decode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from fedrad.client.dicom_io import UnusableError, load_radiograph
+from tests.conftest import write_radiograph
+
+
+def test_monochrome1_is_inverted_so_dense_is_bright(tmp_path: Path) -> None:
+    pixels = np.zeros((64, 64), dtype=np.uint16)
+    pixels[:, :32] = 3000  # left half: high stored value
+    m2 = load_radiograph(write_radiograph(tmp_path / "m2.dcm", accession="A", pixels=pixels))
+    m1 = load_radiograph(
+        write_radiograph(
+            tmp_path / "m1.dcm", accession="B", pixels=pixels, photometric="MONOCHROME1"
+        )
+    )
+    assert m2.pixels[:, :32].mean() > m2.pixels[:, 32:].mean()
+    assert m1.pixels[:, :32].mean() < m1.pixels[:, 32:].mean()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "not a DICOM file"),
+        (b"hello, this is a text file\n" * 10, "not a DICOM file"),
+        (bytes(range(256)) * 4, "not a DICOM file"),
+    ],
+)
+def test_non_dicom_files_are_rejected(tmp_path: Path, content: bytes, reason: str) -> None:
+    path = tmp_path / "x.dcm"
+    path.write_bytes(content)
+    with pytest.raises(UnusableError, match=reason):
+        load_radiograph(path)
+
+
+def test_truncated_file_is_rejected(tmp_path: Path) -> None:
+    good = write_radiograph(tmp_path / "g.dcm", accession="A")
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(good.read_bytes()[:-3000])
+    with pytest.raises(UnusableError):
+        load_radiograph(cut)
+
+
+def test_missing_pixel_data_is_rejected(tmp_path: Path) -> None:
+    import pydicom
+
+    path = write_radiograph(tmp_path / "g.dcm", accession="A")
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.save_as(path)
+    with pytest.raises(UnusableError, match="no pixel data"):
+        load_radiograph(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("SC_rgb.dcm", "photometric interpretation RGB"),
+        ("CT_small.dcm", "modality CT is not a projection radiograph"),
+        ("rtdose.dcm", "multi-frame"),
+        ("MR_truncated.dcm", "could not be decoded"),
+        ("test-SR.dcm", "no pixel data"),
+    ],
+)
+def test_pydicom_edge_cases_get_reasons(name: str, reason: str) -> None:
+    with pytest.raises(UnusableError, match=reason):
+        load_radiograph(Path(get_testdata_file(name)))
+
+
+@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG3_J2KI.dcm"])
+def test_real_chest_radiograph_decodes(name: str) -> None:
+    image = load_radiograph(Path(get_testdata_file(name)))
+    assert image.pixels.ndim == 2 and image.pixels.shape[0] > 1000
+    assert np.isfinite(image.pixels).all()
