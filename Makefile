@@ -43,3 +43,20 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# --- medspaCy peer labeler benchmark (own venv: medspacy pins spacy<3.8 -> thinc 8.2 -> numpy<2)
+PEER_VENV := .venv-medspacy
+PEER_PY := $(PEER_VENV)/bin/python
+PEER_STAMP := $(PEER_VENV)/.medspacy-installed
+
+.PHONY: bench-labeler-peer
+
+$(PEER_STAMP):
+	test -x $(PEER_PY) || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_PY) -m pip install -q --upgrade pip
+	# never a fedrad dependency: its numpy<2 clashes with ours
+	$(PEER_PY) -m pip install -q medspacy==1.3.1 spacy==3.7.5 thinc==8.2.5 numpy==1.26.4
+	touch $(PEER_STAMP)
+
+bench-labeler-peer: $(STAMP) $(PEER_STAMP)
+	$(PY) -m fedrad.simulations.peer_bench --peer-python $(PEER_PY) --out runs/peer_bench.json
