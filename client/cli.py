@@ -197,9 +197,49 @@ def budget() -> None:
 
 
 @app.command()
-def report() -> None:
-    """Write a report, finding probabilities and answers for one scan."""
-    not_yet("fedrad-site report")
+def report(
+    scan: Annotated[Path, typer.Argument(help="A DICOM chest radiograph.")],
+    model_dir: Annotated[
+        Path,
+        typer.Option(
+            "--model", help="A checkpoint directory (e.g. runs/<id>/checkpoints/round_005)."
+        ),
+    ],
+    ask: Annotated[str | None, typer.Option(help="A question about the scan.")] = None,
+    indication: Annotated[str, typer.Option(help="The clinical question, if any.")] = "",
+    beams: Annotated[int, typer.Option(help="Beam width (1 = greedy).", min=1, max=8)] = 1,
+    modalities: ModalitiesOpt = DEFAULT_MODALITIES,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Write a report, per-finding probabilities and (with --ask) an answer for one scan."""
+    from fedrad.client.dicom_io import UnusableError
+    from fedrad.client.inference import answer_scan, scan_tensor
+    from fedrad.common.checkpoint import CheckpointError, load_checkpoint
+
+    setup_logging(verbose)
+    if ask is not None and not ask.strip():
+        fail("--ask needs a non-empty question")
+    if not scan.is_file():
+        fail(f"no such file: {scan}")
+    try:
+        model = load_checkpoint(model_dir)
+    except CheckpointError as exc:
+        fail(str(exc))
+    try:
+        image = scan_tensor(scan, model.config.image_size, modalities=_modalities(modalities))
+    except UnusableError as exc:
+        fail(f"{scan}: {exc}")
+    result = answer_scan(model, image, indication=indication, question=ask, num_beams=beams)
+    if json_out:
+        emit_json({"report": result.report, "findings": result.findings, "answer": result.answer})
+        return
+    typer.echo(result.report)
+    typer.echo("")
+    for finding, prob in sorted(result.findings.items(), key=lambda kv: -kv[1]):
+        typer.echo(f"  {finding:<18} {prob:.3f}")
+    if result.answer is not None:
+        typer.echo(f"\nQ: {ask}\nA: {result.answer}")
 
 
 def main() -> None:

@@ -1,0 +1,130 @@
+"""The run directory contract shared by simulations, baselines and the coordinator:
+config.toml, metrics.jsonl (one object per round), checkpoints/, plots/*.png, summary.json."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+def new_run_dir(root: Path, kind: str) -> Path:
+    """runs/<kind>-<UTC timestamp>[-n]: never reuses an existing directory."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1000):
+        candidate = root / (f"{kind}-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        (candidate / "checkpoints").mkdir()
+        (candidate / "plots").mkdir()
+        return candidate
+    raise RuntimeError(f"cannot create a run directory under {root}")
+
+
+def _toml_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _toml_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_toml_safe(v) for v in value if v is not None]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """Everything needed to rerun (None values are omitted: TOML has no null)."""
+    (run_dir / "config.toml").write_text(tomli_w.dumps(_toml_safe(config)))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """One line per round, flushed and synced: a killed run keeps every finished round."""
+    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(_json_safe(record), sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1, sort_keys=True))
+
+
+PLOTTED = ("macro_auroc", "ce_f1", "bleu4", "rouge_l", "qa_accuracy")
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Metrics and cumulative epsilon per round as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    if not records:
+        return []
+    rounds = [r["round"] for r in records]
+    out = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in PLOTTED:
+        values = [r.get(key) for r in records]
+        if any(v is not None for v in values):
+            ax.plot(
+                rounds,
+                [v if v is not None else float("nan") for v in values],
+                marker="o",
+                label=key,
+            )
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out metric")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = run_dir / "plots" / "metrics.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    out.append(path)
+    sites = sorted({s for r in records for s in (r.get("epsilon") or {})})
+    if sites:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for site in sites:
+            ax.plot(
+                rounds,
+                [(r.get("epsilon") or {}).get(site, float("nan")) for r in records],
+                marker="o",
+                label=site,
+            )
+        ax.set_xlabel("round")
+        ax.set_ylabel("cumulative epsilon")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = run_dir / "plots" / "epsilon.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        out.append(path)
+    return out

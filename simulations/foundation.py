@@ -1,0 +1,234 @@
+"""The starting model every run shares: tokenizer and language model trained on public text only.
+
+Nothing can be downloaded here, so the from-config LM would start as noise. Instead the
+coordinator trains it once, non-privately, on public text: radlabels' 1,000 shipped reports and
+report prose from the open cohort generator (a seed namespace no cohort uses, no images, no
+patients). That plays the part a public pretrained LLM plays for a real federation: it knows how
+reports are written, and the federation's DP training only has to ground that language in the
+image (encoder, projector, head and LoRA adapters). The result is cached by content hash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedrad.common.labeler import label_report
+from fedrad.common.language_model import add_lora, build_from_config, load_pretrained
+from fedrad.common.model_config import ModelConfig
+from fedrad.common.radiology_model import RadiologyModel
+from fedrad.common.tasks import context_text, qa_prompt, report_prompt, sample_question
+from fedrad.common.tokenizer import load_tokenizer, train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+PUBLIC_SEED_NAMESPACE = 99  # cohorts use spawn key 1; this corpus can never equal a site's text
+FOUNDATION_VERSION = 4  # bump when the recipe below changes: invalidates caches
+
+
+@dataclasses.dataclass(frozen=True)
+class FoundationRecipe:
+    corpus_reports: int = 6000  # synthetic public reports
+    steps: int = 600  # LM pretraining steps
+    batch_size: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+
+
+def public_reports(n: int, seed: int) -> list[tuple[str, str]]:
+    """(indication, report) pairs from the open generator, no PHI echoed, no images drawn."""
+    import datetime as dt
+
+    from fedrad.simulations.cxr_image import sample_finding
+    from fedrad.simulations.report_text import HeaderPHI, write_indication, write_report
+    from fedrad.simulations.site_profiles import BASE_PROFILES
+
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(
+            np.random.SeedSequence(seed, spawn_key=(PUBLIC_SEED_NAMESPACE, i))
+        )
+        profile = BASE_PROFILES[i % len(BASE_PROFILES)]
+        style = dataclasses.replace(profile.style, phi_rate=0.0)
+        findings = tuple(sample_finding(name, rng) for name in profile.draw_findings(rng))
+        view = "AP" if rng.random() < profile.ap_fraction else "PA"
+        phi = HeaderPHI(
+            "Anon", "Anon", "X", "Anon", dt.date(2020, 1, 1), "0000", dt.date(2019, 1, 1)
+        )
+        report = write_report(findings, view=view, devices=(), style=style, phi=phi, rng=rng)
+        sex = "M" if rng.random() < 0.5 else "F"
+        age = int(rng.integers(20, 89))
+        indication = write_indication(findings, kind=profile.kind, age=age, sex=sex, rng=rng)
+        out.append((indication, report.text))
+    return out
+
+
+def radlabels_reports() -> list[str]:
+    """The shipped real-style reports; empty (with a log line) if radlabels is not installed."""
+    from fedrad.simulations.labeler_bench import load_radlabels, radlabels_samples_dir
+
+    try:
+        return [text for text, _ in load_radlabels(radlabels_samples_dir())]
+    except FileNotFoundError:
+        logger.warning("radlabels not installed: foundation corpus uses synthetic text only")
+        return []
+
+
+def training_texts(
+    pairs: list[tuple[str, str]], extra_reports: list[str], rng: random.Random
+) -> list[str]:
+    """The same prompt formats the model is fine-tuned with: reports and question answering."""
+    texts = []
+    for indication, report in pairs:
+        labels = label_report(report)
+        prompt = report_prompt(labels.labels)
+        texts.append(f"{context_text(indication)}{prompt} {' '.join(report.split())}")
+        qa = sample_question(labels.labels, labels.sides, labels.nodule_size_mm, rng)
+        texts.append(
+            f"{context_text(indication)}{qa_prompt(labels.labels, qa.question)} {qa.answer}"
+        )
+    for report in extra_reports:
+        prompt = report_prompt(label_report(report).labels)
+        texts.append(f"{context_text('')}{prompt} {' '.join(report.split())}")
+    return texts
+
+
+def _pretrain(
+    lm: nn.Module,
+    ids: list[list[int]],
+    *,
+    recipe: FoundationRecipe,
+    pad_id: int,
+    max_len: int,
+    progress: Callable[[int], None] | None,
+) -> list[float]:
+    torch.manual_seed(recipe.seed)
+    order = np.random.default_rng(recipe.seed)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=recipe.lr, weight_decay=0.01)
+    warmup = max(1, recipe.steps // 10)
+
+    def factor(step: int) -> float:  # linear warm-up, then cosine decay to 5%
+        if step < warmup:
+            return (step + 1) / warmup
+        progress_frac = (step - warmup) / max(1, recipe.steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress_frac))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    lm.train()
+    losses = []
+    for step in range(recipe.steps):
+        batch = [ids[i][:max_len] for i in order.integers(0, len(ids), recipe.batch_size)]
+        width = max(len(b) for b in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, seq in enumerate(batch):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        labels = input_ids.masked_fill(mask == 0, -100)
+        loss = lm(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if progress is not None:
+            progress(step + 1)
+    lm.eval()
+    return losses
+
+
+LM_FIELDS = ("vocab_size", "lm_layers", "lm_heads", "lm_dim", "max_positions", "dropout")
+
+
+def foundation_key(config: ModelConfig, recipe: FoundationRecipe) -> str:
+    """Depends only on what shapes the language model, so image-side changes reuse the cache."""
+    lm_fields = {name: getattr(config, name) for name in LM_FIELDS}
+    lm_fields["prefix"] = config.num_prefix_tokens
+    blob = json.dumps(
+        {"lm": lm_fields, "recipe": dataclasses.asdict(recipe), "v": FOUNDATION_VERSION},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("FEDRAD_CACHE", Path.home() / ".cache" / "fedrad")) / "foundation"
+
+
+def build_foundation_lm(
+    config: ModelConfig,
+    *,
+    recipe: FoundationRecipe | None = None,
+    cache_root: Path | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """A local Hugging Face causal-LM directory (tokenizer + weights) pretrained on public text."""
+    recipe = recipe or FoundationRecipe()
+    key = foundation_key(config, recipe)
+    directory = (cache_root or default_cache_root()) / f"lm-{key}"
+    if (directory / "fedrad_foundation.json").is_file():
+        return directory
+    rng = random.Random(recipe.seed)
+    pairs = public_reports(recipe.corpus_reports, recipe.seed)
+    extra = radlabels_reports()
+    texts = training_texts(pairs, extra, rng)
+    tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size)
+    torch.manual_seed(recipe.seed)
+    lm = build_from_config(config, tokenizer)
+    eos = tokenizer.eos_token_id
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    max_len = config.max_positions - config.num_prefix_tokens
+    losses = _pretrain(
+        lm, ids, recipe=recipe, pad_id=tokenizer.pad_token_id, max_len=max_len, progress=progress
+    )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".lm-{key}-", dir=directory.parent))
+    lm.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "fedrad_foundation.json").write_text(
+        json.dumps(
+            {
+                "recipe": dataclasses.asdict(recipe),
+                "corpus": {"synthetic_reports": len(pairs), "radlabels_reports": len(extra)},
+                "pretrain_loss": {"first": losses[0], "last": float(np.mean(losses[-20:]))},
+                "version": FOUNDATION_VERSION,
+            },
+            indent=1,
+        )
+    )
+    if directory.exists():  # a concurrent builder won: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+    logger.info("foundation LM built: loss %.2f -> %.2f", losses[0], np.mean(losses[-20:]))
+    return directory
+
+
+def build_foundation(
+    config: ModelConfig,
+    *,
+    recipe: FoundationRecipe | None = None,
+    cache_root: Path | None = None,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[RadiologyModel, Path]:
+    """The starting model: the public LM (cached) with LoRA, and a fresh image side from `seed`."""
+    directory = build_foundation_lm(config, recipe=recipe, cache_root=cache_root, progress=progress)
+    tokenizer = load_tokenizer(directory)
+    lm = load_pretrained(directory)
+    torch.manual_seed(seed)
+    return RadiologyModel(config, add_lora(lm, config), tokenizer), directory

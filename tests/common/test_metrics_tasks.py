@@ -1,0 +1,65 @@
+"""Metrics and task text: AUROC edge cases, clinical efficacy, BLEU/ROUGE bounds, prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedrad.common.findings import FINDINGS
+from fedrad.common.metrics import (
+    answer_accuracy,
+    bleu4,
+    clinical_efficacy,
+    finding_auroc,
+    macro,
+    rouge_l,
+)
+from fedrad.common.tasks import all_questions, report_prompt, suggestions
+
+
+def test_auroc_perfect_random_and_single_class() -> None:
+    labels = np.array([[1, 0, 0, -1, 1, 0], [0, 0, 1, 1, 0, 0], [1, 0, 0, 0, 1, 0]] * 4)
+    probs = labels.clip(0, 1).astype(float)
+    auroc = finding_auroc(probs, labels)
+    assert auroc["nodule"] == pytest.approx(1.0)
+    assert auroc["pleural_effusion"] is None  # one class only
+    assert auroc["pneumothorax"] == pytest.approx(1.0)  # the -1 row is left out
+    assert macro(auroc) == pytest.approx(1.0)
+    assert finding_auroc(1 - probs, labels)["nodule"] == pytest.approx(0.0)
+
+
+def test_clinical_efficacy_counts_findings_in_both_texts() -> None:
+    refs = ["Small left pleural effusion.", "No acute disease.", "Right pneumothorax."]
+    same = clinical_efficacy(refs, refs)
+    assert same["f1"] == pytest.approx(1.0)
+    wrong = clinical_efficacy(["No acute disease."] * 3, refs)
+    assert wrong["f1"] == 0.0 and wrong["recall"] == 0.0
+
+
+def test_bleu_and_rouge_bounds() -> None:
+    refs = ["the lungs are clear without effusion or pneumothorax"] * 3
+    assert bleu4(refs, refs) == pytest.approx(1.0)
+    assert rouge_l(refs, refs) == pytest.approx(1.0)
+    assert bleu4(["cardiomegaly"] * 3, refs) < 0.05
+    assert answer_accuracy(["Yes.", "no"], ["yes", "yes"]) == 0.5
+
+
+def test_report_prompt_and_suggestions() -> None:
+    labels = dict.fromkeys(FINDINGS, 0)
+    assert report_prompt(labels) == "suggested: no finding\nreport:"
+    labels.update(pleural_effusion=1, nodule=-1)
+    assert (
+        report_prompt(labels) == "suggested: possible pulmonary nodule, pleural effusion\nreport:"
+    )
+    probs = dict.fromkeys(FINDINGS, 0.1) | {"fracture": 0.9, "nodule": 0.4}
+    assert suggestions(probs)["fracture"] == 1 and suggestions(probs)["nodule"] == -1
+
+
+def test_questions_cover_presence_side_and_size() -> None:
+    labels = dict.fromkeys(FINDINGS, 0) | {"nodule": 1}
+    sides = dict.fromkeys(FINDINGS) | {"nodule": "left"}
+    qa = {q.question: q.answer for q in all_questions(labels, sides, 8.0)}
+    assert qa["Is there a pulmonary nodule?"] == "yes"
+    assert qa["Which side is the nodule?"] == "left"
+    assert qa["How large is the nodule?"] == "8 mm"
+    assert qa["Which side is the effusion?"] == "there is no effusion"

@@ -1,0 +1,89 @@
+"""The multimodal model: shapes, generation, checkpoints, and what trains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedrad.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedrad.common.model_config import ModelConfig, preset
+from fedrad.common.tasks import REPORT_PROMPT
+from tests.model_fixtures import micro_examples, micro_model
+
+
+def _batch(model, n: int = 4):  # type: ignore[no-untyped-def]
+    ex = micro_examples(model, n)
+    return tuple(torch.stack(col) for col in zip(*(ex[i] for i in range(n)), strict=True))
+
+
+def test_forward_returns_per_example_losses() -> None:
+    model = micro_model()
+    lm_loss, finding_loss, logits = model(*_batch(model))
+    assert lm_loss.shape == (4,) and finding_loss.shape == (4,) and logits.shape == (4, 6)
+    assert torch.isfinite(lm_loss).all() and torch.isfinite(finding_loss).all()
+
+
+def test_only_encoder_projector_head_and_lora_train() -> None:
+    model = micro_model()
+    names = list(model.trainable_state())
+    assert names and all(
+        n.startswith(("encoder.", "projector.", "head.")) or "lora_" in n for n in names
+    )
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any("wte" in n for n in frozen)
+
+
+def test_batched_generation_matches_one_by_one() -> None:
+    model = micro_model().eval()
+    images = torch.randn(2, 1, 32, 32)
+    tok = model.tokenizer
+    a = tok("indication: cough\n" + REPORT_PROMPT)["input_ids"]
+    b = tok("indication: none\n" + REPORT_PROMPT)["input_ids"][:5]
+    both = model.generate(images, [a, b], max_new_tokens=6)
+    assert both[0] == model.generate(images[:1], [a], max_new_tokens=6)[0]
+    assert both[1] == model.generate(images[1:], [b], max_new_tokens=6)[0]
+    probs = model.finding_probabilities(images, [a, b])
+    single = model.finding_probabilities(images[1:], [b])
+    assert torch.allclose(probs[1:], single, atol=1e-5)
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    model = micro_model()
+    save_checkpoint(model, tmp_path / "ckpt", metadata={"round": 3})
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    for (n1, p1), (n2, p2) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert json.loads((tmp_path / "ckpt" / "metadata.json").read_text())["round"] == 3
+
+
+@pytest.mark.parametrize("damage", ["missing_weights", "bad_version", "not_dir", "bad_config"])
+def test_bad_checkpoints_give_one_line_errors(tmp_path: Path, damage: str) -> None:
+    model = micro_model()
+    path = save_checkpoint(model, tmp_path / "ckpt")
+    if damage == "missing_weights":
+        (path / "model.safetensors").unlink()
+    elif damage == "bad_version":
+        meta = json.loads((path / "metadata.json").read_text())
+        meta["format_version"] = 99
+        (path / "metadata.json").write_text(json.dumps(meta))
+    elif damage == "not_dir":
+        path = path / "config.json"
+    else:
+        (path / "config.json").write_text(json.dumps({"no_such_key": 1}))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
+
+
+def test_config_rejects_unknown_keys_and_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        ModelConfig.from_dict({"image_size": 64, "colour": "red"})
+    with pytest.raises(ValueError, match="max_positions"):
+        preset("tiny", max_positions=20)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")

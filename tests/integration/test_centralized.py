@@ -1,0 +1,64 @@
+"""Centralized baseline end to end on a tiny cohort: the run directory contract, a loadable
+checkpoint per round that `fedrad-site report` reads, and cumulative epsilon under DP."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedrad.client.cli import app as site_app
+from fedrad.simulations.centralized import CentralizedConfig, run_centralized
+from fedrad.simulations.foundation import FoundationRecipe
+from fedrad.simulations.synth import generate_cohort
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SMALL_FOUNDATION = FoundationRecipe(corpus_reports=200, steps=10, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cohort") / "c"
+    generate_cohort(out, sites=3, studies_per_site=10, seed=3, workers=1, image_size=128)
+    return out
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_run_directory_contract(
+    cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dp: bool
+) -> None:
+    monkeypatch.setenv("FEDRAD_CACHE", str(tmp_path / "cache"))
+    config = CentralizedConfig(
+        rounds=2,
+        steps_per_round=2,
+        batch_size=4,
+        dp=dp,
+        epsilon=8.0,
+        delta=1e-3,
+        eval_reports=2,
+        eval_questions=4,
+        foundation=SMALL_FOUNDATION,
+    )
+    run_dir = run_centralized(cohort, tmp_path / "runs", config)
+    assert tomllib.loads((run_dir / "config.toml").read_text())["dp"] is dp
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [1, 2]
+    for key in ("macro_auroc", "ce_f1", "bleu4", "rouge_l", "qa_accuracy", "epsilon"):
+        assert key in lines[-1]
+    if dp:
+        eps = [r["epsilon"]["pooled"] for r in lines]
+        assert 0 < eps[0] < eps[1] <= 8.0 + 1e-6
+    else:
+        assert lines[-1]["epsilon"] == {}
+    assert (run_dir / "plots" / "metrics.png").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ckpt = Path(summary["checkpoint"])
+    assert ckpt.is_dir() and (run_dir / "checkpoints" / "round_001").is_dir()
+    scan = next(p for p in (cohort / "site_1").rglob("*") if p.is_file() and "dicom" in p.parts)
+    result = CliRunner().invoke(site_app, ["report", str(scan), "--model", str(ckpt), "--json"])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)) == {"report", "findings", "answer"}

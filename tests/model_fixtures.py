@@ -1,0 +1,76 @@
+"""Tiny models and examples for tests: a config small enough that a DP step takes milliseconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedrad.client.dataset import SiteStudies, TrainingExamples
+from fedrad.client.site_data import CachedStudy
+from fedrad.common.checkpoint import build_model
+from fedrad.common.findings import FINDINGS
+from fedrad.common.model_config import ModelConfig, preset
+from fedrad.common.radiology_model import RadiologyModel
+from fedrad.common.tokenizer import train_tokenizer
+
+CORPUS = [
+    "FINDINGS: Small left pleural effusion. No pneumothorax. Heart size is normal.",
+    "IMPRESSION: 8 mm nodule in the right upper lobe. No consolidation.",
+    "indication: cough\nreport: The lungs are clear. No acute fracture.",
+    "question: Is there a pleural effusion?\nanswer: yes no possibly left right bilateral",
+]
+
+
+def micro_config(**overrides: object) -> ModelConfig:
+    base = dict(
+        image_size=32,
+        encoder_channels=(8, 16),
+        encoder_strides=(2, 2),
+        prefix_grid=2,
+        vocab_size=300,
+        lm_layers=1,
+        lm_heads=2,
+        lm_dim=32,
+        max_positions=96,
+        max_prompt_tokens=24,
+        max_target_tokens=48,
+        lora_rank=4,
+        norm_groups=4,
+    )
+    base.update(overrides)
+    return preset("tiny", **base)  # type: ignore[arg-type]
+
+
+def micro_model(seed: int = 0, **overrides: object) -> RadiologyModel:
+    torch.manual_seed(seed)
+    config = micro_config(**overrides)
+    tokenizer = train_tokenizer(CORPUS * 5, vocab_size=config.vocab_size)
+    return build_model(config, tokenizer)
+
+
+def micro_studies(n: int = 12, size: int = 32, seed: int = 0) -> SiteStudies:
+    rng = np.random.default_rng(seed)
+    studies, images = [], []
+    for i in range(n):
+        labels = {f: int(rng.integers(0, 2)) for f in FINDINGS}
+        sides = {f: ("left" if labels[f] and f != "cardiomegaly" else None) for f in FINDINGS}
+        studies.append(
+            CachedStudy(
+                study_id=f"s{i:03d}",
+                image_file=f"images/s{i:03d}.npy",
+                report="FINDINGS: Small left pleural effusion. No pneumothorax.",
+                indication="cough",
+                labels=labels,
+                sides=sides,
+                nodule_size_mm=8.0 if labels["nodule"] else None,
+                view="PA",
+            )
+        )
+        images.append(rng.standard_normal((1, size, size)).astype(np.float16))
+    return SiteStudies(studies, images)
+
+
+def micro_examples(model: RadiologyModel, n: int = 12, seed: int = 0) -> TrainingExamples:
+    return TrainingExamples(
+        micro_studies(n, model.config.image_size, seed), model.tokenizer, model.config, seed=seed
+    )
