@@ -64,6 +64,7 @@ class TrainConfig:
     batch_size: int = 16  # expected batch size; with Poisson sampling q = batch_size / N
     lr: float = 1e-3
     weight_decay: float = 0.0
+    lora_lr_scale: float = 0.25  # LoRA adapters learn at this fraction of `lr`
     seed: int = 0
     threads: int = 0  # torch CPU threads (0 = leave as is)
 
@@ -130,7 +131,13 @@ def train_local(
     sample_rate = batch_size / n
     loader = DataLoader(examples, batch_size=batch_size, shuffle=True, generator=generator)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    lora_ids = {id(p) for p in lora}
+    image_side = [p for p in params if id(p) not in lora_ids]
+    groups = [{"params": image_side, "lr": train.lr}]
+    if lora:  # the pretrained LM drifts from its prompt if its adapters move as fast
+        groups.append({"params": lora, "lr": train.lr * train.lora_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
     model.train()
     start = time.perf_counter()
 

@@ -20,6 +20,9 @@ from fedrad.common.encoder import ImageEncoder
 from fedrad.common.findings import FINDINGS
 from fedrad.common.model_config import ModelConfig
 
+NO_REPEAT_NGRAM = 4
+"""Small LMs fall into loops ("2. 2. 2. ..."); reports never repeat a 4-gram verbatim."""
+
 
 @dataclass(frozen=True)
 class LossParts:
@@ -155,6 +158,7 @@ class RadiologyModel(nn.Module):
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
             do_sample=False,
+            no_repeat_ngram_size=NO_REPEAT_NGRAM,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
         )

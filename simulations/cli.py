@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fedrad.common.cli_support import emit_json, fail, not_yet, setup_logging
+from fedrad.common.cli_support import emit_json, fail, setup_logging
 
 app = typer.Typer(
     name="fedrad-sim",
@@ -58,22 +58,208 @@ def synth(
         typer.echo(f"cohort written to {out}")
 
 
-@app.command()
-def run() -> None:
-    """Federated simulation on Flower's simulation engine."""
-    not_yet("fedrad-sim run")
+def _federated_config(**kwargs: object) -> object:
+    from fedrad.common.model_config import PRESETS
+    from fedrad.simulations.federated import FederatedConfig
+
+    if kwargs["preset"] not in PRESETS:
+        fail(f"unknown preset {kwargs['preset']!r} (choose from {', '.join(PRESETS)})")
+    try:
+        return FederatedConfig(**kwargs)  # type: ignore[arg-type]
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def _recipe(steps: int) -> object:
+    from fedrad.simulations.foundation import FoundationRecipe
+
+    if steps < 1:
+        fail("--foundation-steps must be >= 1")
+    return FoundationRecipe(steps=steps)
+
+
+def _run_errors() -> tuple[type[Exception], ...]:
+    from fedrad.common.ledger import LedgerError
+    from fedrad.server.app import FederationError
+    from fedrad.server.rounds import ResumeError
+    from fedrad.simulations.cohort_data import CohortError
+
+    return (ValueError, CohortError, LedgerError, FederationError, ResumeError)
 
 
 @app.command()
-def centralized() -> None:
-    """Centralized baseline on all sites pooled."""
-    not_yet("fedrad-sim centralized")
+def run(
+    data: Annotated[
+        Path | None, typer.Option(help="Cohort directory: one virtual site per folder.")
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 5,
+    out: Annotated[Path, typer.Option(help="Runs root; a new runs/<id>/ is created.")] = Path(
+        "runs"
+    ),
+    epsilon: Annotated[float, typer.Option(help="Each site's epsilon for the whole run.")] = 8.0,
+    delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="No DP-SGD (baseline only).")] = False,
+    strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam.")] = "fedavg",
+    preset_name: Annotated[str, typer.Option("--preset", help="Model preset.")] = "tiny",
+    local_steps: Annotated[int, typer.Option(help="DP-SGD steps per site per round.")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = 16,
+    lr: Annotated[float, typer.Option(help="Local learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue a killed run from its last checkpoint.")
+    ] = None,
+    eval_reports: Annotated[int, typer.Option(help="Reports generated per site per round.")] = 64,
+    foundation_steps: Annotated[
+        int, typer.Option(help="Pretraining steps of the public foundation LM (cached).")
+    ] = 600,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Federated simulation on Flower's simulation engine (one virtual site per cohort folder)."""
+    from fedrad.simulations.federated import resume_federated, run_federated
+
+    setup_logging(verbose)
+    if resume is not None:
+        if not (resume / "config.toml").is_file() or not (resume / "checkpoints").is_dir():
+            fail(f"not a run directory (no config.toml/checkpoints): {resume}")
+        try:
+            run_dir = resume_federated(resume, on_round=_print_round)
+        except _run_errors() as exc:
+            fail(str(exc))
+        typer.echo(f"run directory: {run_dir}")
+        return
+    if data is None:
+        fail("--data COHORT is required (or --resume RUN_DIR)")
+    config = _federated_config(
+        preset=preset_name,
+        rounds=rounds,
+        local_steps=local_steps,
+        batch_size=batch_size,
+        lr=lr,
+        strategy=strategy,
+        dp=not no_dp,
+        epsilon=epsilon,
+        delta=delta,
+        seed=seed,
+        eval_reports=eval_reports,
+        foundation=_recipe(foundation_steps),
+    )
+    try:
+        run_dir = run_federated(data, out, config, on_round=_print_round)  # type: ignore[arg-type]
+    except _run_errors() as exc:
+        fail(str(exc))
+    typer.echo(f"run directory: {run_dir}")
 
 
 @app.command()
-def local() -> None:
-    """Local-only baseline: each site alone."""
-    not_yet("fedrad-sim local")
+def centralized(
+    data: Annotated[Path, typer.Option(help="A cohort directory (one folder per site).")],
+    out: Annotated[Path, typer.Option(help="Runs root; a new runs/<id>/ is created.")] = Path(
+        "runs"
+    ),
+    epsilon: Annotated[
+        float | None, typer.Option(help="Train with DP-SGD to this total epsilon.")
+    ] = None,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without DP (baseline).")] = False,
+    delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
+    preset_name: Annotated[
+        str, typer.Option("--preset", help="Model preset: tiny or base.")
+    ] = "tiny",
+    rounds: Annotated[int, typer.Option(help="Evaluation rounds.")] = 5,
+    steps_per_round: Annotated[int, typer.Option(help="Optimizer steps per round.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = 16,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 2e-3,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    eval_reports: Annotated[int, typer.Option(help="Reports generated per evaluation.")] = 64,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Centralized baseline: all sites' training studies pooled, same run directory format."""
+    from fedrad.simulations.centralized import CentralizedConfig, run_centralized
+    from fedrad.simulations.cohort_data import CohortError
+
+    setup_logging(verbose)
+    if no_dp and epsilon is not None:
+        fail("choose either --epsilon E or --no-dp")
+    if not no_dp and epsilon is None:
+        epsilon = 8.0
+    try:
+        config = CentralizedConfig(
+            preset=preset_name,
+            rounds=rounds,
+            steps_per_round=steps_per_round,
+            batch_size=batch_size,
+            lr=lr,
+            dp=not no_dp,
+            epsilon=epsilon or 8.0,
+            delta=delta,
+            seed=seed,
+            eval_reports=eval_reports,
+        )
+        from fedrad.common.model_config import preset as get_preset
+
+        get_preset(preset_name)
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        run_dir = run_centralized(data, out, config, on_round=_print_round)
+    except CohortError as exc:
+        fail(str(exc))
+    typer.echo(f"run directory: {run_dir}")
+
+
+def _print_round(record: dict) -> None:
+    def fmt(key: str) -> str:
+        value = record.get(key)
+        return f"{value:.3f}" if isinstance(value, float) else "n/a"
+
+    eps = record.get("epsilon") or {}
+    eps_text = (
+        ", ".join(
+            f"{k} {v:.2f}" if isinstance(v, float) else f"{k} unbounded" for k, v in eps.items()
+        )
+        or "no DP"
+    )
+    typer.echo(
+        f"round {record['round']}: loss {fmt('train_loss')}, macro AUROC {fmt('macro_auroc')}, "
+        f"CE F1 {fmt('ce_f1')}, BLEU-4 {fmt('bleu4')}, ROUGE-L {fmt('rouge_l')}, "
+        f"QA {fmt('qa_accuracy')}, epsilon {eps_text}"
+    )
+
+
+@app.command()
+def local(
+    data: Annotated[Path, typer.Option(help="Cohort directory: one site per folder.")],
+    rounds: Annotated[int, typer.Option(help="Rounds (evaluation points).")] = 5,
+    out: Annotated[Path, typer.Option(help="Runs root.")] = Path("runs"),
+    epsilon: Annotated[float, typer.Option(help="Each site's epsilon.")] = 8.0,
+    delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="No DP-SGD.")] = False,
+    preset_name: Annotated[str, typer.Option("--preset", help="Model preset.")] = "tiny",
+    local_steps: Annotated[int, typer.Option(help="Steps per site per round.")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = 16,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Local-only baseline: each site trains alone; same run directory format."""
+    from fedrad.simulations.federated import run_local_only
+
+    setup_logging(verbose)
+    config = _federated_config(
+        preset=preset_name,
+        rounds=rounds,
+        local_steps=local_steps,
+        batch_size=batch_size,
+        lr=lr,
+        dp=not no_dp,
+        epsilon=epsilon,
+        delta=delta,
+        seed=seed,
+    )
+    try:
+        run_dir = run_local_only(data, out, config, on_round=_print_round)  # type: ignore[arg-type]
+    except _run_errors() as exc:
+        fail(str(exc))
+    typer.echo(f"run directory: {run_dir}")
 
 
 @bench_app.command("labeler")
@@ -127,9 +313,36 @@ def _labeler_line(scores: dict) -> str:
 
 
 @bench_app.command("model")
-def bench_model() -> None:
-    """Step time and memory, DP vs non-DP."""
-    not_yet("fedrad-sim bench model")
+def bench_model(
+    presets: Annotated[
+        list[str] | None, typer.Option("--preset", help="Preset(s) to measure (default: all).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Timed steps per measurement (median).", min=1)] = 10,
+    batch_size: Annotated[int, typer.Option(help="Batch size.", min=1)] = 16,
+    threads: Annotated[int, typer.Option(help="Torch threads (0 = default).", min=0)] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+) -> None:
+    """Step time and peak memory, DP vs non-DP, per preset, on this machine."""
+    from fedrad.common.model_config import PRESETS
+    from fedrad.simulations.bench_model import run_bench
+
+    names = presets or list(PRESETS)
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        fail(f"unknown preset(s): {', '.join(unknown)} (choose from {', '.join(PRESETS)})")
+    report = run_bench(names, steps=steps, batch_size=batch_size, threads=threads)
+    payload = report["results"][0] if len(names) == 1 else report
+    if json_out:
+        emit_json(payload)
+        return
+    for r in report["results"]:
+        typer.echo(
+            f"{r['preset']}: {r['params_trainable']:,} of {r['params_total']:,} params train "
+            f"({r['bytes_per_update'] / 1e6:.2f} MB per update, {r['update_reduction']:.1f}x "
+            f"below full-model FedAvg); step {r['step_s']['no_dp']:.3f} s without DP, "
+            f"{r['step_s']['dp']:.3f} s with DP ({r['dp_mode']}), ratio {r['dp_over_no_dp']:.2f}; "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB"
+        )
 
 
 def main() -> None:

@@ -1,0 +1,264 @@
+"""The coordinator's round bookkeeping, framework-free: plan, checkpoints, metrics, resume.
+
+A round is committed in two steps: the checkpoint (`checkpoints/round_NNN`, written
+atomically, with the strategy's state beside the weights), then its line in `metrics.jsonl`.
+The metrics line is the commit point: on resume the last round listed there is the last one
+done, its checkpoint is where training continues, and a round is never counted twice.
+Checkpoint directories past that point are leftovers of an interrupted round and are
+overwritten when the round is run again. Site ledgers are never touched here: a site that
+trained in an interrupted round did spend that privacy, and its ledger keeps saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+
+from fedrad.common.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from fedrad.common.fl_protocol import WEIGHT_KEY, RoundConfig
+from fedrad.common.radiology_model import RadiologyModel
+from fedrad.common.run_dir import append_metrics, read_metrics
+
+logger = logging.getLogger(__name__)
+
+STRATEGY_STATE_FILE: Final[str] = "strategy_state.safetensors"
+
+
+class ResumeError(Exception):
+    """The run directory cannot be resumed as it is; the message says why."""
+
+
+def checkpoint_dir(run_dir: Path, round_no: int) -> Path:
+    return run_dir / "checkpoints" / f"round_{round_no:03d}"
+
+
+@dataclass(frozen=True)
+class ServerPlan:
+    """Everything the coordinator's round loop needs, parsed once at start-up."""
+
+    run_dir: Path
+    foundation_dir: Path
+    num_sites: int  # sites configured; every one trains and evaluates each round
+    rounds: int  # total planned rounds (a resumed run continues up to this)
+    round_config: RoundConfig  # template sent to sites; server_round is set per round
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0  # fedprox only
+    server_lr: float = 1e-2  # fedadam only
+    round_timeout_s: float = 3600.0  # waiting for one round's replies
+    connect_timeout_s: float = 300.0  # waiting for every configured site to connect
+
+    def __post_init__(self) -> None:
+        if self.num_sites < 1:
+            raise ValueError("num_sites must be >= 1")
+        if self.rounds < 1 or self.round_config.planned_rounds != self.rounds:
+            raise ValueError("rounds must be >= 1 and equal the round config's planned_rounds")
+        if self.round_timeout_s <= 0 or self.connect_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
+
+    def config_for(self, round_no: int) -> RoundConfig:
+        return replace(self.round_config, server_round=round_no)
+
+    @staticmethod
+    def from_run_config(run_config: Mapping[str, Any]) -> ServerPlan:
+        """From `[tool.flwr.app.config]` / `--run-config` (hyphenated keys, unknown refused):
+        run-dir, foundation-dir, num-sites, num-rounds, strategy, proximal-mu, server-lr,
+        run-id, local-steps, batch-size, lr, seed, dp, epsilon, delta, max-grad-norm,
+        accountant, eval-reports, eval-questions, round-timeout, connect-timeout."""
+        own = {
+            "run-dir",
+            "foundation-dir",
+            "num-sites",
+            "num-rounds",
+            "strategy",
+            "proximal-mu",
+            "server-lr",
+            "round-timeout",
+            "connect-timeout",
+            "epsilon",
+        }
+        round_keys = {f.name.replace("_", "-") for f in fields(RoundConfig)} - {
+            "server-round",
+            "planned-rounds",
+            "target-epsilon",
+        }
+        unknown = set(run_config) - own - round_keys
+        if unknown:
+            raise ValueError(f"unknown run config key(s): {', '.join(sorted(unknown))}")
+        missing = {"run-dir", "foundation-dir", "num-sites", "num-rounds"} - set(run_config)
+        if missing:
+            raise ValueError(f"run config lacks {', '.join(sorted(missing))}")
+        rounds = int(run_config["num-rounds"])
+        record: dict[str, Any] = {k: v for k, v in run_config.items() if k in round_keys}
+        record.setdefault("run-id", Path(str(run_config["run-dir"])).name)
+        record.setdefault("local-steps", 50)
+        record.setdefault("batch-size", 16)
+        record.setdefault("lr", 2e-3)
+        record.setdefault("seed", 0)
+        record["server-round"] = 1
+        record["planned-rounds"] = rounds
+        if "epsilon" in run_config:
+            record["target-epsilon"] = run_config["epsilon"]
+        return ServerPlan(
+            run_dir=Path(str(run_config["run-dir"])),
+            foundation_dir=Path(str(run_config["foundation-dir"])),
+            num_sites=int(run_config["num-sites"]),
+            rounds=rounds,
+            round_config=RoundConfig.from_record(record),
+            strategy=str(run_config.get("strategy", "fedavg")),
+            proximal_mu=float(run_config.get("proximal-mu", 0.0)),
+            server_lr=float(run_config.get("server-lr", 1e-2)),
+            round_timeout_s=float(run_config.get("round-timeout", 3600.0)),
+            connect_timeout_s=float(run_config.get("connect-timeout", 300.0)),
+        )
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    completed: int  # rounds already committed (0 = fresh start)
+    arrays: dict[str, np.ndarray]  # global trainable values to continue from
+    strategy_state: dict[str, np.ndarray]
+
+
+class RunBook:
+    """Checkpoints and metrics of one run directory, with the rules that make resume safe."""
+
+    def __init__(self, run_dir: Path, foundation_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.foundation_dir = Path(foundation_dir)
+        self._model: RadiologyModel | None = None
+        self._trainable = _declared(self.foundation_dir)
+        self.completed = self._completed_rounds()
+
+    def _completed_rounds(self) -> int:
+        rounds = [int(r["round"]) for r in read_metrics(self.run_dir)]
+        if rounds != list(range(1, len(rounds) + 1)):
+            raise ResumeError(
+                f"{self.run_dir / 'metrics.jsonl'} lists rounds {rounds}, not 1..n in order"
+            )
+        if rounds and not (checkpoint_dir(self.run_dir, rounds[-1]) / "metadata.json").is_file():
+            raise ResumeError(
+                f"round {rounds[-1]} is in metrics.jsonl but its checkpoint is missing"
+            )
+        return len(rounds)
+
+    def resume_point(self) -> ResumePoint:
+        """Where training continues: the last committed checkpoint, or the foundation."""
+        if self.completed == 0:
+            return ResumePoint(0, self._load_arrays(self.foundation_dir), {})
+        directory = checkpoint_dir(self.run_dir, self.completed)
+        meta = read_metadata(directory)
+        if meta.get("foundation") != self.foundation_dir.name:
+            raise ResumeError(
+                f"{directory} was trained from foundation {meta.get('foundation')!r}, "
+                f"not {self.foundation_dir.name!r}"
+            )
+        state_file = directory / STRATEGY_STATE_FILE
+        state = load_numpy(str(state_file)) if state_file.is_file() else {}
+        return ResumePoint(self.completed, self._load_arrays(directory), state)
+
+    def _load_arrays(self, directory: Path) -> dict[str, np.ndarray]:
+        """The declared trainable tensors only, read with safetensors (no pickle)."""
+        from safetensors.torch import load_file
+
+        weights = load_file(str(directory / "model.safetensors"))
+        missing = self._trainable - set(weights)
+        if missing:
+            raise ResumeError(f"{directory} lacks {len(missing)} trainable tensors")
+        return {k: weights[k].float().numpy() for k in sorted(self._trainable)}
+
+    def commit(
+        self,
+        round_no: int,
+        arrays: Mapping[str, np.ndarray],
+        record: Mapping[str, Any],
+        strategy_state: Mapping[str, np.ndarray] | None = None,
+    ) -> Path:
+        """Checkpoint, then the metrics line (the commit point). Refuses a round twice."""
+        if round_no != self.completed + 1:
+            raise ResumeError(
+                f"round {round_no} cannot follow round {self.completed} (no round twice)"
+            )
+        if set(arrays) != self._trainable:
+            raise ResumeError("aggregated arrays do not match the declared trainable set")
+        model = self._global_model()
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in arrays.items():
+                params[name].copy_(torch.from_numpy(np.asarray(value)).to(params[name].dtype))
+        directory = save_checkpoint(
+            model,
+            checkpoint_dir(self.run_dir, round_no),
+            metadata={
+                "kind": "federated",
+                "round": round_no,
+                "foundation": self.foundation_dir.name,
+                "epsilon": record.get("epsilon", {}),
+            },
+        )
+        if strategy_state:
+            save_numpy(dict(strategy_state), str(directory / STRATEGY_STATE_FILE))
+        append_metrics(self.run_dir, dict(record))
+        self.completed = round_no
+        return directory
+
+    def _global_model(self) -> RadiologyModel:
+        if self._model is None:
+            self._model = load_checkpoint(self.foundation_dir)
+        return self._model
+
+
+def _declared(foundation_dir: Path) -> frozenset[str]:
+    names = read_metadata(foundation_dir).get("trainable")
+    if not isinstance(names, list) or not names:
+        raise ResumeError(f"{foundation_dir} declares no trainable parameters")
+    return frozenset(str(n) for n in names)
+
+
+def round_record(
+    round_no: int,
+    *,
+    train: Mapping[str, float] | None,
+    evaluation: Mapping[str, float] | None,
+    epsilon: Mapping[str, float],
+    failures: list[str],
+    update_bytes: int,
+    round_s: float,
+    wall_s: float,
+) -> dict[str, Any]:
+    """One metrics.jsonl line: global (weighted) evaluation, per-site cumulative epsilon."""
+    record: dict[str, Any] = {"round": round_no}
+    for key, value in (evaluation or {}).items():
+        if key != WEIGHT_KEY:  # the same count as n_studies
+            record[key] = _finite_or_none(value)
+    train = train or {}
+    record["train_loss"] = _finite_or_none(train.get("train_loss", float("nan")))
+    record["steps"] = _finite_or_none(train.get("steps", float("nan")))
+    record["epsilon"] = {site: _finite_or_none(eps) for site, eps in sorted(epsilon.items())}
+    record["sites_trained"] = len(epsilon)
+    record["failures"] = failures
+    record["update_bytes"] = update_bytes
+    record["round_s"] = round_s
+    record["wall_s"] = wall_s
+    return record
+
+
+def _finite_or_none(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def plan_summary(plan: ServerPlan) -> dict[str, Any]:
+    """The plan as TOML-safe values, for config.toml."""
+    data = asdict(plan)
+    data["run_dir"] = str(plan.run_dir)
+    data["foundation_dir"] = str(plan.foundation_dir)
+    return data

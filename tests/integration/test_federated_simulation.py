@@ -1,0 +1,89 @@
+"""Federated simulation end to end on Flower's simulation engine (Ray), tiny cohort and micro
+model: the run directory contract, one signed ledger entry per site per round, and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedrad.common.checkpoint import load_checkpoint
+from fedrad.common.ledger import (
+    Ledger,
+    load_or_create_signing_key,
+    load_public_key,
+    public_key_path,
+    verify_ledger,
+)
+from fedrad.simulations.federated import (
+    FederatedConfig,
+    config_from_toml,
+    resume_federated,
+    run_federated,
+)
+from fedrad.simulations.synth import generate_cohort
+from tests.fl_fixtures import micro_foundation
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_two_rounds_on_three_virtual_sites(tmp_path: Path) -> None:
+    cohort = tmp_path / "cohort"
+    generate_cohort(cohort, sites=3, studies_per_site=8, seed=1, workers=1, image_size=128)
+    config = FederatedConfig(
+        rounds=2,
+        local_steps=2,
+        batch_size=4,
+        epsilon=5.0,
+        eval_reports=2,
+        eval_questions=4,
+        initial_checkpoint=str(micro_foundation(tmp_path)),
+    )
+    seen: list[dict] = []
+    run_dir = run_federated(cohort, tmp_path / "runs", config, on_round=seen.append)
+
+    stored = tomllib.loads((run_dir / "config.toml").read_text())
+    assert stored["kind"] == "federated"
+    assert config_from_toml(run_dir / "config.toml") == config
+    sites = stored["sites"]
+    assert sites and set(sites) | set(stored.get("sites_left_out", {})) == {
+        "site_1",
+        "site_2",
+        "site_3",
+    }
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2] == [r["round"] for r in seen]
+    for record in records:
+        assert set(record["epsilon"]) == set(sites)
+        for key in ("macro_auroc", "ce_f1", "bleu4", "rouge_l", "qa_accuracy", "train_loss"):
+            assert key in record
+        assert record["failures"] == []
+    for round_no in (0, 1, 2):
+        load_checkpoint(run_dir / "checkpoints" / f"round_{round_no:03d}")
+    assert (run_dir / "plots" / "metrics.png").is_file()
+    assert (run_dir / "plots" / "epsilon.png").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["kind"] == "federated" and summary["final"]["round"] == 2
+    assert Path(summary["checkpoint"]) == run_dir / "checkpoints" / "round_002"
+
+    for site in sites:
+        folder = run_dir / "sites" / site
+        key_path = folder / "ledger_key.pem"
+        entries = Ledger(folder / "ledger.jsonl", load_or_create_signing_key(key_path)).entries()
+        assert [e["round"] for e in entries] == [1, 2]
+        assert {e["run_id"] for e in entries} == {run_dir.name}
+        assert entries[0]["epsilon"] < entries[1]["epsilon"] <= 5.0
+        assert entries[1]["epsilon"] == pytest.approx(records[-1]["epsilon"][site])
+        public = load_public_key(public_key_path(key_path))
+        assert verify_ledger(folder / "ledger.jsonl", public) == []
+
+    # resuming a finished run changes nothing and starts no simulation
+    assert resume_federated(run_dir) == run_dir
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ValueError, match="rounds"):
+        run_federated(
+            cohort, tmp_path / "runs", dataclasses.replace(config, rounds=3), resume=run_dir
+        )
