@@ -118,7 +118,10 @@ def make_privacy_mod(declared: Callable[[Context], frozenset[str]]) -> Mod:
                 reply_to=message,
             )
         except Exception as exc:
-            logger.exception("the site agent failed")  # full detail in the site's log only
+            # The type only by default: exception texts can quote file paths (names, MRNs).
+            # The traceback is written at DEBUG, for a site operator who asks for it.
+            logger.error("the site agent failed: %s", type(exc).__name__)
+            logger.debug("site agent failure details", exc_info=True)
             return Message(
                 Error(
                     code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,16 +65,20 @@ def main() -> None:
         "FedAvg on Flower's simulation engine"
     )
     sys.stdout.flush()
-    out = _invoke(
-        sim_app,
+    # A child process with inherited stdout, so each round's line shows as it finishes.
+    runs_root = DEMO_DIR / "runs"
+    done = subprocess.run(
         [
-            "run", "--data", str(cohort), "--rounds", str(ROUNDS), "--out", str(DEMO_DIR / "runs"),
+            str(Path(sys.executable).parent / "fedrad-sim"),
+            "run", "--data", str(cohort), "--rounds", str(ROUNDS), "--out", str(runs_root),
             "--epsilon", str(EPSILON), "--local-steps", str(LOCAL_STEPS), "--seed", str(SEED),
             "--eval-reports", "24", "--foundation-steps", str(FOUNDATION_STEPS),
         ],
+        check=False,
     )  # fmt: skip
-    sys.stdout.write(out)
-    run_dir = Path(out.strip().splitlines()[-1].split(": ", 1)[1])
+    if done.returncode != 0:
+        raise SystemExit(f"demo step failed: fedrad-sim run (exit {done.returncode})")
+    run_dir = max(runs_root.iterdir(), key=lambda p: p.stat().st_mtime)
     records = read_metrics(run_dir)
     first, last = records[0], records[-1]
     auroc = (first.get("macro_auroc") or 0.0, last.get("macro_auroc") or 0.0)
