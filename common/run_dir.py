@@ -76,55 +76,69 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 PLOTTED = ("macro_auroc", "ce_f1", "bleu4", "rouge_l", "qa_accuracy")
 
 
-def plot_run(run_dir: Path) -> list[Path]:
-    """Metrics and cumulative epsilon per round as PNGs."""
+def _nan(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else float("nan")
+
+
+def _line_plot(
+    path: Path,
+    rounds: list[int],
+    series: dict[str, list[Any]],
+    *,
+    ylabel: str,
+    unit_range: bool,
+) -> Path:
+    """One PNG, one line per series; missing or unbounded (None) values are gaps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in series.items():
+        ax.plot(rounds, [_nan(v) for v in values], marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    if unit_range:
+        ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Metrics and cumulative epsilon per round as PNGs."""
     records = read_metrics(run_dir)
     if not records:
         return []
     rounds = [r["round"] for r in records]
-    out = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in PLOTTED:
-        values = [r.get(key) for r in records]
-        if any(v is not None for v in values):
-            ax.plot(
-                rounds,
-                [v if v is not None else float("nan") for v in values],
-                marker="o",
-                label=key,
-            )
-    ax.set_xlabel("round")
-    ax.set_ylabel("held-out metric")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = run_dir / "plots" / "metrics.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    out.append(path)
+    metrics = {
+        key: [r.get(key) for r in records]
+        for key in PLOTTED
+        if any(r.get(key) is not None for r in records)
+    }
+    out = [
+        _line_plot(
+            run_dir / "plots" / "metrics.png",
+            rounds,
+            metrics,
+            ylabel="held-out metric",
+            unit_range=True,
+        )
+    ]
     sites = sorted({s for r in records for s in (r.get("epsilon") or {})})
     if sites:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for site in sites:
-            ax.plot(
+        epsilon = {site: [(r.get("epsilon") or {}).get(site) for r in records] for site in sites}
+        out.append(
+            _line_plot(
+                run_dir / "plots" / "epsilon.png",
                 rounds,
-                [(r.get("epsilon") or {}).get(site, float("nan")) for r in records],
-                marker="o",
-                label=site,
+                epsilon,
+                ylabel="cumulative epsilon",
+                unit_range=False,
             )
-        ax.set_xlabel("round")
-        ax.set_ylabel("cumulative epsilon")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = run_dir / "plots" / "epsilon.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        out.append(path)
+        )
     return out
