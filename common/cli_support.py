@@ -27,6 +27,24 @@ def setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
         force=True,
     )
+    if not verbose:
+        quiet_third_party()
+
+
+def quiet_third_party() -> None:
+    """Known, understood notices from dependencies, filtered by exact category and origin
+    (never a blanket ignore): they would bury a CLI's one-line answer."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    warnings.filterwarnings(
+        "ignore",
+        message=r"Passing `no_repeat_ngram_size` with `inputs_embeds`",
+        category=UserWarning,
+    )
+    warnings.filterwarnings("ignore", message=r"Full backward hook is firing", category=UserWarning)
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
