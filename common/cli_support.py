@@ -38,6 +38,19 @@ def quiet_third_party() -> None:
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # The same filters for worker processes (Ray actors inherit the environment).
+    os.environ.setdefault(
+        "PYTHONWARNINGS",
+        ",".join(
+            [
+                "ignore::FutureWarning:transformers.modeling_utils",
+                "ignore:Passing `no_repeat_ngram_size` with `inputs_embeds`:UserWarning",
+                "ignore:Full backward hook is firing:UserWarning",
+                "ignore:Secure RNG turned off:UserWarning",
+            ]
+        ),
+    )
+    logging.getLogger("flwr").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     warnings.filterwarnings(
         "ignore",
