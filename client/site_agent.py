@@ -14,7 +14,6 @@ repeated round it is still within budget. A round that cannot fit is refused.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import logging
 import math
@@ -26,17 +25,20 @@ from typing import Any, Final
 
 import numpy as np
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.optimizers import DPOptimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fedrad.client.dataset import SiteStudies, TrainingExamples, split_held_out
 from fedrad.client.evaluate import EvalConfig, evaluate
 from fedrad.client.preprocess import PreprocessConfig
-from fedrad.client.site_data import default_cache_dir, prepare_site
+from fedrad.client.site_data import prepared_manifest
 from fedrad.client.train import DPConfig, TrainConfig, train_local
-from fedrad.common.accounting import MechanismStep, cumulative_epsilon
+from fedrad.common.accounting import (
+    MechanismStep,
+    cumulative_epsilon,
+    epsilon_from_rdp,
+    rdp_of,
+)
 from fedrad.common.checkpoint import load_checkpoint, read_metadata
 from fedrad.common.findings import FINDINGS
 from fedrad.common.fl_protocol import EVAL_METRIC_KEYS, WEIGHT_KEY, RoundConfig
@@ -47,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 MAX_CACHED_SITES: Final[int] = 16  # studies of this many sites stay in memory per process
 MAX_NOISE: Final[float] = 1e4  # beyond this a round is noise only: refuse instead
-RDP_ORDERS: Final[list[float]] = list(RDPAccountant.DEFAULT_ALPHAS)  # what the accountant uses
 
 
 class SiteRefusalError(Exception):
@@ -142,11 +143,7 @@ def _manifest(spec: SiteSpec, image_size: int) -> Path:
     if spec.manifest is not None:
         return spec.manifest
     assert spec.data_dir is not None
-    config = PreprocessConfig(image_size=image_size)
-    manifest = default_cache_dir(spec.data_dir) / config.fingerprint() / "manifest.json"
-    if not manifest.is_file():
-        _, manifest = prepare_site(spec.data_dir, default_cache_dir(spec.data_dir), config=config)
-    return manifest
+    return prepared_manifest(spec.data_dir, config=PreprocessConfig(image_size=image_size))
 
 
 def site_studies(spec: SiteSpec, image_size: int) -> tuple[SiteStudies, SiteStudies]:
@@ -257,34 +254,18 @@ def calibrate_remaining(
     return high
 
 
-@functools.lru_cache(maxsize=1024)
-def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> tuple[float, ...]:
-    curve = compute_rdp(
-        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS
-    )
-    return tuple(float(v) for v in curve)
-
-
 def _rdp_spend(
     history: list[MechanismStep], sample_rate: float, steps: int, delta: float
 ) -> tuple[Callable[[float], float], float]:
-    """(epsilon of history + `steps` at sigma, epsilon of history alone), composed over
-    Opacus' default orders as its RDPAccountant does."""
-    base = np.zeros(len(RDP_ORDERS))
-    for h in history:
-        if h.steps > 0:
-            base = base + h.steps * np.asarray(_rdp_per_step(h.sample_rate, h.noise_multiplier))
-
-    def epsilon(rdp: np.ndarray) -> float:
-        if not np.any(rdp):
-            return 0.0
-        value, _ = get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
-        return float(value)
+    """(epsilon of history + `steps` at sigma, epsilon of history alone)."""
+    base = rdp_of(history)
 
     def spend(sigma: float) -> float:
-        return epsilon(base + steps * np.asarray(_rdp_per_step(sample_rate, sigma)))
+        return epsilon_from_rdp(
+            base + rdp_of([MechanismStep(sigma, sample_rate, steps)]), delta=delta
+        )
 
-    return spend, epsilon(base)
+    return spend, epsilon_from_rdp(base, delta=delta)
 
 
 @contextlib.contextmanager

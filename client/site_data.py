@@ -416,6 +416,26 @@ def prepare_site(
     return scan, manifest_path
 
 
+def cache_is_fresh(manifest: Path, data_dir: Path) -> bool:
+    """A cache is reused only if it is newer than every file of the site and its reports."""
+    if not manifest.is_file():
+        return False
+    built = manifest.stat().st_mtime
+    reports = data_dir / REPORTS_FILE
+    return all(p.stat().st_mtime <= built for p in iter_site_files(data_dir)) and (
+        not reports.exists() or reports.stat().st_mtime <= built
+    )
+
+
+def prepared_manifest(data_dir: Path, *, config: PreprocessConfig, workers: int = 0) -> Path:
+    """The site's manifest in its default cache, (re)built when missing or stale."""
+    cache = default_cache_dir(data_dir)
+    manifest = cache / config.fingerprint() / "manifest.json"
+    if not cache_is_fresh(manifest, data_dir):
+        _, manifest = prepare_site(data_dir, cache, config=config, workers=workers)
+    return manifest
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     import io
 

@@ -12,12 +12,7 @@ from pathlib import Path
 
 from fedrad.client.dataset import SiteStudies, split_held_out
 from fedrad.client.preprocess import PreprocessConfig
-from fedrad.client.site_data import (
-    SiteDataError,
-    default_cache_dir,
-    iter_site_files,
-    prepare_site,
-)
+from fedrad.client.site_data import SiteDataError, prepared_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +45,8 @@ def load_cohort(
     splits: list[SiteSplit] = []
     dropped: dict[str, str] = {}
     for site in site_dirs(cohort):
-        manifest = default_cache_dir(site) / config.fingerprint() / "manifest.json"
         try:
-            if not _fresh(manifest, site):
-                _, manifest = prepare_site(
-                    site, default_cache_dir(site), config=config, workers=workers
-                )
+            manifest = prepared_manifest(site, config=config, workers=workers)
             studies = SiteStudies.from_manifest(manifest)
         except SiteDataError as exc:
             dropped[site.name] = str(exc)
@@ -72,16 +63,6 @@ def load_cohort(
             f"no usable site in {cohort}: " + "; ".join(f"{k}: {v}" for k, v in dropped.items())
         )
     return splits, dropped
-
-
-def _fresh(manifest: Path, site: Path) -> bool:
-    """A cache is reused only if it is newer than every file of the site."""
-    if not manifest.is_file():
-        return False
-    built = manifest.stat().st_mtime
-    return all(p.stat().st_mtime <= built for p in iter_site_files(site)) and (
-        not (site / "reports.csv").exists() or (site / "reports.csv").stat().st_mtime <= built
-    )
 
 
 def pooled(parts: list[SiteStudies]) -> SiteStudies:

@@ -45,3 +45,18 @@ def test_invalid_parameters_are_refused() -> None:
         MechanismStep(1.0, 0.0, 10)
     with pytest.raises(ValueError):
         MechanismStep(-1.0, 0.1, 10)
+
+
+def test_cached_composition_equals_opacus_rdp_accountant_on_a_mixed_history() -> None:
+    from opacus.accountants import RDPAccountant
+
+    history = [
+        MechanismStep(1.1, 0.02, 300),
+        MechanismStep(0.8, 0.05, 40),
+        MechanismStep(2.0, 0.01, 7),
+    ]
+    reference = RDPAccountant()
+    reference.history = [(h.noise_multiplier, h.sample_rate, h.steps) for h in history]
+    assert cumulative_epsilon(history, delta=1e-5) == pytest.approx(
+        reference.get_epsilon(delta=1e-5), rel=1e-12
+    )
