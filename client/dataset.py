@@ -47,11 +47,21 @@ class SiteStudies:
 def split_held_out(
     studies: SiteStudies, *, fraction: float = 0.2
 ) -> tuple[SiteStudies, SiteStudies]:
-    """A deterministic split by hashed study id: the same study is held out in every run."""
-    train, held = [], []
-    for i, study in enumerate(studies.studies):
-        bucket = int(hashlib.sha256(study.study_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (held if bucket < fraction else train).append(i)
+    """A deterministic split by hashed study id: the same study is held out in every run.
+
+    Study ids are keyed pseudonyms, so a small site could draw no held-out study at all by
+    chance; with two or more studies each side keeps at least one, so a site can always be
+    evaluated and still train.
+    """
+    buckets = [
+        int(hashlib.sha256(study.study_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        for study in studies.studies
+    ]
+    order = sorted(range(len(buckets)), key=lambda i: (buckets[i], studies.studies[i].study_id))
+    n_held = sum(1 for b in buckets if b < fraction)
+    n_held = min(max(n_held, 1), len(order) - 1) if len(order) >= 2 else 0
+    held = sorted(order[:n_held])
+    train = sorted(order[n_held:])
     return studies.subset(train), studies.subset(held)
 
 
