@@ -10,6 +10,16 @@ import typer
 
 from fedrad.client.dicom_io import RADIOGRAPH_MODALITIES
 from fedrad.client.preprocess import PreprocessConfig
+from fedrad.client.site_config import (
+    CONFIG_NAME,
+    DEFAULT_DELTA,
+    DEFAULT_EPSILON,
+    SiteConfigError,
+    init_site,
+    load_site_config,
+    shareable_files,
+    site_budget,
+)
 from fedrad.client.site_data import (
     SiteDataError,
     default_cache_dir,
@@ -27,6 +37,7 @@ from fedrad.common.cli_support import (
 )
 from fedrad.common.findings import FINDINGS
 from fedrad.common.labeler import label_report
+from fedrad.common.ledger import LedgerError
 
 app = typer.Typer(
     name="fedrad-site",
@@ -178,10 +189,66 @@ def label(
         writer.writerow([accession, *(labels[f] for f in FINDINGS)])
 
 
+ConfigOpt = Annotated[
+    Path,
+    typer.Option("--config", "-c", help="The site's site.toml (made by fedrad-site init)."),
+]
+
+
 @app.command()
-def init() -> None:
-    """Create the site's keys and config (federation onboarding)."""
-    not_yet("fedrad-site init")
+def init(
+    directory: Annotated[Path, typer.Argument(help="New directory for the site's config, keys.")],
+    site_id: Annotated[str, typer.Option(help="This site's name in the federation.")],
+    data_dir: Annotated[Path, typer.Option(help="DICOM files + reports.csv of this site.")],
+    epsilon: Annotated[
+        float, typer.Option(help="Total privacy budget of this site, over every run.")
+    ] = DEFAULT_EPSILON,
+    delta: Annotated[float, typer.Option(help="The delta the budget holds at.")] = DEFAULT_DELTA,
+    coordinator: Annotated[
+        str | None, typer.Option(help="The coordinator's SuperLink address, HOST:PORT.")
+    ] = None,
+    ca_file: Annotated[
+        Path | None, typer.Option(help="The federation CA certificate (from the coordinator).")
+    ] = None,
+    foundation: Annotated[
+        Path | None, typer.Option(help="The federation's starting checkpoint directory.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create the site's config and keys (ledger signing key, SuperNode key); private keys 0600."""
+    if not data_dir.is_dir():
+        fail(f"data directory {data_dir} does not exist")
+    if ca_file is not None and not ca_file.is_file():
+        fail(f"CA file {ca_file} does not exist")
+    try:
+        config = init_site(
+            directory,
+            site_id=site_id,
+            data_dir=data_dir,
+            epsilon=epsilon,
+            delta=delta,
+            coordinator=coordinator,
+            ca_file=ca_file,
+            foundation_dir=foundation,
+        )
+    except SiteConfigError as exc:
+        fail(str(exc))
+    public = shareable_files(config)
+    if as_json:
+        emit_json(
+            {
+                "config": str(directory / CONFIG_NAME),
+                "site_id": config.site_id,
+                "public_keys": [str(p) for p in public],
+            }
+        )
+        return
+    typer.echo(f"site {config.site_id} initialised in {directory}")
+    typer.echo(f"  config: {directory / CONFIG_NAME}")
+    typer.echo(f"  budget: epsilon {epsilon:g} at delta {delta:g}, over every run")
+    typer.echo("  send to the coordinator (public keys only):")
+    for path in public:
+        typer.echo(f"    {path}")
 
 
 @app.command()
@@ -191,9 +258,30 @@ def start() -> None:
 
 
 @app.command()
-def budget() -> None:
-    """Show the privacy budget spent and left."""
-    not_yet("fedrad-site budget")
+def budget(
+    config_path: ConfigOpt = Path(CONFIG_NAME),
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the privacy budget spent and left, recomputed from every entry of the site's ledger."""
+    try:
+        config = load_site_config(config_path)
+        status = site_budget(config)
+    except (SiteConfigError, LedgerError) as exc:
+        fail(str(exc))
+    if as_json:
+        emit_json(status)
+    else:
+        spent = status["spent_epsilon"]
+        left = status["left_epsilon"]
+        typer.echo(
+            f"site {status['site_id']}: spent epsilon "
+            f"{'unbounded' if spent is None else f'{spent:.3f}'} of {status['budget_epsilon']:g} "
+            f"at delta {status['delta']:g} ({status['accountant']}); left "
+            f"{0.0 if left is None else left:.3f}; {status['rounds']} rounds in "
+            f"{status['runs']} runs"
+        )
+    if status["exhausted"]:
+        raise typer.Exit(EXIT_FINDINGS)
 
 
 @app.command()

@@ -31,6 +31,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from fedrad.client.dataset import SiteStudies, TrainingExamples, split_held_out
 from fedrad.client.evaluate import EvalConfig, evaluate
 from fedrad.client.preprocess import PreprocessConfig
+from fedrad.client.site_config import SiteConfig, SiteConfigError, load_site_config
 from fedrad.client.site_data import prepared_manifest
 from fedrad.client.train import DPConfig, TrainConfig, train_local
 from fedrad.common.accounting import (
@@ -48,7 +49,7 @@ from fedrad.common.radiology_model import RadiologyModel
 logger = logging.getLogger(__name__)
 
 MAX_CACHED_SITES: Final[int] = 16  # studies of this many sites stay in memory per process
-MAX_NOISE: Final[float] = 1e4  # beyond this a round is noise only: refuse instead
+MAX_NOISE: Final[float] = 50.0  # beyond this a round is noise only: refuse instead
 
 
 class SiteRefusalError(Exception):
@@ -70,7 +71,8 @@ class SiteSpec:
     manifest: Path | None = None
     data_dir: Path | None = None
     held_out_fraction: float = 0.2  # deterministic by study id (`split_held_out`)
-    budget_epsilon: float | None = None  # the hospital's own cap on the planned target
+    budget_epsilon: float | None = None  # the hospital's own cap, over its whole ledger
+    budget_delta: float | None = None  # the largest delta the site's budget holds at
     threads: int = 0  # torch threads (0 = leave as the process has it)
 
     def __post_init__(self) -> None:
@@ -80,12 +82,42 @@ class SiteSpec:
             raise ValueError("held_out_fraction must be in (0, 1)")
         if self.budget_epsilon is not None and self.budget_epsilon <= 0:
             raise ValueError("budget_epsilon must be positive")
+        if self.budget_delta is not None and not 0 < self.budget_delta < 1:
+            raise ValueError("budget_delta must be in (0, 1)")
+
+    @staticmethod
+    def from_site_config(config: SiteConfig, foundation_dir: Path | None = None) -> SiteSpec:
+        """A deployed site: data, ledger, key and budget all from the site's own site.toml."""
+        foundation = foundation_dir or config.foundation_dir
+        if foundation is None:
+            raise SiteRefusalError(
+                f"site {config.site_id} has no foundation_dir in its config or node config"
+            )
+        return SiteSpec(
+            site_id=config.site_id,
+            foundation_dir=Path(foundation),
+            ledger_path=config.ledger,
+            key_path=config.ledger_key,
+            data_dir=config.data_dir,
+            budget_epsilon=config.epsilon,
+            budget_delta=config.delta,
+        )
 
     @staticmethod
     def from_node_config(node_config: Mapping[str, Any]) -> SiteSpec:
         """A deployed SuperNode's `--node-config`: site-id, data-dir, foundation-dir, and
         optionally ledger, signing-key (default under <data-dir>/.fedrad-site/) and
-        epsilon-budget."""
+        epsilon-budget; or `site-config` (the site's own site.toml, which then names all of
+        them and the budget) with an optional foundation-dir."""
+        if "site-config" in node_config:
+            try:
+                config = load_site_config(Path(str(node_config["site-config"])))
+            except SiteConfigError as exc:
+                raise SiteRefusalError(str(exc)) from exc
+            foundation = node_config.get("foundation-dir")
+            return SiteSpec.from_site_config(
+                config, None if foundation is None else Path(str(foundation))
+            )
         missing = [k for k in ("site-id", "data-dir", "foundation-dir") if k not in node_config]
         if missing:
             raise SiteRefusalError(f"node config lacks {', '.join(missing)}")
@@ -230,8 +262,8 @@ def calibrate_remaining(
         )
     if spend(MAX_NOISE) > target_epsilon:
         raise SiteRefusalError(
-            f"the remaining budget ({target_epsilon - already:.3g} epsilon) cannot cover "
-            f"{steps} more steps"
+            f"privacy budget nearly exhausted: the remaining {target_epsilon - already:.3g} "
+            f"epsilon cannot cover {steps} more steps at any useful noise (sigma <= {MAX_NOISE:g})"
         )
     # Warm start: on a run that goes as planned the answer is the previous round's sigma,
     # found with two evaluations instead of a dozen.
@@ -303,6 +335,19 @@ def _site_seed(site_id: str, seed: int, server_round: int) -> int:
 # -- the round -----------------------------------------------------------------------------
 
 
+def check_round_against_budget(spec: SiteSpec, plan: RoundConfig) -> None:
+    """Refusals that need no arithmetic: a round the site's budget can never allow."""
+    if spec.budget_epsilon is not None and not plan.dp:
+        raise SiteRefusalError(
+            f"site {spec.site_id} has an epsilon budget and refuses a round without DP"
+        )
+    if plan.dp and spec.budget_delta is not None and plan.delta > spec.budget_delta:
+        raise SiteRefusalError(
+            f"the round asks delta {plan.delta:g}, above this site's delta budget "
+            f"{spec.budget_delta:g}"
+        )
+
+
 def train_site(
     spec: SiteSpec, global_arrays: Mapping[str, np.ndarray], plan: RoundConfig
 ) -> SiteUpdate:
@@ -314,6 +359,7 @@ def train_site(
     n = len(train)
     sample_rate = min(plan.batch_size, n) / n  # what train_local's Poisson sampler uses
     remaining_steps = (plan.planned_rounds - plan.server_round + 1) * plan.local_steps
+    check_round_against_budget(spec, plan)
     target = plan.target_epsilon
     if spec.budget_epsilon is not None and spec.budget_epsilon < target:
         logger.info("site budget %.3g caps the planned epsilon %.3g", spec.budget_epsilon, target)

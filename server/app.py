@@ -87,6 +87,8 @@ def run_server(grid: Grid, plan: ServerPlan, *, on_round: OnRound | None = None)
         messages = strategy.configure_train(round_no, arrays, ConfigRecord(config), grid)
         replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout_s))
         failures = [str(r.error.reason) for r in replies if r.has_error()]
+        for reason in failures:  # a site's refusal is its right: note it, carry on
+            logger.warning("round %d: a site sent no update: %s", round_no, reason)
         per_site = _site_metrics(replies)
         new_arrays, train_metrics = strategy.aggregate_train(round_no, replies)
         if new_arrays is None:

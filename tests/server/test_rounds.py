@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,6 +159,30 @@ def test_a_round_with_no_usable_update_stops_with_the_reasons(tmp_path: Path) ->
     grid = InProcessGrid(simulation_client_app([capped]), 1)
     with pytest.raises(FederationError, match=r"no usable update.*refused"):
         run_server(grid, plan)
+
+
+def test_a_site_that_refuses_is_logged_and_the_round_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    foundation = micro_foundation(tmp_path)
+    specs = [micro_site(tmp_path / "sites", f"site_{i}", foundation, seed=i) for i in range(2)]
+    specs[1] = dataclasses.replace(specs[1], budget_epsilon=1e-9)  # nothing left to spend
+    run_dir = _run_dir(tmp_path)
+    plan = ServerPlan(
+        run_dir=run_dir,
+        foundation_dir=foundation,
+        num_sites=2,
+        rounds=1,
+        round_config=round_config(planned_rounds=1, run_id=run_dir.name),
+    )
+    grid = InProcessGrid(simulation_client_app(specs), 2)
+    with caplog.at_level(logging.WARNING, logger="fedrad.server.app"):
+        assert run_server(grid, plan) == 1
+    record = read_metrics(run_dir)[0]
+    assert set(record["epsilon"]) == {"site_0"}
+    assert any("privacy budget" in f for f in record["failures"])
+    assert any("sent no update" in r.getMessage() for r in caplog.records)
+    assert not specs[1].ledger_path.exists()  # the refusing site spent nothing
 
 
 def test_plan_from_run_config_rejects_unknown_keys(tmp_path: Path) -> None:

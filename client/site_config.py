@@ -1,0 +1,241 @@
+"""A hospital site's own configuration and keys: what the site decides, never the coordinator.
+
+`fedrad-site init DIR` writes `DIR/site.toml` and the site's keys under `DIR/keys/`:
+the Ed25519 ledger signing key (PKCS#8 PEM) and the SuperNode authentication key (ECDSA P-384,
+OpenSSH format, as Flower's `--auth-supernode-private-key` reads it). Private keys are created
+0600 with O_EXCL and never overwritten; only the `.pub` halves are meant to leave the host.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import tomli_w
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedrad.common.accounting import AccountantName
+from fedrad.common.ledger import Ledger, load_or_create_signing_key, public_key_path
+
+CONFIG_NAME: Final[str] = "site.toml"
+SITE_ID_PATTERN: Final[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEFAULT_EPSILON: Final[float] = 8.0
+DEFAULT_DELTA: Final[float] = 1e-5
+
+
+class SiteConfigError(Exception):
+    """The site configuration cannot be used; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """Everything the site owns. Relative paths in the file are relative to the file."""
+
+    site_id: str  # the name the site's ledger entries carry
+    data_dir: Path  # DICOM files + reports.csv (the site data contract)
+    epsilon: float  # the site's total privacy budget, over every run, at `delta`
+    delta: float  # the delta the budget holds at; rounds asking for more are refused
+    ledger: Path  # the site's one ledger, across runs
+    ledger_key: Path  # Ed25519 private key (0600); ledger_key.pub beside it
+    node_key: Path  # ECDSA P-384 SuperNode key (0600, OpenSSH); node_key.pub beside it
+    coordinator: str | None = None  # SuperLink fleet address host:port
+    ca_file: Path | None = None  # the federation CA that signed the SuperLink certificate
+    foundation_dir: Path | None = None  # the federation's starting checkpoint, local copy
+
+    def __post_init__(self) -> None:
+        if not SITE_ID_PATTERN.match(self.site_id):
+            raise SiteConfigError(
+                f"site id {self.site_id!r}: use letters, digits, '_', '.', '-' (max 64)"
+            )
+        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise SiteConfigError(f"epsilon budget must be positive and finite, got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise SiteConfigError(f"delta must be in (0, 1), got {self.delta}")
+        if self.coordinator is not None and not re.match(r"^[^\s:]+:\d{1,5}$", self.coordinator):
+            raise SiteConfigError(f"coordinator {self.coordinator!r} is not HOST:PORT")
+
+
+_KEYS: Final[dict[str, type | tuple[type, ...]]] = {
+    "site_id": str,
+    "data_dir": str,
+    "epsilon": (int, float),
+    "delta": (int, float),
+    "ledger": str,
+    "ledger_key": str,
+    "node_key": str,
+    "coordinator": str,
+    "ca_file": str,
+    "foundation_dir": str,
+}
+_REQUIRED: Final[tuple[str, ...]] = ("site_id", "data_dir", "epsilon", "delta")
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    """Parses and validates `site.toml`; unknown keys and wrong types are refused."""
+    path = Path(path).expanduser().resolve()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SiteConfigError(
+            f"no site config at {path} (create one with fedrad-site init)"
+        ) from exc
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SiteConfigError(f"{path}: not a readable TOML file ({exc!s:.80})") from exc
+    site = raw.get("site")
+    if not isinstance(site, dict) or set(raw) != {"site"}:
+        raise SiteConfigError(f"{path}: expected exactly one [site] table")
+    unknown = sorted(set(site) - set(_KEYS))
+    if unknown:
+        raise SiteConfigError(f"{path}: unknown key(s) {', '.join(unknown)}")
+    missing = [k for k in _REQUIRED if k not in site]
+    if missing:
+        raise SiteConfigError(f"{path}: missing {', '.join(missing)}")
+    for key, value in site.items():
+        if isinstance(value, bool) or not isinstance(value, _KEYS[key]):
+            raise SiteConfigError(f"{path}: {key} has the wrong type")
+    base = path.parent
+
+    def where(key: str, default: str | None = None) -> Path | None:
+        value = site.get(key, default)
+        if value is None:
+            return None
+        p = Path(str(value)).expanduser()
+        return p if p.is_absolute() else (base / p)
+
+    return SiteConfig(
+        site_id=site["site_id"],
+        data_dir=where("data_dir"),  # type: ignore[arg-type]
+        epsilon=float(site["epsilon"]),
+        delta=float(site["delta"]),
+        ledger=where("ledger", "ledger.jsonl"),  # type: ignore[arg-type]
+        ledger_key=where("ledger_key", "keys/ledger_key.pem"),  # type: ignore[arg-type]
+        node_key=where("node_key", "keys/node_key"),  # type: ignore[arg-type]
+        coordinator=site.get("coordinator"),
+        ca_file=where("ca_file"),
+        foundation_dir=where("foundation_dir"),
+    )
+
+
+def _create_node_key(path: Path) -> None:
+    """ECDSA P-384 in OpenSSH format (what `flower-supernode` loads); 0600, never replaced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(
+            fd,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            ),
+        )
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    path.with_suffix(".pub").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        + b"\n"
+    )
+
+
+def init_site(
+    directory: Path,
+    *,
+    site_id: str,
+    data_dir: Path,
+    epsilon: float = DEFAULT_EPSILON,
+    delta: float = DEFAULT_DELTA,
+    coordinator: str | None = None,
+    ca_file: Path | None = None,
+    foundation_dir: Path | None = None,
+) -> SiteConfig:
+    """Creates a site directory: config, keys and nothing else. Refuses to touch an existing
+    one, so a re-run can never replace a key (a new ledger key would orphan the ledger)."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if config_path.exists():
+        raise SiteConfigError(f"{config_path} already exists; a site is initialised once")
+    for name in ("keys/ledger_key.pem", "keys/node_key"):
+        if (directory / name).exists():
+            raise SiteConfigError(f"{directory / name} already exists; refusing to replace a key")
+    site: dict[str, Any] = {
+        "site_id": site_id,
+        "data_dir": str(Path(data_dir).expanduser().resolve()),
+        "epsilon": float(epsilon),
+        "delta": float(delta),
+        "ledger": "ledger.jsonl",
+        "ledger_key": "keys/ledger_key.pem",
+        "node_key": "keys/node_key",
+    }
+    if coordinator is not None:
+        site["coordinator"] = coordinator
+    if ca_file is not None:
+        site["ca_file"] = str(Path(ca_file).expanduser().resolve())
+    if foundation_dir is not None:
+        site["foundation_dir"] = str(Path(foundation_dir).expanduser().resolve())
+    config = SiteConfig(  # validate before anything is written
+        site_id=site_id,
+        data_dir=Path(site["data_dir"]),
+        epsilon=float(epsilon),
+        delta=float(delta),
+        ledger=directory / "ledger.jsonl",
+        ledger_key=directory / "keys/ledger_key.pem",
+        node_key=directory / "keys/node_key",
+        coordinator=coordinator,
+        ca_file=None if ca_file is None else Path(site["ca_file"]),
+        foundation_dir=None if foundation_dir is None else Path(site["foundation_dir"]),
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    load_or_create_signing_key(config.ledger_key)
+    _create_node_key(config.node_key)
+    config_path.write_text(
+        "# fedrad site configuration: owned by this hospital, never sent to the coordinator.\n"
+        + tomli_w.dumps({"site": site}),
+        encoding="utf-8",
+    )
+    return load_site_config(config_path)
+
+
+def shareable_files(config: SiteConfig) -> list[Path]:
+    """The only files that may leave the host: the public halves of the keys."""
+    return [public_key_path(config.ledger_key), config.node_key.with_suffix(".pub")]
+
+
+def site_budget(config: SiteConfig) -> dict[str, Any]:
+    """Spent and left, recomputed from every entry of the site's ledger (verified with the
+    site's own key): the same numbers the site enforces before each round."""
+    if not config.ledger_key.is_file():
+        raise SiteConfigError(
+            f"ledger key {config.ledger_key} is missing: the ledger cannot be verified"
+        )
+    ledger = Ledger(config.ledger, load_or_create_signing_key(config.ledger_key))
+    entries = ledger.entries()
+    accountant: AccountantName = (
+        "prv" if entries and all(e["accountant"] == "prv" for e in entries) else "rdp"
+    )
+    spent = ledger.spent(config.delta, accountant)
+    unbounded = math.isinf(spent)
+    left = None if unbounded else max(config.epsilon - spent, 0.0)
+    return {
+        "site_id": config.site_id,
+        "ledger": str(config.ledger),
+        "budget_epsilon": config.epsilon,
+        "delta": config.delta,
+        "accountant": accountant,
+        "spent_epsilon": None if unbounded else spent,
+        "left_epsilon": left,
+        "unbounded": unbounded,
+        "exhausted": unbounded or spent >= config.epsilon,
+        "rounds": len(entries),
+        "runs": len({e["run_id"] for e in entries}),
+    }

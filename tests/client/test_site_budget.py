@@ -1,0 +1,253 @@
+"""The site's own budget: its config and keys, the refusals, and never an overrun."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from fedrad.client.cli import app as site_cli
+from fedrad.client.site_agent import (
+    SiteRefusalError,
+    SiteSpec,
+    cached_model,
+    calibrate_remaining,
+    check_round_against_budget,
+    clear_caches,
+    train_site,
+    trainable_arrays,
+)
+from fedrad.client.site_config import (
+    SiteConfigError,
+    init_site,
+    load_site_config,
+    site_budget,
+)
+from fedrad.common.accounting import MechanismStep, cumulative_epsilon
+from fedrad.common.ledger import Ledger, load_or_create_signing_key
+from tests.fl_fixtures import micro_foundation, micro_site, round_config
+
+# -- never an overrun ------------------------------------------------------------------------
+
+steps_strategy = st.builds(
+    MechanismStep,
+    noise_multiplier=st.floats(0.5, 5.0),
+    sample_rate=st.sampled_from([0.01, 0.05, 0.2, 0.5]),
+    steps=st.integers(1, 40),
+)
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    history=st.lists(steps_strategy, max_size=3),
+    budget=st.floats(0.2, 12.0),
+    sample_rate=st.sampled_from([0.02, 0.1, 0.25, 0.6]),
+    local_steps=st.integers(1, 30),
+    rounds=st.integers(1, 3),
+    repeats=st.lists(st.booleans(), min_size=3, max_size=3),
+)
+def test_no_schedule_ever_spends_past_the_budget(
+    history: list[MechanismStep],
+    budget: float,
+    sample_rate: float,
+    local_steps: int,
+    rounds: int,
+    repeats: list[bool],
+) -> None:
+    """Whatever was spent before (other runs), however rounds repeat after crashes: every
+    round either fits within the budget or is refused before anything is spent."""
+    spent = list(history)
+    round_no = 1
+    for attempt in range(rounds + 2):
+        if round_no > rounds:
+            break
+        remaining = (rounds - round_no + 1) * local_steps
+        try:
+            sigma = calibrate_remaining(
+                spent,
+                sample_rate=sample_rate,
+                steps=remaining,
+                target_epsilon=budget,
+                delta=1e-5,
+                accountant="rdp",
+            )
+        except SiteRefusalError:
+            break
+        spent.append(MechanismStep(sigma, sample_rate, local_steps))
+        after = cumulative_epsilon(spent, delta=1e-5)
+        assert after <= budget * (1 + 1e-9), (after, budget)
+        if not repeats[attempt % 3]:  # a repeated round (crash before commit) runs again
+            round_no += 1
+    assert cumulative_epsilon(spent, delta=1e-5) <= max(
+        budget, cumulative_epsilon(history, delta=1e-5)
+    ) * (1 + 1e-9)
+
+
+def test_an_exhausted_budget_is_refused_before_training(tmp_path: Path) -> None:
+    foundation = micro_foundation(tmp_path)
+    spec = dataclasses.replace(micro_site(tmp_path, "site_a", foundation), budget_epsilon=2.0)
+    start = trainable_arrays(cached_model(foundation))
+    plan = round_config(planned_rounds=1, target_epsilon=50.0)  # the coordinator asks for more
+    update = train_site(spec, start, plan)
+    assert update.metrics["epsilon"] <= 2.0 * (1 + 1e-6)  # the site's own cap held
+    second = train_site(spec, start, round_config(run_id="another-run", planned_rounds=1))
+    assert second.metrics["epsilon"] <= 2.0 * (1 + 1e-6)  # what is left, at more noise
+    assert second.metrics["noise_multiplier"] > update.metrics["noise_multiplier"]
+    before = Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path)).entries()
+    lowered = dataclasses.replace(spec, budget_epsilon=1.5)  # the hospital lowers its cap
+    with pytest.raises(SiteRefusalError, match="budget exhausted"):
+        train_site(lowered, start, round_config(run_id="third-run", planned_rounds=1))
+    assert Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path)).entries() == before
+    clear_caches()
+
+
+def test_rounds_the_budget_can_never_allow_are_refused() -> None:
+    spec = SiteSpec(
+        site_id="s",
+        foundation_dir=Path("f"),
+        ledger_path=Path("l"),
+        key_path=Path("k"),
+        manifest=Path("m"),
+        budget_epsilon=4.0,
+        budget_delta=1e-6,
+    )
+    with pytest.raises(SiteRefusalError, match="without DP"):
+        check_round_against_budget(spec, round_config(dp=False))
+    with pytest.raises(SiteRefusalError, match="delta 1e-05, above this site's delta budget"):
+        check_round_against_budget(spec, round_config(delta=1e-5))
+    check_round_against_budget(spec, round_config(delta=1e-7))
+
+
+# -- site config and keys --------------------------------------------------------------------
+
+
+def test_init_makes_private_keys_and_a_config_it_can_read(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    config = init_site(
+        tmp_path / "site", site_id="st_anna", data_dir=data, epsilon=3.0, coordinator="fl:9092"
+    )
+    assert config == load_site_config(tmp_path / "site" / "site.toml")
+    assert (config.epsilon, config.delta, config.coordinator) == (3.0, 1e-5, "fl:9092")
+    for private in (config.ledger_key, config.node_key):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    node = load_ssh_private_key(config.node_key.read_bytes(), password=None)
+    assert isinstance(node, ec.EllipticCurvePrivateKey) and node.curve.name == "secp384r1"
+    assert isinstance(
+        load_ssh_public_key(config.node_key.with_suffix(".pub").read_bytes()),
+        ec.EllipticCurvePublicKey,
+    )
+    key_before = config.ledger_key.read_bytes()
+    with pytest.raises(SiteConfigError, match="already exists"):
+        init_site(tmp_path / "site", site_id="st_anna", data_dir=data)
+    assert config.ledger_key.read_bytes() == key_before
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[site]\nsite_id='a'\ndata_dir='d'\nepsilon=1.0\n", "missing delta"),
+        ("[site]\nsite_id='a'\ndata_dir='d'\nepsilon=1.0\ndelta=1e-5\nbudget=2\n", "unknown key"),
+        ("[site]\nsite_id='a'\ndata_dir='d'\nepsilon='x'\ndelta=1e-5\n", "wrong type"),
+        ("[site]\nsite_id='a'\ndata_dir='d'\nepsilon=-1.0\ndelta=1e-5\n", "must be positive"),
+        ("[site]\nsite_id='a b'\ndata_dir='d'\nepsilon=1.0\ndelta=1e-5\n", "site id"),
+        ("[site]\nsite_id='a'\ndata_dir='d'\nepsilon=1.0\ndelta=2.0\n", "delta must be"),
+        ("site_id = 'a'\n", "exactly one [site] table"),
+        ("[site\n", "not a readable TOML"),
+    ],
+)
+def test_bad_site_configs_are_refused_in_one_line(tmp_path: Path, text: str, words: str) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(text)
+    with pytest.raises(SiteConfigError, match=None) as info:
+        load_site_config(path)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_deployed_site_takes_everything_from_its_site_config(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    config = init_site(tmp_path / "site", site_id="st_anna", data_dir=data, epsilon=3.0)
+    spec = SiteSpec.from_node_config(
+        {"site-config": str(tmp_path / "site" / "site.toml"), "foundation-dir": "/f"}
+    )
+    assert (spec.site_id, spec.budget_epsilon, spec.budget_delta) == ("st_anna", 3.0, 1e-5)
+    assert spec.ledger_path == config.ledger and spec.data_dir == data.resolve()
+    with pytest.raises(SiteRefusalError, match="no site config"):
+        SiteSpec.from_node_config({"site-config": str(tmp_path / "nope.toml")})
+
+
+# -- fedrad-site init / budget ---------------------------------------------------------------
+
+
+def test_budget_cli_reports_spent_and_left(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    runner = CliRunner()
+    made = runner.invoke(
+        site_cli,
+        [
+            "init",
+            str(tmp_path / "site"),
+            "--site-id",
+            "st_anna",
+            "--data-dir",
+            str(data),
+            "--epsilon",
+            "4",
+        ],
+    )
+    assert made.exit_code == 0, made.output
+    assert "node_key.pub" in made.output and "ledger_key.pub" in made.output
+    config_path = tmp_path / "site" / "site.toml"
+    config = load_site_config(config_path)
+    ledger = Ledger(config.ledger, load_or_create_signing_key(config.ledger_key))
+    for round_no in (1, 2):
+        ledger.append(
+            site_id="st_anna",
+            run_id="r1",
+            round=round_no,
+            sample_rate=0.1,
+            noise_multiplier=1.2,
+            steps=20,
+            max_grad_norm=1.0,
+            delta=1e-5,
+            accountant="rdp",
+        )
+    shown = runner.invoke(site_cli, ["budget", "--config", str(config_path), "--json"])
+    assert shown.exit_code == 0, shown.output
+    status = json.loads(shown.stdout)
+    assert status == site_budget(config)
+    assert status["rounds"] == 2 and status["runs"] == 1
+    assert status["spent_epsilon"] == pytest.approx(ledger.entries()[-1]["epsilon"])
+    assert status["left_epsilon"] == pytest.approx(4.0 - status["spent_epsilon"])
+    text = runner.invoke(site_cli, ["budget", "--config", str(config_path)])
+    assert "spent epsilon" in text.output and "of 4" in text.output
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["init", "SITE", "--site-id", "a", "--data-dir", "/no/such/dir"], "does not exist"),
+        (["budget", "--config", "/no/such/site.toml"], "no site config"),
+    ],
+)
+def test_site_cli_bad_input_is_one_line(tmp_path: Path, args: list[str], words: str) -> None:
+    args = [a.replace("SITE", str(tmp_path / "site")) for a in args]
+    result = CliRunner().invoke(site_cli, args)
+    assert result.exit_code == 2
+    assert words in result.output and len(result.output.strip().splitlines()) == 1
