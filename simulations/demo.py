@@ -17,7 +17,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from fedrad.client.cli import app as site_app
-from fedrad.common.ledger import load_public_key, public_key_path, verify_ledger
+from fedrad.common.audit_cli import ledger_app
 from fedrad.common.run_dir import read_metrics
 from fedrad.simulations.cli import app as sim_app
 
@@ -87,16 +87,11 @@ def main() -> None:
         f"macro AUROC {auroc[0]:.3f} -> {auroc[1]:.3f}, CE F1 {ce[0]:.3f} -> {ce[1]:.3f} "
         f"over {len(records)} rounds\n"
     )
-    _step("4. verify each site's signed, hash-chained ledger and recompute its epsilon")
-    for ledger in sorted((run_dir / "sites").glob("*/ledger.jsonl")):
-        key = load_public_key(public_key_path(ledger.parent / "ledger_key.pem"))
-        problems = verify_ledger(ledger, key)
-        lines = ledger.read_text().splitlines()
-        eps = json.loads(lines[-1])["epsilon"] if lines else 0.0
-        status = "ok" if not problems else "; ".join(problems)
-        sys.stdout.write(
-            f"{ledger.parent.name}: {len(lines)} entries, epsilon {eps:.2f}: {status}\n"
-        )
+    _step(
+        "4. fedrad-audit: verify every signed, hash-chained ledger and recompute each epsilon "
+        "with independent accountants"
+    )
+    sys.stdout.write(_invoke(ledger_app, [str(run_dir), "--budget", f"{EPSILON:g}"]))
     _step("5. a report, finding probabilities and an answer from the final global model")
     checkpoint = sorted((run_dir / "checkpoints").iterdir())[-1]
     scan = next(
