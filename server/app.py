@@ -5,6 +5,11 @@ here drives the strategy's own configure/aggregate steps with absolute round num
 what makes resume exact (no round twice, FedAdam's bias correction continuing) and gives a
 checkpoint and a metrics line per round. Bookkeeping lives in `server/rounds.py`.
 
+With central DP on (`ServerPlan.central_noise_multiplier`), the strategy is wrapped by
+`with_central_dp` (equal-weight averaging, clipping, noise; see `server/strategies.py`) and
+each round's release is appended to the coordinator's ledger right after aggregation, before
+the noisy model goes out for evaluation and before the round is committed.
+
 `app` reads its plan from the run config (`flwr run`); `simulation_server_app(plan)` closes
 over a plan built in Python (run_simulation has no run config).
 """
@@ -18,10 +23,16 @@ from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedrad.common.fl_protocol import ARRAYS_KEY, SITE_ID_FIELD, SITE_KEY
-from fedrad.server.rounds import RunBook, ServerPlan, round_record
-from fedrad.server.strategies import build_strategy, restore_strategy_state, strategy_state
+from fedrad.server.rounds import CoordinatorLedger, RunBook, ServerPlan, round_record
+from fedrad.server.strategies import (
+    build_strategy,
+    restore_strategy_state,
+    strategy_state,
+    with_central_dp,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +73,25 @@ def _update_bytes(replies: list[Message]) -> int:
     return 0
 
 
+def build_plan_strategy(plan: ServerPlan) -> Strategy:
+    """The plan's strategy, wrapped for central DP when the plan asks for it."""
+    strategy = build_strategy(
+        plan.strategy,
+        num_sites=plan.num_sites,
+        proximal_mu=plan.proximal_mu,
+        server_lr=plan.server_lr,
+        equal_weights=plan.central_dp,
+    )
+    if plan.central_noise_multiplier is None:
+        return strategy
+    return with_central_dp(
+        strategy,
+        noise_multiplier=plan.central_noise_multiplier,
+        clipping_norm=plan.central_clipping_norm,
+        num_sites=plan.num_sites,
+    )
+
+
 def run_server(grid: Grid, plan: ServerPlan, *, on_round: OnRound | None = None) -> int:
     """Runs the remaining rounds of the plan; returns the last committed round."""
     started = time.perf_counter()
@@ -72,12 +102,13 @@ def run_server(grid: Grid, plan: ServerPlan, *, on_round: OnRound | None = None)
         return point.completed
     if point.completed:
         logger.info("resuming after round %d of %d", point.completed, plan.rounds)
-    strategy = build_strategy(
-        plan.strategy,
-        num_sites=plan.num_sites,
-        proximal_mu=plan.proximal_mu,
-        server_lr=plan.server_lr,
-    )
+    strategy = build_plan_strategy(plan)
+    ledger: CoordinatorLedger | None = None
+    if plan.central_dp:
+        ledger = CoordinatorLedger(
+            plan.run_dir, run_id=plan.round_config.run_id, delta=plan.central_delta
+        )
+        ledger.check_covers(point.completed)
     restore_strategy_state(strategy, point.strategy_state)
     arrays = ArrayRecord({k: Array(v) for k, v in point.arrays.items()})
     wait_for_sites(grid, plan.num_sites, plan.connect_timeout_s)
@@ -90,10 +121,20 @@ def run_server(grid: Grid, plan: ServerPlan, *, on_round: OnRound | None = None)
         for reason in failures:  # a site's refusal is its right: note it, carry on
             logger.warning("round %d: a site sent no update: %s", round_no, reason)
         per_site = _site_metrics(replies)
-        new_arrays, train_metrics = strategy.aggregate_train(round_no, replies)
+        updates = [r for r in replies if not r.has_error()]  # refusals are noted above
+        new_arrays, train_metrics = strategy.aggregate_train(round_no, updates)
         if new_arrays is None:
             raise FederationError(
                 f"round {round_no}: no usable update ({'; '.join(failures) or 'no replies'})"
+            )
+        central_epsilon = None
+        if ledger is not None and plan.central_noise_multiplier is not None:
+            central_epsilon = ledger.record_release(
+                round_no,
+                noise_multiplier=plan.central_noise_multiplier,
+                clipping_norm=plan.central_clipping_norm,
+                updates=len(updates),
+                configured=plan.num_sites,
             )
         arrays = new_arrays
         messages = strategy.configure_evaluate(round_no, arrays, ConfigRecord(config), grid)
@@ -109,6 +150,7 @@ def run_server(grid: Grid, plan: ServerPlan, *, on_round: OnRound | None = None)
             update_bytes=_update_bytes(replies),
             round_s=time.perf_counter() - round_start,
             wall_s=time.perf_counter() - started,
+            central_epsilon=central_epsilon,
         )
         book.commit(
             round_no,

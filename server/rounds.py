@@ -7,6 +7,14 @@ done, its checkpoint is where training continues, and a round is never counted t
 Checkpoint directories past that point are leftovers of an interrupted round and are
 overwritten when the round is run again. Site ledgers are never touched here: a site that
 trained in an interrupted round did spend that privacy, and its ledger keeps saying so.
+
+With central DP on, the coordinator keeps its own ledger of the noise it adds, in the site
+ledger format (`coordinator/ledger.jsonl`, key `coordinator/ledger_key.pem` and its .pub), so
+`fedrad-audit RUN_DIR` verifies it with the sites'. One entry per released aggregate, written
+after the round's aggregation and before the noisy model leaves for evaluation or is
+committed. A round interrupted after its entry and run again on resume is a second release
+(the first noisy model already went to the sites), so it has two entries and both count; a
+round interrupted before its entry released nothing and has none.
 """
 
 from __future__ import annotations
@@ -25,12 +33,19 @@ from safetensors.numpy import save_file as save_numpy
 
 from fedrad.common.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from fedrad.common.fl_protocol import WEIGHT_KEY, RoundConfig
+from fedrad.common.ledger import Ledger, load_or_create_signing_key
 from fedrad.common.radiology_model import RadiologyModel
 from fedrad.common.run_dir import append_metrics, read_metrics
 
 logger = logging.getLogger(__name__)
 
 STRATEGY_STATE_FILE: Final[str] = "strategy_state.safetensors"
+COORDINATOR_ID: Final[str] = "coordinator"  # site_id of the coordinator's ledger entries
+CENTRAL_KEYS: Final[dict[str, str]] = {  # run config key -> ServerPlan field
+    "central-noise": "central_noise_multiplier",
+    "central-clip": "central_clipping_norm",
+    "central-delta": "central_delta",
+}
 
 
 class ResumeError(Exception):
@@ -55,6 +70,9 @@ class ServerPlan:
     server_lr: float = 1e-2  # fedadam only
     round_timeout_s: float = 3600.0  # waiting for one round's replies
     connect_timeout_s: float = 300.0  # waiting for every configured site to connect
+    central_noise_multiplier: float | None = None  # central DP: sigma per round; None = off
+    central_clipping_norm: float = 1.0  # central DP: L2 bound on one site's whole update
+    central_delta: float = 1e-5  # central DP: delta of the coordinator's site-level epsilon
 
     def __post_init__(self) -> None:
         if self.num_sites < 1:
@@ -63,6 +81,22 @@ class ServerPlan:
             raise ValueError("rounds must be >= 1 and equal the round config's planned_rounds")
         if self.round_timeout_s <= 0 or self.connect_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
+        noise = self.central_noise_multiplier
+        if noise is not None and not (math.isfinite(noise) and noise > 0):
+            raise ValueError("central noise multiplier must be positive")
+        if not (math.isfinite(self.central_clipping_norm) and self.central_clipping_norm > 0):
+            raise ValueError("central clipping norm must be positive")
+        if not 0 < self.central_delta < 1:
+            raise ValueError("central delta must be in (0, 1)")
+        if noise is not None and self.strategy == "fedadam":
+            raise ValueError(
+                "central DP cannot be used with fedadam (the noise would be added after the "
+                "server's Adam step); use fedavg or fedprox"
+            )
+
+    @property
+    def central_dp(self) -> bool:
+        return self.central_noise_multiplier is not None
 
     def config_for(self, round_no: int) -> RoundConfig:
         return replace(self.round_config, server_round=round_no)
@@ -72,7 +106,8 @@ class ServerPlan:
         """From `[tool.flwr.app.config]` / `--run-config` (hyphenated keys, unknown refused):
         run-dir, foundation-dir, num-sites, num-rounds, strategy, proximal-mu, server-lr,
         run-id, local-steps, batch-size, lr, seed, dp, epsilon, delta, max-grad-norm,
-        accountant, eval-reports, eval-questions, round-timeout, connect-timeout."""
+        accountant, eval-reports, eval-questions, round-timeout, connect-timeout, and for
+        central DP central-noise (turns it on), central-clip, central-delta."""
         own = {
             "run-dir",
             "foundation-dir",
@@ -84,6 +119,7 @@ class ServerPlan:
             "round-timeout",
             "connect-timeout",
             "epsilon",
+            *CENTRAL_KEYS,
         }
         round_keys = {f.name.replace("_", "-") for f in fields(RoundConfig)} - {
             "server-round",
@@ -118,7 +154,24 @@ class ServerPlan:
             server_lr=float(run_config.get("server-lr", 1e-2)),
             round_timeout_s=float(run_config.get("round-timeout", 3600.0)),
             connect_timeout_s=float(run_config.get("connect-timeout", 300.0)),
+            **_central_settings(run_config),
         )
+
+
+def _central_settings(run_config: Mapping[str, Any]) -> dict[str, float]:
+    """The central-DP keys as ServerPlan fields: numbers only, and central-clip or
+    central-delta without central-noise is refused rather than silently ignored."""
+    values: dict[str, float] = {}
+    for key, name in CENTRAL_KEYS.items():
+        if key not in run_config:
+            continue
+        value = run_config[key]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"run config {key!r} must be a number, got {type(value).__name__}")
+        values[name] = float(value)
+    if values and "central_noise_multiplier" not in values:
+        raise ValueError("central-clip and central-delta need central-noise (central DP is off)")
+    return values
 
 
 @dataclass(frozen=True)
@@ -216,6 +269,73 @@ class RunBook:
         return self._model
 
 
+class CoordinatorLedger:
+    """The coordinator's signed ledger of central-DP releases (site-level DP).
+
+    Each round's aggregate is one Gaussian release: sample rate 1 (every configured site is
+    asked to train), one step, `max_grad_norm` = the clipping norm of a site's update. The
+    noise std is sigma * C / n for n configured sites, while the mean is over the m updates
+    actually received, which one site moves by at most C / m: the noise multiplier that really
+    protected the round is sigma * m / n, and that is what is recorded (with a warning) when a
+    site refused or did not answer. With m = n it is sigma.
+    """
+
+    def __init__(self, run_dir: Path, *, run_id: str, delta: float) -> None:
+        directory = Path(run_dir) / "coordinator"
+        self.path = directory / "ledger.jsonl"
+        self.key_path = directory / "ledger_key.pem"  # its .pub is written beside it
+        self.run_id = run_id
+        self.delta = delta
+        self._ledger = Ledger(self.path, load_or_create_signing_key(self.key_path))
+
+    def check_covers(self, completed: int) -> None:
+        """A resumed run needs an entry for every committed round of this run."""
+        recorded = {int(e["round"]) for e in self._ledger.entries() if e["run_id"] == self.run_id}
+        missing = [r for r in range(1, completed + 1) if r not in recorded]
+        if missing:
+            raise ResumeError(
+                f"central DP is on but the coordinator ledger {self.path} has no entry for "
+                f"committed round(s) {', '.join(map(str, missing))}"
+            )
+
+    def record_release(
+        self,
+        round_no: int,
+        *,
+        noise_multiplier: float,
+        clipping_norm: float,
+        updates: int,
+        configured: int,
+    ) -> float:
+        """Appends one round's release; returns the coordinator's cumulative epsilon."""
+        if updates < 1:
+            raise ValueError("a release averages at least one update")
+        effective = noise_multiplier * updates / configured
+        if updates != configured:
+            logger.warning(
+                "round %d: central noise was sized for %d sites but %d updates were averaged; "
+                "the ledger records the effective noise multiplier %.4g (not %.4g)",
+                round_no,
+                configured,
+                updates,
+                effective,
+                noise_multiplier,
+            )
+        entry = self._ledger.append(
+            site_id=COORDINATOR_ID,
+            run_id=self.run_id,
+            round=round_no,
+            sample_rate=1.0,
+            noise_multiplier=effective,
+            steps=1,
+            max_grad_norm=clipping_norm,
+            delta=self.delta,
+            accountant="rdp",
+        )
+        epsilon = entry["epsilon"]
+        return float("inf") if epsilon is None else float(epsilon)
+
+
 def _declared(foundation_dir: Path) -> frozenset[str]:
     names = read_metadata(foundation_dir).get("trainable")
     if not isinstance(names, list) or not names:
@@ -233,8 +353,10 @@ def round_record(
     update_bytes: int,
     round_s: float,
     wall_s: float,
+    central_epsilon: float | None = None,
 ) -> dict[str, Any]:
-    """One metrics.jsonl line: global (weighted) evaluation, per-site cumulative epsilon."""
+    """One metrics.jsonl line: global (weighted) evaluation, per-site cumulative epsilon, and
+    with central DP the coordinator's cumulative (site-level) epsilon."""
     record: dict[str, Any] = {"round": round_no}
     for key, value in (evaluation or {}).items():
         if key != WEIGHT_KEY:  # the same count as n_studies
@@ -244,6 +366,8 @@ def round_record(
     record["steps"] = _finite_or_none(train.get("steps", float("nan")))
     record["epsilon"] = {site: _finite_or_none(eps) for site, eps in sorted(epsilon.items())}
     record["sites_trained"] = len(epsilon)
+    if central_epsilon is not None:
+        record["central_epsilon"] = _finite_or_none(central_epsilon)
     record["failures"] = failures
     record["update_bytes"] = update_bytes
     record["round_s"] = round_s

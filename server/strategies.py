@@ -5,16 +5,32 @@ loop needs to resume.
 Minimum node counts are the number of configured sites, never Flower's default of 2 (which
 makes a one-site federation wait forever). Sites send their new trainable values; every
 strategy here aggregates those (FedAdam turns the average into a server-side Adam step).
+
+Central DP (site-level: the unit of privacy is one site's whole update) wraps FedAvg or FedProx
+in Flower's `DifferentialPrivacyServerSideFixedClipping`: each update (new values minus the
+global) is clipped to L2 norm C, the clipped values are averaged, and Gaussian noise of std
+sigma * C / n is added. That std bounds one site's influence only for an UNWEIGHTED mean, so
+under central DP the arrays are averaged with equal weights: the coordinator stamps a unit
+weight (`UNIT_WEIGHT_KEY`) into every reply it received, so no site can change its own
+weight; metrics are still averaged by example count. FedAdam is refused: the wrapper would
+add the noise after the Adam step, to a value whose sensitivity it does not bound.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Final, Literal, get_args
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
 
 from fedrad.common.fl_protocol import ARRAYS_KEY, CONFIG_KEY, WEIGHT_KEY
 
@@ -22,6 +38,12 @@ StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 STRATEGIES: Final[tuple[str, ...]] = get_args(StrategyName)
 SUMMED: Final[frozenset[str]] = frozenset({"n_studies", "n_reports", "n_questions"})
 MAXED: Final[frozenset[str]] = frozenset({"eval_seconds"})
+UNIT_WEIGHT_KEY: Final[str] = "fedrad-unit-weight"  # stamped by the coordinator, never sent
+CENTRAL_DP_FEDADAM: Final[str] = (
+    "central DP cannot be used with fedadam: the noise would be added after the server's "
+    "Adam step, whose output one site's update can move by more than the clipping bound; "
+    "use fedavg or fedprox"
+)
 
 
 def weighted_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -56,10 +78,56 @@ def weighted_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord
     return out
 
 
+def metrics_by_examples(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """`weighted_metrics` by example count whatever key the arrays are weighted by: under
+    equal weights a site's loss or AUROC still counts by how many studies it stands for."""
+    out = weighted_metrics(records, WEIGHT_KEY)
+    if UNIT_WEIGHT_KEY in out:
+        del out[UNIT_WEIGHT_KEY]
+    return out
+
+
+def _stamp_unit_weight(replies: Iterable[Message]) -> list[Message]:
+    """Every reply with content counts once; whatever a site sent under the key is replaced."""
+    out = list(replies)
+    for reply in out:
+        if not reply.has_error():
+            for record in reply.content.metric_records.values():
+                record[UNIT_WEIGHT_KEY] = 1.0
+    return out
+
+
+class EqualWeightFedAvg(FedAvg):
+    """FedAvg whose arrays are the unweighted mean of the updates (central DP needs it)."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return super().aggregate_train(server_round, _stamp_unit_weight(replies))
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return super().aggregate_evaluate(server_round, _stamp_unit_weight(replies))
+
+
+class EqualWeightFedProx(EqualWeightFedAvg, FedProx):
+    """FedProx (the proximal term is the sites' business) with equal-weight aggregation."""
+
+
 def build_strategy(
-    name: str, *, num_sites: int, proximal_mu: float = 0.0, server_lr: float = 1e-2
+    name: str,
+    *,
+    num_sites: int,
+    proximal_mu: float = 0.0,
+    server_lr: float = 1e-2,
+    equal_weights: bool = False,
 ) -> FedAvg:
-    """Every configured site trains and evaluates each round (fraction 1, minimum = all)."""
+    """Every configured site trains and evaluates each round (fraction 1, minimum = all).
+
+    `equal_weights` averages the arrays without weighting by example count (for central DP;
+    FedAdam is refused with it). Metrics are weighted by example count either way.
+    """
     if num_sites < 1:
         raise ValueError("a federation needs at least one site")
     common = {
@@ -68,27 +136,79 @@ def build_strategy(
         "min_train_nodes": num_sites,
         "min_evaluate_nodes": num_sites,
         "min_available_nodes": num_sites,
-        "weighted_by_key": WEIGHT_KEY,
+        "weighted_by_key": UNIT_WEIGHT_KEY if equal_weights else WEIGHT_KEY,
         "arrayrecord_key": ARRAYS_KEY,
         "configrecord_key": CONFIG_KEY,
-        "train_metrics_aggr_fn": weighted_metrics,
-        "evaluate_metrics_aggr_fn": weighted_metrics,
+        "train_metrics_aggr_fn": metrics_by_examples if equal_weights else weighted_metrics,
+        "evaluate_metrics_aggr_fn": metrics_by_examples if equal_weights else weighted_metrics,
     }
     if name == "fedavg":
-        return FedAvg(**common)  # type: ignore[arg-type]
+        return (EqualWeightFedAvg if equal_weights else FedAvg)(**common)  # type: ignore[arg-type]
     if name == "fedprox":
         if proximal_mu <= 0:
             raise ValueError("fedprox needs proximal_mu > 0 (0 is plain FedAvg)")
-        return FedProx(**common, proximal_mu=proximal_mu)  # type: ignore[arg-type]
+        kind = EqualWeightFedProx if equal_weights else FedProx
+        return kind(**common, proximal_mu=proximal_mu)  # type: ignore[arg-type]
     if name == "fedadam":
+        if equal_weights:
+            raise ValueError(CENTRAL_DP_FEDADAM)
         if server_lr <= 0:
             raise ValueError("fedadam needs server_lr > 0")
         return FedAdam(**common, eta=server_lr)  # type: ignore[arg-type]
     raise ValueError(f"unknown strategy {name!r} (choose from {', '.join(STRATEGIES)})")
 
 
-def strategy_state(strategy: FedAvg) -> dict[str, np.ndarray]:
+class CentralDP(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed-clipping wrapper, fed what it assumes.
+
+    The wrapper pairs each reply's arrays with the global ones by position; sites send them in
+    their model's parameter order, so each reply is first put in the global's key order (a
+    reply with other names is refused). Replies carrying an error must be left out by the
+    caller: the wrapper skips aggregation altogether if it sees one.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        order = list(self.current_arrays.keys())
+        for reply in replies:
+            if reply.has_error():
+                raise ValueError("central DP aggregation was given a reply with an error")
+            for name, record in list(reply.content.array_records.items()):
+                if set(record.keys()) != set(order):
+                    raise ValueError(
+                        "a site's update does not hold exactly the global model's arrays"
+                    )
+                reply.content[name] = ArrayRecord({k: record[k] for k in order})
+        return super().aggregate_train(server_round, replies)
+
+
+def with_central_dp(
+    strategy: FedAvg, *, noise_multiplier: float, clipping_norm: float, num_sites: int
+) -> CentralDP:
+    """Site-level central DP around an equal-weight FedAvg or FedProx (see the module doc)."""
+    if isinstance(strategy, FedAdam):
+        raise ValueError(CENTRAL_DP_FEDADAM)
+    if strategy.weighted_by_key != UNIT_WEIGHT_KEY:
+        raise ValueError("central DP needs equal weights (build_strategy(equal_weights=True))")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ValueError("the central noise multiplier must be positive")
+    if not (math.isfinite(clipping_norm) and clipping_norm > 0):
+        raise ValueError("the central clipping norm must be positive")
+    return CentralDP(strategy, noise_multiplier, clipping_norm, num_sites)
+
+
+def inner_strategy(strategy: Strategy) -> Strategy:
+    """The strategy under any DP wrapper (where FedAdam's moments would live)."""
+    while isinstance(inner := getattr(strategy, "strategy", None), Strategy):
+        strategy = inner
+    return strategy
+
+
+def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
     """What a strategy carries between rounds (FedAdam's moments), flat for safetensors."""
+    strategy = inner_strategy(strategy)
     state: dict[str, np.ndarray] = {}
     for prefix in ("m_t", "v_t"):
         moments = getattr(strategy, prefix, None)
@@ -97,8 +217,9 @@ def strategy_state(strategy: FedAvg) -> dict[str, np.ndarray]:
     return state
 
 
-def restore_strategy_state(strategy: FedAvg, state: dict[str, np.ndarray]) -> None:
+def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
     """Puts saved moments back, so a resumed FedAdam continues instead of restarting."""
+    strategy = inner_strategy(strategy)
     for prefix in ("m_t", "v_t"):
         moments = {
             key.split("/", 1)[1]: value

@@ -112,6 +112,31 @@ def run(
     foundation_steps: Annotated[
         int, typer.Option(help="Pretraining steps of the public foundation LM (cached).")
     ] = 600,
+    central_noise: Annotated[
+        float | None,
+        typer.Option(
+            "--central-noise",
+            metavar="SIGMA",
+            help="Central DP on the coordinator (site-level): noise multiplier per round. "
+            "Off unless given; fedavg or fedprox only.",
+        ),
+    ] = None,
+    central_clip: Annotated[
+        float | None,
+        typer.Option(
+            "--central-clip",
+            metavar="C",
+            help="Central DP: L2 bound on one site's update per round (default 1.0).",
+        ),
+    ] = None,
+    central_delta: Annotated[
+        float | None,
+        typer.Option(
+            "--central-delta",
+            metavar="D",
+            help="Central DP: delta of the coordinator's epsilon (default 1e-5).",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Federated simulation on Flower's simulation engine (one virtual site per cohort folder)."""
@@ -129,6 +154,15 @@ def run(
         return
     if data is None:
         fail("--data COHORT is required (or --resume RUN_DIR)")
+    central: dict[str, float] = {}
+    if central_noise is not None:
+        central["central_noise"] = central_noise
+        if central_clip is not None:
+            central["central_clip"] = central_clip
+        if central_delta is not None:
+            central["central_delta"] = central_delta
+    elif central_clip is not None or central_delta is not None:
+        fail("--central-clip and --central-delta need --central-noise SIGMA")
     config = _federated_config(
         preset=preset_name,
         rounds=rounds,
@@ -142,6 +176,7 @@ def run(
         seed=seed,
         eval_reports=eval_reports,
         foundation=_recipe(foundation_steps),
+        **central,
     )
     try:
         run_dir = run_federated(data, out, config, on_round=_print_round)  # type: ignore[arg-type]
@@ -218,6 +253,8 @@ def _print_round(record: dict) -> None:
         )
         or "no DP"
     )
+    if isinstance(record.get("central_epsilon"), float):
+        eps_text += f"; central (site-level) {record['central_epsilon']:.2f}"
     typer.echo(
         f"round {record['round']}: loss {fmt('train_loss')}, macro AUROC {fmt('macro_auroc')}, "
         f"CE F1 {fmt('ce_f1')}, BLEU-4 {fmt('bleu4')}, ROUGE-L {fmt('rouge_l')}, "

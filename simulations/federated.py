@@ -49,7 +49,13 @@ from fedrad.common.run_dir import (
     write_config,
     write_summary,
 )
-from fedrad.server.rounds import RunBook, ServerPlan, checkpoint_dir, plan_summary
+from fedrad.server.rounds import (
+    CoordinatorLedger,
+    RunBook,
+    ServerPlan,
+    checkpoint_dir,
+    plan_summary,
+)
 from fedrad.server.strategies import STRATEGIES, weighted_metrics
 from fedrad.simulations.cohort_data import CohortError, SiteSplit, load_cohort
 from fedrad.simulations.foundation import FoundationRecipe, build_foundation
@@ -93,6 +99,9 @@ class FederatedConfig:
     eval_questions: int = 128  # questions answered per site per evaluation
     held_out_fraction: float = 0.2  # per site, by hashed study id
     cpus_per_site: float = 1.0  # Ray resources per virtual site: 2 cores -> 2 in parallel
+    central_noise: float | None = None  # central DP on the coordinator: sigma (None = off)
+    central_clip: float = 1.0  # central DP: L2 bound on one site's whole update per round
+    central_delta: float = 1e-5  # central DP: delta of the site-level (coordinator) epsilon
     foundation: FoundationRecipe = field(default_factory=FoundationRecipe)  # public LM recipe
     initial_checkpoint: str | None = None  # a fedrad checkpoint to start from instead (tests)
 
@@ -138,6 +147,13 @@ def _problem(c: FederatedConfig) -> str | None:
         (c.eval_reports >= 0 and c.eval_questions >= 0, "eval counts must be >= 0"),
         (0 < c.held_out_fraction < 1, "held_out_fraction must be in (0, 1)"),
         (c.cpus_per_site > 0, "cpus_per_site must be positive"),
+        (c.central_noise is None or c.central_noise > 0, "central_noise must be positive"),
+        (c.central_clip > 0, "central_clip must be positive"),
+        (0 < c.central_delta < 1, "central_delta must be in (0, 1)"),
+        (
+            c.central_noise is None or c.strategy != "fedadam",
+            "central DP cannot be used with fedadam (noise would follow the Adam step)",
+        ),
     ]
     return next((message for ok, message in checks if not ok), None)
 
@@ -333,6 +349,9 @@ def run_federated(
         strategy=config.strategy,
         proximal_mu=config.proximal_mu,
         server_lr=config.server_lr,
+        central_noise_multiplier=config.central_noise,
+        central_clipping_norm=config.central_clip,
+        central_delta=config.central_delta,
     )
     seen: list[dict[str, Any]] = []
 
@@ -341,9 +360,14 @@ def run_federated(
         if on_round is not None:
             on_round(record)
 
+    completed = RunBook(run_dir, foundation_dir).completed
+    if plan.central_dp:  # its key is made here, and a damaged ledger stops a resume here
+        CoordinatorLedger(run_dir, run_id=run_dir.name, delta=config.central_delta).check_covers(
+            completed
+        )
     started = time.perf_counter()
     simulation_s = 0.0
-    if RunBook(run_dir, foundation_dir).completed < config.rounds:
+    if completed < config.rounds:
         run_simulation(
             server_app=simulation_server_app(plan, on_round=round_done),
             client_app=simulation_client_app(specs),
@@ -372,6 +396,7 @@ def run_federated(
             "held_out_studies": {s.site_id: len(s.held_out) for s in splits},
             "final": records[-1],
             "epsilon": _ledger_epsilons(specs, config.delta),
+            "central_epsilon": records[-1].get("central_epsilon"),  # None: central DP off
             # Timings of this invocation. Round 1 includes the workers' cold start (imports,
             # model load); the rest of simulation_s is the engine's start and stop.
             "simulation_s": simulation_s,

@@ -1,0 +1,38 @@
+"""The utility bench's bookkeeping: arms are checked up front, rows come from run directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedrad.simulations.bench_utility import (
+    ARMS,
+    UtilityBenchConfig,
+    _row,
+    markdown_table,
+)
+
+
+def test_unknown_arms_and_bad_sizes_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown arm"):
+        UtilityBenchConfig(arms=("federated-dp-eps2",))
+    with pytest.raises(ValueError, match=">= 1"):
+        UtilityBenchConfig(local_steps=0)
+    assert UtilityBenchConfig().arms == ARMS
+
+
+def test_rows_read_the_last_round_and_the_table_shows_them(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [
+        {"round": 1, "macro_auroc": 0.5, "ce_f1": 0.1, "epsilon": {"a": 2.0, "b": 2.5}},
+        {"round": 2, "macro_auroc": 0.7, "ce_f1": 0.3, "bleu4": 0.2, "epsilon": {"a": 3.0}},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = _row("federated-dp-eps3", run, 125.0)
+    assert row["macro_auroc"] == 0.7 and row["first_round"]["macro_auroc"] == 0.5
+    assert row["max_site_epsilon"] == 3.0 and row["rouge_l"] is None and row["rounds"] == 2
+    table = markdown_table({"rows": [row]})
+    assert "| federated-dp-eps3 | 0.700 | 0.300 | 0.200 | - | - | 3.00 | 2.1 min |" in table
