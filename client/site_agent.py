@@ -357,6 +357,11 @@ def train_site(
     load_global(model, global_arrays)
     ledger = Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path))
     n = len(train)
+    if plan.dp and plan.delta >= 1 / n:
+        # delta is the chance the guarantee fails outright; at 1/N that is one record's worth
+        raise SiteRefusalError(
+            f"delta {plan.delta:g} is not below 1/N for this site's {n} training studies"
+        )
     sample_rate = min(plan.batch_size, n) / n  # what train_local's Poisson sampler uses
     remaining_steps = (plan.planned_rounds - plan.server_round + 1) * plan.local_steps
     check_round_against_budget(spec, plan)

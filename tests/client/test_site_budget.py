@@ -132,6 +132,16 @@ def test_rounds_the_budget_can_never_allow_are_refused() -> None:
     check_round_against_budget(spec, round_config(delta=1e-7))
 
 
+def test_a_delta_not_below_one_over_n_is_refused(tmp_path: Path) -> None:
+    foundation = micro_foundation(tmp_path)
+    spec = micro_site(tmp_path, "site_a", foundation)  # 16 studies, some held out
+    start = trainable_arrays(cached_model(foundation))
+    with pytest.raises(SiteRefusalError, match="not below 1/N"):
+        train_site(spec, start, round_config(delta=0.1))
+    assert not spec.ledger_path.exists()
+    clear_caches()
+
+
 # -- site config and keys --------------------------------------------------------------------
 
 
