@@ -1,0 +1,441 @@
+"""Federation PKI: CA and SuperLink certificate (checked by our verifier and by a real TLS
+handshake), key file modes, no overwrite, and the site key registry."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import stat
+import subprocess
+import threading
+import tomllib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from fedrad.client.site_config import init_site
+from fedrad.server import pki
+from fedrad.server.pki import (
+    CA_CERT,
+    CA_KEY,
+    SERVER_CERT,
+    SERVER_KEY,
+    PkiError,
+    add_site,
+    build_ca,
+    check_federation,
+    init_federation,
+    issue_server_certificate,
+    list_sites,
+    load_certificate,
+    parse_hosts,
+    renew_server_certificate,
+    split_address,
+    verify_certificate,
+    verify_server_certificate,
+)
+
+HOSTS = ["coord.example.org", "10.0.0.5", "*.fed.example.org", "2001:db8::7"]
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("fed") / "coordinator"
+    init_federation(directory, hosts=HOSTS)
+    return directory
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# -- certificates ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost",
+        "127.0.0.1",
+        "coord.example.org",
+        "COORD.example.org.",
+        "coord.example.org:8000",
+        "10.0.0.5",
+        "10.0.0.5:9092",
+        "2001:db8::7",
+        "[2001:db8::7]:8000",
+        "a.fed.example.org",
+    ],
+)
+def test_server_certificate_verifies_for_every_name_it_covers(federation: Path, host: str) -> None:
+    assert verify_server_certificate(federation / SERVER_CERT, federation / CA_CERT, host) == []
+
+
+@pytest.mark.parametrize(
+    "host", ["other.example.org", "10.0.0.6", "fed.example.org", "a.b.fed.example.org", "::1"]
+)
+def test_server_certificate_does_not_cover_another_host(federation: Path, host: str) -> None:
+    problems = verify_server_certificate(federation / SERVER_CERT, federation / CA_CERT, host)
+    assert len(problems) == 1
+    assert problems[0].startswith(f"does not cover host {host}")
+    assert "coord.example.org" in problems[0]  # says what it does cover
+
+
+def test_certificate_extensions(federation: Path) -> None:
+    ca = load_certificate(federation / CA_CERT)
+    cert = load_certificate(federation / SERVER_CERT)
+    constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert constraints.critical and constraints.value.ca and constraints.value.path_length == 0
+    usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.key_cert_sign and usage.crl_sign
+    assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
+    assert ca.public_key().curve.name == "secp384r1"
+    assert (ca.not_valid_after_utc - ca.not_valid_before_utc).days == pki.DEFAULT_CA_DAYS
+    assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days == pki.DEFAULT_SERVER_DAYS
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.key_identifier == ski.digest
+    assert pki.certificate_hosts(cert) == [
+        "localhost",
+        "coord.example.org",
+        "*.fed.example.org",
+        "127.0.0.1",
+        "10.0.0.5",
+        "2001:db8::7",
+    ]
+
+
+def _handshake(directory: Path, server_hostname: str, ca_file: Path) -> None:
+    """A real TLS 1.2+ handshake in memory, Python's ssl (OpenSSL) on both ends."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(directory / SERVER_CERT, directory / SERVER_KEY)
+    client_ctx = ssl.create_default_context(cafile=str(ca_file))
+    client_ctx.verify_flags |= getattr(ssl, "VERIFY_X509_STRICT", 0)
+    left, right = socket.socketpair()
+    with left, right:
+        left.settimeout(10)
+        right.settimeout(10)
+        server = server_ctx.wrap_socket(left, server_side=True, do_handshake_on_connect=False)
+        client = client_ctx.wrap_socket(
+            right, server_hostname=server_hostname, do_handshake_on_connect=False
+        )
+        errors: list[BaseException] = []
+
+        def serve() -> None:
+            try:
+                server.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        try:
+            client.do_handshake()
+        finally:
+            client.close()
+            thread.join(10)
+            server.close()
+        assert errors == []
+
+
+@pytest.mark.parametrize("name", ["localhost", "127.0.0.1", "coord.example.org", "10.0.0.5"])
+def test_real_tls_client_accepts_the_superlink(federation: Path, name: str) -> None:
+    _handshake(federation, name, federation / CA_CERT)
+
+
+def test_real_tls_client_refuses_wrong_host_and_wrong_ca(federation: Path, tmp_path: Path) -> None:
+    with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+        _handshake(federation, "other.example.org", federation / CA_CERT)
+    other = tmp_path / "other"
+    init_federation(other)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(federation, "localhost", other / CA_CERT)
+
+
+def test_certificate_from_another_ca_is_not_signed_by_this_ca(federation: Path) -> None:
+    ca = load_certificate(federation / CA_CERT)
+    hosts = parse_hosts(["coord.example.org"])
+    same_name_ca, same_name_key = build_ca()  # a second federation with the default name
+    cert, _ = issue_server_certificate(same_name_ca, same_name_key, hosts)
+    problems = verify_certificate(cert, ca, "coord.example.org")
+    assert problems == ["not signed by this CA (the signature does not verify with its key)"]
+    named_ca, named_key = build_ca(name="Evil Corp")
+    cert, _ = issue_server_certificate(named_ca, named_key, hosts)
+    (problem,) = verify_certificate(cert, ca, "coord.example.org")
+    assert problem.startswith("not signed by this CA (issued by CN=Evil Corp CA")
+
+
+def test_expired_and_not_yet_valid_certificates_are_reported(federation: Path) -> None:
+    ca = load_certificate(federation / CA_CERT)
+    ca_key = serialization.load_pem_private_key((federation / CA_KEY).read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    hosts = parse_hosts([])
+    now = datetime.now(UTC)
+    expired, _ = issue_server_certificate(
+        ca, ca_key, hosts, days=3, not_before=now - timedelta(days=30)
+    )
+    (problem,) = verify_certificate(expired, ca, "localhost")
+    end = expired.not_valid_after_utc
+    assert problem == f"certificate expired on {end:%Y-%m-%d %H:%M} UTC"
+    future, _ = issue_server_certificate(ca, ca_key, hosts, not_before=now + timedelta(days=2))
+    (problem,) = verify_certificate(future, ca, "localhost")
+    assert problem.startswith("certificate is not valid before ")
+    # the same good certificate, seen from two years on: it and (with 5 years) not the CA
+    later = verify_server_certificate(
+        federation / SERVER_CERT, federation / CA_CERT, "localhost", now=now + timedelta(days=730)
+    )
+    assert len(later) == 1 and later[0].startswith("certificate expired on")
+    much_later = verify_server_certificate(
+        federation / SERVER_CERT, federation / CA_CERT, now=now + timedelta(days=3000)
+    )
+    assert any(p.startswith("CA certificate expired on") for p in much_later)
+
+
+def test_a_server_certificate_cannot_outlive_its_ca() -> None:
+    ca, key = build_ca(days=30)
+    with pytest.raises(PkiError, match="outlive the CA"):
+        issue_server_certificate(ca, key, parse_hosts([]), days=31)
+
+
+def test_unreadable_files_are_one_problem(tmp_path: Path, federation: Path) -> None:
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    assert verify_server_certificate(tmp_path / "junk.pem", federation / CA_CERT, "x") == [
+        f"certificate {tmp_path / 'junk.pem'} is not a PEM certificate"
+    ]
+    (problem,) = verify_server_certificate(federation / SERVER_CERT, tmp_path / "nope.pem")
+    assert problem == f"CA certificate {tmp_path / 'nope.pem'} does not exist"
+
+
+def test_rsa_federation(tmp_path: Path) -> None:
+    summary = init_federation(tmp_path / "rsa", hosts=["coord"], algorithm="rsa-3072")
+    cert = load_certificate(tmp_path / "rsa" / SERVER_CERT)
+    assert isinstance(cert.public_key(), rsa.RSAPublicKey)
+    assert cert.public_key().key_size == 3072
+    assert check_federation(tmp_path / "rsa", ["coord"]) == []
+    assert summary.server_hosts == ["localhost", "coord", "127.0.0.1"]
+    _handshake(tmp_path / "rsa", "coord", tmp_path / "rsa" / CA_CERT)
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def test_key_files_are_0600_and_init_never_overwrites(tmp_path: Path) -> None:
+    directory = tmp_path / "coord"
+    summary = init_federation(directory, hosts=["coord.example.org"])
+    assert _mode(directory) == 0o700
+    assert _mode(directory / CA_KEY) == 0o600
+    assert _mode(directory / SERVER_KEY) == 0o600
+    assert _mode(directory / CA_CERT) == 0o644
+    assert summary.ca_certificate == str(directory / CA_CERT)
+    assert summary.private_keys == [str(directory / CA_KEY), str(directory / SERVER_KEY)]
+    before = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+    with pytest.raises(PkiError, match="already exists"):
+        init_federation(directory)
+    assert {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()} == before
+    # a stray key alone is enough to refuse
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / CA_KEY).write_text("precious")
+    with pytest.raises(PkiError, match="already exists"):
+        init_federation(lone)
+    assert (lone / CA_KEY).read_text() == "precious"
+    assert check_federation(directory, ["coord.example.org"]) == []
+
+
+def test_bad_input_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(PkiError, match="bind-all"):
+        init_federation(tmp_path / "a", hosts=["0.0.0.0"])
+    with pytest.raises(PkiError, match="without a port"):
+        init_federation(tmp_path / "b", hosts=["coord.example.org:8000"])
+    with pytest.raises(PkiError, match="outlive"):
+        init_federation(tmp_path / "c", ca_days=10, server_days=20)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_renew_server_certificate_keeps_the_ca(tmp_path: Path) -> None:
+    directory = tmp_path / "coord"
+    init_federation(directory, hosts=["old.example.org"])
+    ca_before = (directory / CA_CERT).read_bytes()
+    key_before = (directory / SERVER_KEY).read_bytes()
+    summary = renew_server_certificate(directory, hosts=["new.example.org", "192.0.2.1"], days=90)
+    assert (directory / CA_CERT).read_bytes() == ca_before
+    assert (directory / SERVER_KEY).read_bytes() != key_before
+    assert _mode(directory / SERVER_KEY) == 0o600
+    assert summary.server_hosts == ["localhost", "new.example.org", "127.0.0.1", "192.0.2.1"]
+    assert check_federation(directory, ["new.example.org", "192.0.2.1"]) == []
+    assert check_federation(directory, ["old.example.org"])[0].startswith("does not cover")
+    assert not list(directory.glob(".*.tmp"))
+
+
+def test_check_federation_finds_a_foreign_key_and_loose_modes(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    init_federation(a)
+    init_federation(b)
+    shutil.copyfile(b / SERVER_KEY, a / SERVER_KEY)  # copyfile keeps a's mode (0600)
+    assert check_federation(a) == [f"{SERVER_KEY} does not belong to {SERVER_CERT}"]
+    (a / CA_KEY).chmod(0o644)
+    assert check_federation(a)[-1] == f"{a / CA_KEY} is readable by others (mode 644); chmod 600"
+    with pytest.raises(PkiError, match="not a coordinator directory"):
+        check_federation(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("coord", ("coord", None)),
+        ("coord:8000", ("coord", 8000)),
+        ("10.0.0.5:9092", ("10.0.0.5", 9092)),
+        ("[::1]:8000", ("::1", 8000)),
+        ("[::1]", ("::1", None)),
+        ("2001:db8::7", ("2001:db8::7", None)),
+    ],
+)
+def test_split_address(address: str, expected: tuple[str, int | None]) -> None:
+    assert split_address(address) == expected
+
+
+@pytest.mark.parametrize(
+    "address", ["https://coord:8000", "coord:0", "coord:http", ":8000", "[::1"]
+)
+def test_split_address_refuses(address: str) -> None:
+    with pytest.raises(PkiError):
+        split_address(address)
+
+
+def test_parse_hosts() -> None:
+    hosts = parse_hosts(["Coord.Example.org", "coord.example.org", "10.0.0.5", "[::1]"])
+    assert hosts.dns == ("localhost", "coord.example.org")
+    assert [str(ip) for ip in hosts.ips] == ["127.0.0.1", "10.0.0.5", "::1"]
+    assert parse_hosts(["x"], include_loopback=False).names() == ["x"]
+    for bad in ("bad_host!", "-x.org", "*.org", "a..b", "höst.example", "::"):
+        with pytest.raises(PkiError):
+            parse_hosts([bad])
+    with pytest.raises(PkiError, match="at least one"):
+        parse_hosts([], include_loopback=False)
+
+
+# -- site registry -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Path:
+    directory = tmp_path / "coord"
+    init_federation(directory)
+    return directory
+
+
+def _site(tmp_path: Path, site_id: str) -> Path:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    config = init_site(tmp_path / site_id, site_id=site_id, data_dir=tmp_path / "data")
+    return config.node_key.with_suffix(".pub")
+
+
+def _ssh_pub(tmp_path: Path, key: object, name: str) -> Path:
+    path = tmp_path / name
+    path.write_bytes(
+        key.public_key().public_bytes(  # type: ignore[attr-defined]
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        + b" someone@somewhere\n"
+    )
+    return path
+
+
+def test_add_site_accepts_the_key_fedrad_site_init_makes(coordinator: Path, tmp_path: Path) -> None:
+    pub = _site(tmp_path, "hospital-a")
+    when = datetime(2026, 11, 23, 9, 30, tzinfo=UTC)
+    registration = add_site(coordinator, "hospital-a", pub, now=when)
+    record = registration.record
+    assert registration.new
+    assert record.public_key == pub.read_text().strip()
+    assert record.public_key.startswith("ecdsa-sha2-nistp384 ")
+    assert record.curve == "P-384" and record.added == "2026-11-23T09:30:00+00:00"
+    assert record.fingerprint.startswith("SHA256:")
+    if shutil.which("ssh-keygen"):
+        out = subprocess.run(
+            ["ssh-keygen", "-l", "-f", str(pub)], capture_output=True, text=True, check=True
+        )
+        assert record.fingerprint in out.stdout
+    raw = tomllib.loads((coordinator / pki.SITES_FILE).read_text())
+    assert raw["sites"]["hospital-a"]["fingerprint"] == record.fingerprint
+    assert list_sites(coordinator) == [record]
+    copy = coordinator / pki.SITE_KEYS_DIR / "hospital-a.pub"
+    assert copy.read_text().strip() == record.public_key
+    # the same site and key again: nothing changes
+    again = add_site(coordinator, "hospital-a", pub)
+    assert not again.new and again.record == record
+    # a second site, and a P-256 key from elsewhere
+    add_site(coordinator, "hospital.b_2", _site(tmp_path, "hospital.b_2"))
+    p256 = _ssh_pub(tmp_path, ec.generate_private_key(ec.SECP256R1()), "p256.pub")
+    assert add_site(coordinator, "site-c", p256).record.curve == "P-256"
+    assert [r.site_id for r in list_sites(coordinator)] == ["hospital-a", "hospital.b_2", "site-c"]
+
+
+def test_add_site_refuses_conflicts(coordinator: Path, tmp_path: Path) -> None:
+    pub_a = _site(tmp_path, "hospital-a")
+    pub_b = _site(tmp_path, "hospital-b")
+    add_site(coordinator, "hospital-a", pub_a)
+    with pytest.raises(PkiError, match="already registered with another key"):
+        add_site(coordinator, "hospital-a", pub_b)
+    with pytest.raises(PkiError, match="already registered for site hospital-a"):
+        add_site(coordinator, "hospital-z", pub_a)
+    assert [r.site_id for r in list_sites(coordinator)] == ["hospital-a"]
+
+
+def test_add_site_refuses_wrong_keys(coordinator: Path, tmp_path: Path) -> None:
+    site_pub = _site(tmp_path, "hospital-a")
+    cases = {
+        "Ed25519": _ssh_pub(tmp_path, ed25519.Ed25519PrivateKey.generate(), "ed.pub"),
+        "RSA": _ssh_pub(tmp_path, rsa.generate_private_key(65537, 2048), "rsa.pub"),
+        "private key": site_pub.with_suffix(""),  # keys/node_key itself
+        "PEM public key": tmp_path / "hospital-a" / "keys" / "ledger_key.pub",
+        "not an OpenSSH public key": tmp_path / "garbage.pub",
+        "no such file": tmp_path / "missing.pub",
+    }
+    (tmp_path / "garbage.pub").write_text("ecdsa-sha2-nistp384 bm90IGEga2V5\n")
+    for expected, path in cases.items():
+        with pytest.raises(PkiError, match=expected) as info:
+            add_site(coordinator, "x", path)
+        assert "\n" not in str(info.value)
+    with pytest.raises(PkiError, match="site id"):
+        add_site(coordinator, "../etc", site_pub)
+    with pytest.raises(PkiError, match="not a coordinator directory"):
+        add_site(tmp_path / "nowhere", "hospital-a", site_pub)
+    assert not (coordinator / pki.SITES_FILE).exists()
+
+
+def test_flower_wiring(coordinator: Path, tmp_path: Path) -> None:
+    add_site(coordinator, "hospital-a", _site(tmp_path, "hospital-a"))
+    home = Path(pki.flwr_environment(coordinator)["FLWR_HOME"])
+    config = tomllib.loads((home / "config.toml").read_text())
+    assert config["superlink"]["default"] == pki.FLWR_CONNECTION
+    connection = config["superlink"][pki.FLWR_CONNECTION]
+    assert connection == {
+        "address": pki.DEFAULT_CONTROL_ADDRESS,
+        "root-certificates": str(coordinator.resolve() / CA_CERT),
+    }
+    command = pki.flwr_register_command(coordinator, "hospital-a")
+    key = coordinator.resolve() / pki.SITE_KEYS_DIR / "hospital-a.pub"
+    assert command == [
+        "flwr",
+        "supernode",
+        "register",
+        str(key),
+        "fedrad",
+        "--name",
+        "hospital-a",
+        "--format",
+        "json",
+    ]
+    args = pki.superlink_tls_args(coordinator)
+    assert args[-1] == "--enable-supernode-auth"
+    assert args[args.index("--ssl-keyfile") + 1] == str(coordinator.resolve() / SERVER_KEY)
