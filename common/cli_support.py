@@ -38,6 +38,11 @@ def quiet_third_party() -> None:
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars
+    if "transformers" in sys.modules:  # already imported: the variable was read at import
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     # The same filters for worker processes (Ray actors inherit the environment).
     os.environ.setdefault(
         "PYTHONWARNINGS",

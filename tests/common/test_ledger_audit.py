@@ -339,3 +339,25 @@ def test_main_routes_empirical_and_ledger(
     with pytest.raises(SystemExit) as done:
         main([str(path)])
     assert done.value.code == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--data", "/no/such/cohort"], "cohort"),
+        (["--data", "COHORT", "--site", "site_9"], "site_9"),
+        (["--data", "COHORT", "--epsilon", "-1"], "epsilon must be positive"),
+        (["--data", "COHORT", "--canaries", "1"], "canaries must be >= 2"),
+    ],
+)
+def test_empirical_cli_bad_input_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], words: str
+) -> None:
+    cohort = tmp_path / "cohort"
+    (cohort / "site_1").mkdir(parents=True)
+    args = [a.replace("COHORT", str(cohort)) for a in args]
+    with pytest.raises(SystemExit) as done:
+        main(["empirical", *args])
+    err = capsys.readouterr().err
+    assert done.value.code == 2, err
+    assert words in err and len(err.strip().splitlines()) == 1
