@@ -427,12 +427,18 @@ def cache_is_fresh(manifest: Path, data_dir: Path) -> bool:
     )
 
 
+def manifest_path(data_dir: Path, *, config: PreprocessConfig) -> Path:
+    """Where the site's default cache keeps the manifest for this preprocessing."""
+    return default_cache_dir(data_dir) / config.fingerprint() / "manifest.json"
+
+
 def prepared_manifest(data_dir: Path, *, config: PreprocessConfig, workers: int = 0) -> Path:
     """The site's manifest in its default cache, (re)built when missing or stale."""
-    cache = default_cache_dir(data_dir)
-    manifest = cache / config.fingerprint() / "manifest.json"
+    manifest = manifest_path(data_dir, config=config)
     if not cache_is_fresh(manifest, data_dir):
-        _, manifest = prepare_site(data_dir, cache, config=config, workers=workers)
+        _, manifest = prepare_site(
+            data_dir, default_cache_dir(data_dir), config=config, workers=workers
+        )
     return manifest
 
 

@@ -218,9 +218,9 @@ def _site_specs(
     image_size: int,
 ) -> list[SiteSpec]:
     """One spec per usable site; keys are created here, before any worker could race."""
-    from fedrad.client.site_data import default_cache_dir
+    from fedrad.client.site_data import manifest_path
 
-    fingerprint = PreprocessConfig(image_size=image_size).fingerprint()
+    preprocess = PreprocessConfig(image_size=image_size)
     specs = []
     for split in splits:
         state = run_dir / "sites" / split.site_id
@@ -232,7 +232,7 @@ def _site_specs(
                 foundation_dir=foundation_dir,
                 ledger_path=state / "ledger.jsonl",
                 key_path=key_path,
-                manifest=default_cache_dir(cohort / split.site_id) / fingerprint / "manifest.json",
+                manifest=manifest_path(cohort / split.site_id, config=preprocess),
                 held_out_fraction=config.held_out_fraction,
                 threads=1,
             )
