@@ -55,7 +55,7 @@ def quiet_third_party() -> None:
             ]
         ),
     )
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # deprecation notes: not for users
     # dp_accounting notes each fractional RDP order it drops for not converging; dropping
     # an order only loosens (never understates) the bound, so the notice is not news.
     logging.getLogger("absl").setLevel(logging.ERROR)
