@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import csv
+import queue
+import signal
+import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -27,11 +32,20 @@ from fedrad.client.site_data import (
     read_reports,
     scan_site,
 )
+from fedrad.client.supernode import (
+    CONNECTED_MARK,
+    DEFAULT_RUNTIME_PORT,
+    SupernodeError,
+    flower_executable,
+    refusal_reason,
+    site_preflight,
+    supernode_command,
+    supernode_environment,
+)
 from fedrad.common.cli_support import (
     EXIT_FINDINGS,
     emit_json,
     fail,
-    not_yet,
     progress_bar,
     setup_logging,
 )
@@ -252,9 +266,111 @@ def init(
 
 
 @app.command()
-def start() -> None:
-    """Join a federation as a Flower SuperNode."""
-    not_yet("fedrad-site start")
+def start(
+    config_path: ConfigOpt = Path(CONFIG_NAME),
+    port: Annotated[
+        int,
+        typer.Option(help="Local port of the SuperNode's own API (one per SuperNode on a host)."),
+    ] = DEFAULT_RUNTIME_PORT,
+    foundation: Annotated[
+        Path | None,
+        typer.Option(help="The federation's starting checkpoint (default: foundation_dir)."),
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Join the federation as a Flower SuperNode, in the foreground (Ctrl-C leaves).
+
+    Everything the site trains with comes from its own site.toml. Exit 2 with one line when
+    the site cannot join (config, keys, CA, budget, or the coordinator refused it).
+    """
+    setup_logging(verbose)
+    try:
+        config = load_site_config(config_path)
+        problems = site_preflight(config, foundation=foundation, port=port)
+        if problems:
+            raise SupernodeError("; ".join(problems))
+        chosen = foundation or config.foundation_dir
+        assert chosen is not None  # site_preflight refuses a missing foundation
+        command = supernode_command(
+            config,
+            config_path=config_path,
+            foundation=chosen,
+            port=port,
+            executable=flower_executable("flower-supernode"),
+        )
+    except (SiteConfigError, SupernodeError) as exc:
+        fail(str(exc))
+    process = subprocess.Popen(
+        command,
+        env=supernode_environment(config_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        # same process group: Ctrl-C, or a kill of the group, stops the SuperNode with us
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_read_lines, args=(process, lines), daemon=True).start()
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    before: list[str] = []  # Flower's lines until the coordinator admits the site
+    connected = False
+    try:
+        # Until the SuperNode itself exits (its SuperExec child may hold the pipe open
+        # longer), then what it wrote last, which names the reason it stopped.
+        drain_until: float | None = None
+        while drain_until is None or time.monotonic() < drain_until:
+            if drain_until is None and process.poll() is not None:
+                drain_until = time.monotonic() + 2.0
+            try:
+                line = lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            if connected or verbose:
+                typer.echo(line, err=True)
+            else:
+                before.append(line)
+            if not connected and CONNECTED_MARK in line:
+                connected = True
+                typer.echo(
+                    f"site {config.site_id} joined the federation at {config.coordinator}",
+                    err=True,
+                )
+        code = process.wait()
+    except KeyboardInterrupt:
+        _stop(process)
+        typer.echo(f"site {config.site_id} left the federation", err=True)
+        return
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if process.poll() is None:
+            _stop(process)
+    if not connected:
+        reason = refusal_reason("\n".join(before))
+        fail(reason or f"flower-supernode exited with code {code} before connecting")
+    fail(f"flower-supernode exited with code {code}")
+
+
+def _read_lines(process: subprocess.Popen[bytes], lines: queue.Queue[str | None]) -> None:
+    assert process.stdout is not None
+    for raw in process.stdout:
+        lines.put(raw.decode("utf-8", "replace").rstrip("\n"))
+    lines.put(None)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM (Flower leaves cleanly on it), then SIGKILL."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @app.command()

@@ -382,6 +382,40 @@ def bench_model(
         )
 
 
+@app.command()
+def foundation(
+    out: Annotated[Path, typer.Option(help="New checkpoint directory for the starting model.")],
+    preset_name: Annotated[str, typer.Option("--preset", help="Model preset.")] = "tiny",
+    foundation_steps: Annotated[
+        int, typer.Option(help="Pretraining steps of the public language model.", min=1)
+    ] = 600,
+    seed: Annotated[int, typer.Option(help="Seed of the image side.")] = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
+) -> None:
+    """The federation's starting checkpoint (public LM + LoRA + a seeded image side) for a real
+    deployment: the coordinator passes it to `fedrad-coordinator run --foundation`, and every
+    site keeps its own copy (`fedrad-site start --foundation` or foundation_dir in site.toml)."""
+    from fedrad.common.checkpoint import save_checkpoint
+    from fedrad.common.model_config import PRESETS, preset
+    from fedrad.simulations.foundation import FoundationRecipe, build_foundation
+
+    setup_logging(verbose)
+    if preset_name not in PRESETS:
+        fail(f"unknown preset {preset_name!r} (choose from {', '.join(PRESETS)})")
+    if out.exists() and any(out.iterdir()):
+        fail(f"{out} exists and is not empty")
+    typer.echo("building the public foundation (cached after the first time) ...", err=True)
+    model, lm_dir = build_foundation(
+        preset(preset_name), recipe=FoundationRecipe(steps=foundation_steps), seed=seed
+    )
+    save_checkpoint(
+        model,
+        out,
+        metadata={"kind": "initial", "source": str(lm_dir), "preset": preset_name, "seed": seed},
+    )
+    typer.echo(f"foundation checkpoint written to {out}")
+
+
 @bench_app.command("utility")
 def bench_utility(
     data: Annotated[Path, typer.Option(help="A cohort (one folder per site).")],

@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 
 SCRIPTS = sorted(
-    tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
-        "scripts"
-    ]
+    tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
 )
 
 

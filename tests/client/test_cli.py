@@ -109,7 +109,8 @@ def test_prepare_writes_manifest(tmp_path: Path) -> None:
     assert Path(json.loads(result.stdout)["manifest"]).is_file()
 
 
-@pytest.mark.parametrize("command", ["start"])
-def test_later_commands_say_not_yet(command: str) -> None:
-    result = _run(command)
-    assert result.exit_code == 2 and "not yet available" in result.stderr
+def test_start_without_a_site_config_says_why_in_one_line(tmp_path: Path) -> None:
+    result = _run("start", "--config", str(tmp_path / "site.toml"))
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no site config at"), result.stderr

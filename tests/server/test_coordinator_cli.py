@@ -176,11 +176,6 @@ def test_add_site_refusals_are_one_line(coordinator: Path, tmp_path: Path) -> No
     assert no_id.exit_code == 2 and "--site-id" in no_id.output
 
 
-@pytest.mark.parametrize("command", ["start", "run", "status"])
-def test_other_commands_are_still_stubs(command: str) -> None:
-    assert "not yet available" in _one_line_error(_run(command))
-
-
 def test_help_lists_the_commands() -> None:
     result = _run("--help")
     assert result.exit_code == 0

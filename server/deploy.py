@@ -1,0 +1,698 @@
+"""Deployment on the coordinator: the Flower 1.41 command lines for the SuperLink, site
+admission, run submission and status, their preflight checks, and the replies they parse.
+
+Everything that decides something is a pure function (command lines, environments, run
+configs, parsers, preflight problems), tested without Flower; `fedrad-coordinator start`,
+`run` and `status` run the commands.
+
+How Flower 1.41 is driven (read from its source and checked in a live run):
+
+- `flower-superlink` serves Fleet, Control and Runtime APIs over HTTPS on one `--host/--port`;
+  `--database DIR/superlink.db` keeps registrations and runs across restarts.
+- A registered site's key is admitted with `flwr supernode register KEY.pub CONNECTION`, run
+  with `FLWR_HOME=DIR/flwr`; it exits 0 even when it fails, so its JSON reply decides.
+  "Public key already in use" for a key from our own registry means that very key is admitted.
+- `flwr run APP CONNECTION --run-config k=v` only overrides keys that the app's pyproject
+  already declares in `[tool.flwr.app.config]`. The run config the ServerApp needs (timeouts,
+  delta, central DP, ...) is wider, and an installed fedrad has no project checkout, so each
+  run gets its own staged app directory, `DIR/apps/<run>/pyproject.toml`, whose
+  `[tool.flwr.app.config]` is exactly that run's config. The components name the installed
+  package (`fedrad.server.app:app`, `fedrad.client.app:app`): no source travels in the FAB.
+- `flwr run --format json` answers with the run id; `flwr log RUN_ID --stream` follows it
+  until it ends; `flwr ls --run-id RUN_ID --format json` then says how it ended.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import tomli_w
+
+from fedrad.server.pki import (
+    CA_CERT,
+    FLWR_CONNECTION,
+    FLWR_HOME_DIR,
+    LOOPBACK_HOSTS,
+    SERVER_CERT,
+    PkiError,
+    certificate_hosts,
+    check_federation,
+    flwr_register_command,
+    list_sites,
+    load_certificate,
+    split_address,
+    superlink_tls_args,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST: Final[str] = "0.0.0.0"  # bind address of `fedrad-coordinator start`
+DEFAULT_PORT: Final[int] = 8000  # flower-superlink's own default
+DATABASE: Final[str] = "superlink.db"
+LOG_FILE: Final[str] = "superlink.log"
+STATE_FILE: Final[str] = "superlink.json"  # pid, address: written by `start`
+NODES_FILE: Final[str] = "nodes.json"  # site id -> node id as the SuperLink assigned it
+APPS_DIR: Final[str] = "apps"
+# Every Flower process: no `uv sync` at run time (it would pull another torch), no update
+# check, no telemetry.
+FLOWER_ENV: Final[dict[str, str]] = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+}
+APP_COMPONENTS: Final[dict[str, str]] = {
+    "serverapp": "fedrad.server.app:app",
+    "clientapp": "fedrad.client.app:app",
+}
+_BIND_ALL: Final[frozenset[str]] = frozenset({"0.0.0.0", "::", ""})
+
+
+class DeployError(Exception):
+    """The deployment step cannot go ahead; the message says why in one line."""
+
+
+# -- executables and environments ----------------------------------------------------------
+
+
+def flower_executable(name: str) -> str:
+    """The Flower console script `name` of this Python environment (beside the interpreter),
+    else the one on PATH; the SuperLink and SuperNodes start further Flower scripts by name,
+    so `flower_environment` puts this directory first on their PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    from shutil import which
+
+    found = which(name)
+    if found is None:
+        raise DeployError(f"{name} not found: is flwr installed in this environment?")
+    return found
+
+
+def flower_environment(
+    directory: Path, base: Mapping[str, str] | None = None, *, bin_dir: Path | None = None
+) -> dict[str, str]:
+    """The environment of every Flower process the coordinator starts: `base` (the caller's
+    own, by default) plus FLOWER_ENV, `FLWR_HOME=DIR/flwr` (the CLI connection and the apps
+    the SuperLink installs) and this environment's scripts first on PATH."""
+    env = dict(os.environ if base is None else base)
+    env.update(FLOWER_ENV)
+    env["FLWR_HOME"] = str(Path(directory).resolve() / FLWR_HOME_DIR)
+    env["PYTHONUNBUFFERED"] = "1"  # its log is relayed line by line as it happens
+    scripts = str(bin_dir or Path(sys.executable).parent)
+    path = env.get("PATH", "")
+    if scripts not in path.split(os.pathsep):
+        env["PATH"] = scripts + (os.pathsep + path if path else "")
+    return env
+
+
+# -- addresses -------------------------------------------------------------------------------
+
+
+def check_port(port: int) -> None:
+    if not 0 < port < 65536:
+        raise DeployError(f"port {port} is not in 1..65535")
+
+
+def connect_host(bind_host: str, cert_hosts: Sequence[str]) -> str:
+    """The host the coordinator's own CLI uses to reach a SuperLink bound to `bind_host`: a
+    loopback name the certificate covers when bound to every interface or to loopback, else
+    the bound address itself (TLS verifies the certificate against it)."""
+    if bind_host in _BIND_ALL or bind_host in LOOPBACK_HOSTS:
+        for name in ("127.0.0.1", "localhost"):
+            if name in cert_hosts:
+                return name
+        if bind_host in _BIND_ALL and cert_hosts:
+            return cert_hosts[0]
+    return bind_host
+
+
+def control_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when `host:port` cannot be bound now (what uvicorn would hit at start-up)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind((host or "0.0.0.0", port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return True
+            raise DeployError(f"cannot bind {host}:{port}: {exc.strerror}") from exc
+    return False
+
+
+def accepts_connections(host: str, port: int, *, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# -- the SuperLink ---------------------------------------------------------------------------
+
+
+def superlink_command(
+    directory: Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, executable: str
+) -> list[str]:
+    """`flower-superlink` with TLS from the coordinator directory, node authentication, state
+    in `DIR/superlink.db`, and no dependency installation at run time."""
+    check_port(port)
+    directory = Path(directory).resolve()
+    return [
+        executable,
+        *superlink_tls_args(directory),
+        "--database",
+        str(directory / DATABASE),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+
+
+def preflight_start(directory: Path, *, host: str, port: int) -> list[str]:
+    """Every reason `start` would fail, one line each, before anything starts."""
+    directory = Path(directory)
+    try:
+        check_port(port)
+    except DeployError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    try:
+        state = read_state(directory)
+    except DeployError as exc:
+        problems.append(str(exc))
+        state = None
+    if state is not None and pid_alive(state.pid):
+        problems.append(
+            f"a SuperLink started from {directory} is already running (pid {state.pid}, "
+            f"{state.address})"
+        )
+    named = [] if host in _BIND_ALL else [host]
+    try:
+        problems += check_federation(directory, named)
+    except PkiError as exc:
+        return [str(exc)]
+    try:
+        sites = list_sites(directory)
+    except PkiError as exc:
+        problems.append(str(exc))
+    else:
+        if not sites:
+            problems.append(
+                f"no registered sites in {directory}: add each site's key with "
+                "fedrad-coordinator add-site first"
+            )
+    try:
+        if port_in_use(host, port):
+            problems.append(f"port {port} on {host or '0.0.0.0'} is already in use")
+    except DeployError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+@dataclass(frozen=True)
+class SuperLinkState:
+    """What `start` leaves in DIR/superlink.json for `run`, `status` and a later `start`."""
+
+    pid: int
+    host: str  # bind address
+    port: int
+    address: str  # what the coordinator's CLI connects to (HOST:PORT, TLS)
+    database: str
+    log: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def write_state(directory: Path, state: SuperLinkState) -> Path:
+    path = Path(directory) / STATE_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(state.as_dict(), indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_state(directory: Path) -> SuperLinkState | None:
+    path = Path(directory) / STATE_FILE
+    try:
+        return SuperLinkState(**json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as exc:
+        raise DeployError(f"{path} is not a readable SuperLink state file ({exc!s:.60})") from exc
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cli_address(directory: Path) -> str:
+    """The SuperLink address the coordinator's `flwr` connection names (DIR/flwr/config.toml)."""
+    path = Path(directory) / FLWR_HOME_DIR / "config.toml"
+    try:
+        config = tomllib.loads(path.read_text(encoding="utf-8"))
+        return str(config["superlink"][FLWR_CONNECTION]["address"])
+    except FileNotFoundError as exc:
+        raise DeployError(
+            f"{path} is missing: is {directory} a coordinator directory (fedrad-coordinator init)?"
+        ) from exc
+    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError) as exc:
+        raise DeployError(f"{path} has no [superlink.{FLWR_CONNECTION}] address") from exc
+
+
+def superlink_reachable(directory: Path) -> str:
+    """The CLI address when a SuperLink accepts connections there; else a one-line error."""
+    address = cli_address(directory)
+    host, port = split_address(address)
+    if port is None or not accepts_connections(host, port):
+        raise DeployError(
+            f"no SuperLink answers at {address}: start it with fedrad-coordinator start "
+            f"--dir {directory}"
+        )
+    return address
+
+
+def default_connect_host(directory: Path, bind_host: str) -> str:
+    cert = load_certificate(Path(directory) / SERVER_CERT, "SuperLink certificate")
+    return connect_host(bind_host, certificate_hosts(cert))
+
+
+# -- admitting the registered sites ----------------------------------------------------------
+
+AdmissionStatus = Literal["registered", "already registered", "failed"]
+
+
+@dataclass(frozen=True)
+class Admission:
+    site_id: str
+    status: AdmissionStatus
+    node_id: int | None = None
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+
+def parse_json_reply(text: str) -> dict[str, Any]:
+    """The JSON object a `flwr ... --format json` command printed (anything before it, such
+    as a notice, is skipped); a one-line DeployError when there is none."""
+    start = text.find("{")
+    if start < 0:
+        raise DeployError(f"flwr printed no JSON ({text.strip()[:80]!r})")
+    try:
+        reply = json.loads(text[start:])
+    except json.JSONDecodeError as exc:
+        raise DeployError(f"flwr printed malformed JSON ({exc.msg})") from exc
+    if not isinstance(reply, dict):
+        raise DeployError("flwr printed JSON that is not an object")
+    return reply
+
+
+def flwr_error(reply: Mapping[str, Any]) -> str:
+    """Flower's error message, on one line, without its 'Using SuperLink' preamble."""
+    message = str(reply.get("error-message", "unknown error"))
+    lines = [
+        line.strip()
+        for line in message.splitlines()
+        if line.strip() and not line.startswith("Using SuperLink")
+    ]
+    return " ".join(lines) or "unknown error"
+
+
+def parse_register_reply(site_id: str, stdout: str) -> Admission:
+    """`flwr supernode register --format json` -> Admission. The key comes from our own
+    registry, so "already in use" means this very key is admitted (e.g. a restarted SuperLink
+    with its database)."""
+    try:
+        reply = parse_json_reply(stdout)
+    except DeployError as exc:
+        return Admission(site_id, "failed", message=str(exc))
+    if reply.get("success") is True:
+        node = reply.get("node-id")
+        return Admission(site_id, "registered", node_id=None if node is None else int(node))
+    message = flwr_error(reply)
+    if "already in use" in message.lower():
+        return Admission(site_id, "already registered", message=message)
+    return Admission(site_id, "failed", message=message)
+
+
+def register_commands(directory: Path, *, flwr: str) -> list[tuple[str, list[str]]]:
+    """(site id, command) for every site in the registry, in registry order."""
+    return [
+        (record.site_id, flwr_register_command(directory, record.site_id, flwr=flwr))
+        for record in list_sites(directory)
+    ]
+
+
+def read_nodes(directory: Path) -> dict[str, int]:
+    path = Path(directory) / NODES_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise DeployError(f"{path} is not readable ({exc!s:.60})") from exc
+    return {str(k): int(v) for k, v in raw.items()}
+
+
+def record_nodes(directory: Path, admissions: Sequence[Admission]) -> dict[str, int]:
+    """Keeps site id -> node id for `status` (a re-admitted key keeps its earlier id)."""
+    nodes = read_nodes(directory)
+    for admission in admissions:
+        if admission.node_id is not None:
+            nodes[admission.site_id] = admission.node_id
+    path = Path(directory) / NODES_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(nodes, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+    return nodes
+
+
+# -- a run -----------------------------------------------------------------------------------
+
+# Run config keys the ServerApp reads (ServerPlan.from_run_config) that are paths.
+PATH_KEYS: Final[tuple[str, ...]] = ("run-dir", "foundation-dir")
+RunValue = int | float | str | bool
+
+
+def check_foundation(foundation: Path) -> list[str]:
+    """Problems with a foundation checkpoint directory, without loading the model."""
+    foundation = Path(foundation)
+    if not foundation.exists():
+        return [f"foundation {foundation} does not exist"]
+    if not foundation.is_dir():
+        return [f"foundation {foundation} is not a checkpoint directory"]
+    missing = [n for n in ("model.safetensors", "metadata.json") if not (foundation / n).is_file()]
+    if missing:
+        return [f"foundation {foundation} is not a fedrad checkpoint (no {', '.join(missing)})"]
+    try:
+        meta = json.loads((foundation / "metadata.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [f"foundation {foundation}/metadata.json is not readable JSON"]
+    trainable = meta.get("trainable") if isinstance(meta, dict) else None
+    if not isinstance(trainable, list) or not trainable:
+        return [f"foundation {foundation} declares no trainable parameters"]
+    return []
+
+
+def build_run_config(
+    *,
+    run_dir: Path,
+    foundation: Path,
+    rounds: int,
+    num_sites: int,
+    options: Mapping[str, RunValue | None] | None = None,
+) -> dict[str, RunValue]:
+    """The ServerApp's run config (hyphenated keys, absolute paths); options set to None
+    are left to the ServerApp's defaults. Validate it with `ServerPlan.from_run_config`."""
+    if rounds < 1:
+        raise DeployError(f"--rounds must be at least 1, got {rounds}")
+    if num_sites < 1:
+        raise DeployError(f"the run needs at least one site, got {num_sites}")
+    config: dict[str, RunValue] = {
+        "run-dir": str(Path(run_dir).expanduser().resolve()),
+        "foundation-dir": str(Path(foundation).expanduser().resolve()),
+        "num-sites": int(num_sites),
+        "num-rounds": int(rounds),
+    }
+    for key, value in (options or {}).items():
+        if value is None:
+            continue
+        if key in config:
+            raise DeployError(f"run config key {key!r} is set by its own option")
+        if not isinstance(value, int | float | str | bool):
+            raise DeployError(f"run config {key!r} must be a number, string or bool")
+        config[key] = value
+    return config
+
+
+def parse_setting(text: str) -> tuple[str, RunValue]:
+    """`KEY=VALUE` with a TOML value (`delta=1e-5`, `dp=false`, `accountant="prv"`); a bare
+    word is taken as a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not raw.strip():
+        raise DeployError(f"{text!r} is not KEY=VALUE")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    if not isinstance(value, int | float | str | bool):
+        raise DeployError(f"{text!r}: the value must be a number, string or bool")
+    return key, value
+
+
+def app_pyproject(run_config: Mapping[str, RunValue], *, version: str | None = None) -> str:
+    """The staged app's pyproject.toml: fedrad's installed ServerApp and ClientApp, with
+    `[tool.flwr.app.config]` exactly this run's config."""
+    if version is None:
+        try:
+            version = importlib_metadata.version("fedrad")
+        except importlib_metadata.PackageNotFoundError:
+            version = "0.0.0"
+    document = {
+        "project": {
+            "name": "fedrad",
+            "version": version,
+            "description": "fedrad federated run (staged by fedrad-coordinator run)",
+            "license": "Apache-2.0",
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedrad",
+                    "components": dict(APP_COMPONENTS),
+                    "config": dict(run_config),
+                }
+            }
+        },
+    }
+    return "# Staged by fedrad-coordinator run: one Flower app per run.\n" + tomli_w.dumps(document)
+
+
+def stage_app(directory: Path, run_config: Mapping[str, RunValue]) -> Path:
+    """Writes DIR/apps/<run dir name>/pyproject.toml; returns the app directory."""
+    name = Path(str(run_config["run-dir"])).name
+    app_dir = Path(directory).resolve() / APPS_DIR / name
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(app_pyproject(run_config), encoding="utf-8")
+    return app_dir
+
+
+def submit_command(app_dir: Path, *, flwr: str) -> list[str]:
+    return [flwr, "run", str(app_dir), FLWR_CONNECTION, "--format", "json"]
+
+
+def follow_command(run_id: int, *, flwr: str) -> list[str]:
+    return [flwr, "log", str(run_id), FLWR_CONNECTION, "--stream"]
+
+
+def runs_command(*, flwr: str, run_id: int | None = None) -> list[str]:
+    command = [flwr, "ls", FLWR_CONNECTION, "--format", "json"]
+    if run_id is not None:
+        command += ["--run-id", str(run_id)]
+    return command
+
+
+def nodes_command(*, flwr: str) -> list[str]:
+    return [flwr, "supernode", "list", FLWR_CONNECTION, "--format", "json"]
+
+
+def parse_submit_reply(stdout: str) -> int:
+    """The run id from `flwr run --format json`, or a one-line DeployError."""
+    reply = parse_json_reply(stdout)
+    if reply.get("success") is not True or "run-id" not in reply:
+        raise DeployError(f"the SuperLink refused the run: {flwr_error(reply)}")
+    return int(reply["run-id"])
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    run_id: int
+    status: str  # Flower's: pending, starting, running, finished:completed|failed|stopped
+    details: str
+    elapsed_s: float
+
+    @property
+    def finished(self) -> bool:
+        return self.status.startswith("finished")
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def parse_runs_reply(stdout: str) -> list[RunStatus]:
+    reply = parse_json_reply(stdout)
+    if reply.get("success") is not True:
+        raise DeployError(f"cannot list runs: {flwr_error(reply)}")
+    runs = []
+    for run in reply.get("runs", []):
+        details = str(run.get("status-details", ""))
+        runs.append(
+            RunStatus(
+                run_id=int(run["run-id"]),
+                status=str(run.get("status", "unknown")),
+                details="" if details == "N/A" else details,
+                elapsed_s=float(run.get("elapsed", 0.0) or 0.0),
+            )
+        )
+    return runs
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node_id: int
+    site_id: str | None  # from DIR/nodes.json; None for a node fedrad did not admit
+    status: str  # Flower's: registered (never connected), online, offline, unregistered
+    online_since: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_nodes_reply(stdout: str, nodes: Mapping[str, int]) -> list[NodeStatus]:
+    reply = parse_json_reply(stdout)
+    if reply.get("success") is not True:
+        raise DeployError(f"cannot list SuperNodes: {flwr_error(reply)}")
+    by_id = {node_id: site for site, node_id in nodes.items()}
+    out = []
+    for node in reply.get("nodes", []):
+        node_id = int(node["node-id"])
+        status = str(node.get("status", "unknown"))
+        online = node.get("online-at") if status == "online" else None
+        out.append(
+            NodeStatus(
+                node_id=node_id,
+                site_id=by_id.get(node_id),
+                status=status,
+                online_since=None if online in (None, "N/A") else str(online),
+            )
+        )
+    return out
+
+
+def preflight_run(
+    directory: Path, *, foundation: Path, run_dir: Path, num_sites: int | None
+) -> list[str]:
+    """Every reason `run` would fail before anything is submitted, one line each."""
+    directory = Path(directory)
+    if not (directory / CA_CERT).is_file():
+        return [f"{directory} is not a coordinator directory (no {CA_CERT}; run init)"]
+    problems = check_foundation(foundation)
+    try:
+        registered = len(list_sites(directory))
+    except PkiError as exc:
+        problems.append(str(exc))
+        registered = 0
+    if registered == 0:
+        problems.append(f"no registered sites in {directory}")
+    elif num_sites is not None and num_sites > registered:
+        problems.append(f"--sites {num_sites} but only {registered} sites are registered")
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        problems.append(f"run directory {run_dir} exists and is not a directory")
+    try:
+        superlink_reachable(directory)
+    except DeployError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+# -- running them ------------------------------------------------------------------------------
+# Thin wrappers over subprocess, used by the CLI; the decisions are in the functions above.
+
+FLWR_TIMEOUT_S: Final[float] = 120.0  # one `flwr` CLI call (register, ls, run submission)
+
+
+def run_flwr(directory: Path, command: Sequence[str], *, timeout: float = FLWR_TIMEOUT_S) -> str:
+    """Runs one `flwr` CLI command against the coordinator's connection; its stdout."""
+    try:
+        done = subprocess.run(
+            list(command),
+            env=flower_environment(directory),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        what = f"{Path(command[0]).name} {command[1]}"
+        raise DeployError(f"{what} timed out after {timeout:.0f} s") from exc
+    except OSError as exc:
+        raise DeployError(f"cannot run {command[0]}: {exc.strerror}") from exc
+    if done.returncode != 0 and "{" not in done.stdout:
+        last = (done.stderr or done.stdout).strip().splitlines()
+        raise DeployError(
+            f"{Path(command[0]).name} {command[1]} failed: {last[-1] if last else done.returncode}"
+        )
+    return done.stdout
+
+
+def admit_sites(directory: Path) -> list[Admission]:
+    """Registers every key of the site registry with the running SuperLink."""
+    flwr = flower_executable("flwr")
+    admissions = []
+    for site_id, command in register_commands(directory, flwr=flwr):
+        try:
+            admission = parse_register_reply(site_id, run_flwr(directory, command))
+        except DeployError as exc:
+            admission = Admission(site_id, "failed", message=str(exc))
+        logger.info("site %s: %s", site_id, admission.status)
+        admissions.append(admission)
+    record_nodes(directory, admissions)
+    return admissions
+
+
+def wait_until_ready(
+    process: subprocess.Popen[Any], host: str, port: int, *, timeout: float
+) -> None:
+    """Returns once the SuperLink accepts connections; DeployError if it exits or hangs."""
+    deadline = time.monotonic() + timeout
+    while not accepts_connections(host, port, timeout=0.5):
+        code = process.poll()
+        if code is not None:
+            raise DeployError(f"flower-superlink exited with code {code} during start-up")
+        if time.monotonic() > deadline:
+            raise DeployError(f"flower-superlink did not accept connections within {timeout:.0f} s")
+        time.sleep(0.25)
+
+
+def stop_process(process: subprocess.Popen[Any], *, timeout: float = 20.0) -> int:
+    """SIGTERM (Flower shuts down cleanly on it), then SIGKILL after `timeout`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("pid %d ignored SIGTERM for %.0f s: killing it", process.pid, timeout)
+            process.kill()
+            process.wait()
+    return int(process.returncode)

@@ -1,0 +1,212 @@
+"""A site joining a federation, as pure functions: preflight problems (one line each), the
+`flower-supernode` command line and environment, and what Flower's refusals mean; plus
+`fedrad-site start` refusing bad input with one line before anything starts."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedrad.client.cli import app
+from fedrad.client.site_agent import SiteSpec
+from fedrad.client.site_config import SiteConfig, init_site
+from fedrad.client.supernode import (
+    FLOWER_ENV,
+    SupernodeError,
+    is_ca_certificate,
+    node_config_arg,
+    refusal_reason,
+    site_node_config,
+    site_preflight,
+    supernode_command,
+    supernode_environment,
+)
+from fedrad.common.ledger import Ledger, load_or_create_signing_key
+from fedrad.server.pki import init_federation
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("fed") / "coord"
+    init_federation(directory)
+    return directory
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _foundation(tmp_path: Path) -> Path:
+    directory = tmp_path / "foundation"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "model.safetensors").write_bytes(b"x")
+    return directory
+
+
+def _site(tmp_path: Path, federation: Path, **over: object) -> SiteConfig:
+    data = tmp_path / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    settings: dict[str, object] = dict(
+        site_id="st_anna",
+        data_dir=data,
+        epsilon=2.0,
+        coordinator="127.0.0.1:9092",
+        ca_file=federation / "ca.pem",
+        foundation_dir=_foundation(tmp_path),
+    )
+    settings.update(over)
+    return init_site(tmp_path / "site", **settings)  # type: ignore[arg-type]
+
+
+def test_a_fresh_site_passes_preflight(tmp_path: Path, federation: Path) -> None:
+    config = _site(tmp_path, federation)
+    assert site_preflight(config, port=_free_port()) == []
+
+
+def test_each_preflight_problem_is_one_line(tmp_path: Path, federation: Path) -> None:
+    config = _site(tmp_path, federation, coordinator=None, ca_file=None, foundation_dir=None)
+    config.data_dir.rmdir()
+    config.node_key.chmod(0o644)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        problems = site_preflight(config, port=busy.getsockname()[1])
+    assert len(problems) == 6, problems
+    expected = (
+        "data directory",
+        "no coordinator address",
+        "no ca_file",
+        "readable by others",
+        "no foundation checkpoint",
+        "is in use",
+    )
+    for problem, words in zip(problems, expected, strict=True):
+        assert words in problem and "\n" not in problem
+
+
+def test_ca_file_must_be_a_ca(tmp_path: Path, federation: Path) -> None:
+    assert is_ca_certificate(federation / "ca.pem") is None
+    assert "not a CA certificate" in str(is_ca_certificate(federation / "superlink.pem"))
+    assert "does not exist" in str(is_ca_certificate(tmp_path / "nope.pem"))
+    (tmp_path / "junk.pem").write_text("junk")
+    assert "not a PEM certificate" in str(is_ca_certificate(tmp_path / "junk.pem"))
+    config = _site(tmp_path, federation, ca_file=federation / "superlink.pem")
+    assert site_preflight(config, port=_free_port()) == [
+        f"ca_file {federation / 'superlink.pem'} is not a CA certificate (the federation's "
+        "ca.pem is)"
+    ]
+
+
+def test_an_exhausted_budget_stops_the_site_before_it_joins(
+    tmp_path: Path, federation: Path
+) -> None:
+    config = _site(tmp_path, federation)
+    ledger = Ledger(config.ledger, load_or_create_signing_key(config.ledger_key))
+    ledger.append(
+        site_id=config.site_id,
+        run_id="earlier",
+        round=1,
+        sample_rate=0.5,
+        noise_multiplier=0.3,
+        steps=200,
+        max_grad_norm=1.0,
+        delta=config.delta,
+        accountant="rdp",
+    )
+    problems = site_preflight(config, port=_free_port())
+    assert len(problems) == 1 and problems[0].startswith("privacy budget exhausted: epsilon")
+
+
+def test_supernode_command_and_node_config(tmp_path: Path, federation: Path) -> None:
+    config = _site(tmp_path, federation)
+    config_path = tmp_path / "site" / "site.toml"
+    foundation = tmp_path / "foundation"
+    command = supernode_command(
+        config, config_path=config_path, foundation=foundation, port=9400, executable="fsn"
+    )
+    assert command[0] == "fsn"
+    value = dict(zip(command[1::2], command[2::2], strict=True))
+    assert value["--superlink"] == "127.0.0.1:9092"
+    assert value["--root-certificates"] == str(federation.resolve() / "ca.pem")
+    assert value["--auth-supernode-private-key"] == str(config.node_key)
+    assert value["--host"] == "127.0.0.1" and value["--port"] == "9400"
+    assert "--insecure" not in command
+    assert value["--node-config"] == (
+        f"site-config='{config_path.resolve()}' foundation-dir='{foundation.resolve()}'"
+    )
+    with pytest.raises(SupernodeError, match="coordinator and ca_file"):
+        supernode_command(
+            _site(tmp_path / "b", federation, ca_file=None),
+            config_path=config_path,
+            foundation=foundation,
+            executable="fsn",
+        )
+
+
+def test_node_config_is_what_flower_parses_and_the_client_app_reads(
+    tmp_path: Path, federation: Path
+) -> None:
+    from flwr.common.config import parse_config_args
+
+    _site(tmp_path, federation)
+    config_path = tmp_path / "site" / "site.toml"
+    values = site_node_config(config_path, tmp_path / "foundation")
+    parsed = parse_config_args([node_config_arg(values)])
+    assert parsed == values
+    spec = SiteSpec.from_node_config(parsed)
+    assert spec.site_id == "st_anna"
+    assert spec.foundation_dir == (tmp_path / "foundation").resolve()
+    assert spec.budget_epsilon == 2.0 and spec.data_dir == tmp_path / "data"
+    assert node_config_arg({"a": 1, "b": 0.5, "c": True}) == "a=1 b=0.5 c=true"
+    with pytest.raises(SupernodeError):
+        node_config_arg({"site-config": "/tmp/o'brien/site.toml"})
+    with pytest.raises(SupernodeError):
+        node_config_arg({"bad key": "x"})
+
+
+def test_supernode_environment(tmp_path: Path) -> None:
+    env = supernode_environment(
+        tmp_path / "site" / "site.toml", {"PATH": "/usr/bin"}, bin_dir=tmp_path / "bin"
+    )
+    for key, value in FLOWER_ENV.items():
+        assert env[key] == value
+    assert env["FLWR_HOME"] == str((tmp_path / "site" / "flwr").resolve())
+    assert env["PATH"].split(os.pathsep) == [str(tmp_path / "bin"), "/usr/bin"]
+
+
+@pytest.mark.parametrize(
+    ("output", "words"),
+    [
+        ("ERROR : Exit Code: 305\n[code: 2004] Failed to activate SuperNode.", "not registered"),
+        (
+            "SSL/TLS handshake error detected.\n[SSL: CERTIFICATE_VERIFY_FAILED] certificate",
+            "not signed by this site's ca_file",
+        ),
+        ("Failed to initialize the connection to the SuperLink.", "could not connect"),
+        ("something else", None),
+    ],
+)
+def test_refusal_reason(output: str, words: str | None) -> None:
+    reason = refusal_reason(output)
+    assert (reason is None) if words is None else (words in str(reason))
+
+
+def test_start_refuses_with_one_line(tmp_path: Path, federation: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["start", "--config", str(tmp_path / "none.toml")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: no site config at {(tmp_path / 'none.toml').resolve()} (create one with "
+        "fedrad-site init)"
+    ]
+    _site(tmp_path, federation, coordinator=None)
+    result = runner.invoke(app, ["start", "--config", str(tmp_path / "site" / "site.toml")])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no coordinator address" in lines[0]
