@@ -36,7 +36,6 @@ from fedrad.client.supernode import (
     CONNECTED_MARK,
     DEFAULT_RUNTIME_PORT,
     SupernodeError,
-    flower_executable,
     refusal_reason,
     site_preflight,
     supernode_command,
@@ -50,6 +49,7 @@ from fedrad.common.cli_support import (
     setup_logging,
 )
 from fedrad.common.findings import FINDINGS
+from fedrad.common.flower_process import FlowerProcessError, flower_executable
 from fedrad.common.labeler import label_report
 from fedrad.common.ledger import LedgerError
 
@@ -298,7 +298,7 @@ def start(
             port=port,
             executable=flower_executable("flower-supernode"),
         )
-    except (SiteConfigError, SupernodeError) as exc:
+    except (SiteConfigError, SupernodeError, FlowerProcessError) as exc:
         fail(str(exc))
     process = subprocess.Popen(
         command,

@@ -11,11 +11,7 @@ never from the coordinator.
 
 from __future__ import annotations
 
-import errno
-import os
 import re
-import socket
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
@@ -23,17 +19,13 @@ from typing import Final
 from cryptography import x509
 
 from fedrad.client.site_config import SiteConfig, SiteConfigError, site_budget
+from fedrad.common.flower_process import FlowerProcessError, flower_process_env, port_in_use
 from fedrad.common.ledger import LedgerError
 
 DEFAULT_RUNTIME_PORT: Final[int] = 9094  # flower-supernode's own default for its local API
 FLWR_HOME_DIR: Final[str] = "flwr"  # under the site directory: apps the SuperNode installs
 # Every Flower process: no `uv sync` at run time (it would pull another torch), no update
 # check, no telemetry. (The coordinator sets the same; client and server share no module.)
-FLOWER_ENV: Final[dict[str, str]] = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-}
 # What flower-supernode prints when the coordinator refuses it, and what that means here.
 _REFUSALS: Final[tuple[tuple[str, str], ...]] = (
     (
@@ -77,18 +69,6 @@ def is_ca_certificate(path: Path) -> str | None:
     return None
 
 
-def runtime_port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return True
-            raise
-    return False
-
-
 def site_preflight(
     config: SiteConfig, *, foundation: Path | None = None, port: int = DEFAULT_RUNTIME_PORT
 ) -> list[str]:
@@ -118,8 +98,14 @@ def site_preflight(
         problems.append(f"foundation {chosen} is not a checkpoint directory")
     if not 0 < port < 65536:
         problems.append(f"port {port} is not in 1..65535")
-    elif runtime_port_in_use(port):
-        problems.append(f"local port {port} is in use (another SuperNode? pick one with --port)")
+    else:
+        try:
+            if port_in_use("127.0.0.1", port):
+                problems.append(
+                    f"local port {port} is in use (another SuperNode? pick one with --port)"
+                )
+        except FlowerProcessError as exc:
+            problems.append(str(exc))
     try:
         budget = site_budget(config)
     except (SiteConfigError, LedgerError) as exc:
@@ -192,34 +178,13 @@ def supernode_command(
     ]
 
 
-def flower_executable(name: str) -> str:
-    """The Flower console script of this Python environment, else the one on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    from shutil import which
-
-    found = which(name)
-    if found is None:
-        raise SupernodeError(f"{name} not found: is flwr installed in this environment?")
-    return found
-
-
 def supernode_environment(
     config_path: Path, base: Mapping[str, str] | None = None, *, bin_dir: Path | None = None
 ) -> dict[str, str]:
-    """`base` (the caller's own by default) plus FLOWER_ENV, FLWR_HOME under the site
-    directory, and this environment's scripts first on PATH (the SuperNode starts
-    `flower-superexec` and `flwr-clientapp` by name)."""
-    env = dict(os.environ if base is None else base)
-    env.update(FLOWER_ENV)
-    env["FLWR_HOME"] = str(Path(config_path).expanduser().resolve().parent / FLWR_HOME_DIR)
-    env["PYTHONUNBUFFERED"] = "1"  # its log is relayed line by line as it happens
-    scripts = str(bin_dir or Path(sys.executable).parent)
-    path = env.get("PATH", "")
-    if scripts not in path.split(os.pathsep):
-        env["PATH"] = scripts + (os.pathsep + path if path else "")
-    return env
+    """The SuperNode's environment, with FLWR_HOME under the site directory (the SuperNode
+    starts `flower-superexec` and `flwr-clientapp` by name)."""
+    home = Path(config_path).expanduser().resolve().parent / FLWR_HOME_DIR
+    return flower_process_env(home, base, bin_dir=bin_dir)
 
 
 CONNECTED_MARK: Final[str] = "SuperNode ID:"  # flower-supernode logs it once admitted

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from fedrad.common.cli_support import EXIT_FINDINGS, emit_json, fail, setup_logging
+from fedrad.common.flower_process import FlowerProcessError, flower_executable
 from fedrad.common.run_dir import plot_run, read_metrics, write_config, write_summary
 from fedrad.server.deploy import (
     DATABASE,
@@ -32,7 +33,6 @@ from fedrad.server.deploy import (
     control_address,
     default_connect_host,
     flower_environment,
-    flower_executable,
     follow_command,
     nodes_command,
     parse_nodes_reply,
@@ -262,7 +262,7 @@ def start(
         command = superlink_command(
             directory, host=host, port=port, executable=flower_executable("flower-superlink")
         )
-    except (DeployError, PkiError) as exc:
+    except (DeployError, PkiError, FlowerProcessError) as exc:
         fail(str(exc))
     log_path = directory.resolve() / LOG_FILE
     with log_path.open("ab") as log:
@@ -315,7 +315,7 @@ def start(
     except KeyboardInterrupt:
         stop_process(process)
         typer.echo("SuperLink stopped", err=True)
-    except DeployError as exc:
+    except (DeployError, FlowerProcessError) as exc:
         stop_process(process)
         fail(f"{exc}; its log is in {log_path}")
     finally:
@@ -474,11 +474,11 @@ def run(
     for sub in ("", "checkpoints", "plots"):
         (run_path / sub).mkdir(parents=True, exist_ok=True)
     write_config(run_path, {"kind": "federated", "deployment": True, "run_config": config})
-    flwr = flower_executable("flwr")
     try:
+        flwr = flower_executable("flwr")
         app_dir = stage_app(directory, config)
         run_id = parse_submit_reply(run_flwr(directory, submit_command(app_dir, flwr=flwr)))
-    except DeployError as exc:
+    except (DeployError, FlowerProcessError) as exc:
         fail(str(exc))
     typer.echo(
         f"run {run_id} submitted: {rounds} rounds, {config['num-sites']} sites"
@@ -589,7 +589,7 @@ def status(
         )
         runs = parse_runs_reply(run_flwr(directory, runs_command(flwr=flwr)))
         registry = [record.site_id for record in list_sites(directory)]
-    except (DeployError, PkiError) as exc:
+    except (DeployError, PkiError, FlowerProcessError) as exc:
         fail(str(exc))
     admitted = {n.site_id for n in nodes if n.site_id is not None}
     if as_json:

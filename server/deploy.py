@@ -24,13 +24,11 @@ How Flower 1.41 is driven (read from its source and checked in a live run):
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import socket
 import subprocess
-import sys
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -41,6 +39,12 @@ from typing import Any, Final, Literal
 
 import tomli_w
 
+from fedrad.common.flower_process import (
+    FlowerProcessError,
+    flower_executable,
+    flower_process_env,
+    port_in_use,
+)
 from fedrad.server.pki import (
     CA_CERT,
     FLWR_CONNECTION,
@@ -66,13 +70,6 @@ LOG_FILE: Final[str] = "superlink.log"
 STATE_FILE: Final[str] = "superlink.json"  # pid, address: written by `start`
 NODES_FILE: Final[str] = "nodes.json"  # site id -> node id as the SuperLink assigned it
 APPS_DIR: Final[str] = "apps"
-# Every Flower process: no `uv sync` at run time (it would pull another torch), no update
-# check, no telemetry.
-FLOWER_ENV: Final[dict[str, str]] = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-}
 APP_COMPONENTS: Final[dict[str, str]] = {
     "serverapp": "fedrad.server.app:app",
     "clientapp": "fedrad.client.app:app",
@@ -87,36 +84,12 @@ class DeployError(Exception):
 # -- executables and environments ----------------------------------------------------------
 
 
-def flower_executable(name: str) -> str:
-    """The Flower console script `name` of this Python environment (beside the interpreter),
-    else the one on PATH; the SuperLink and SuperNodes start further Flower scripts by name,
-    so `flower_environment` puts this directory first on their PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    from shutil import which
-
-    found = which(name)
-    if found is None:
-        raise DeployError(f"{name} not found: is flwr installed in this environment?")
-    return found
-
-
 def flower_environment(
     directory: Path, base: Mapping[str, str] | None = None, *, bin_dir: Path | None = None
 ) -> dict[str, str]:
-    """The environment of every Flower process the coordinator starts: `base` (the caller's
-    own, by default) plus FLOWER_ENV, `FLWR_HOME=DIR/flwr` (the CLI connection and the apps
-    the SuperLink installs) and this environment's scripts first on PATH."""
-    env = dict(os.environ if base is None else base)
-    env.update(FLOWER_ENV)
-    env["FLWR_HOME"] = str(Path(directory).resolve() / FLWR_HOME_DIR)
-    env["PYTHONUNBUFFERED"] = "1"  # its log is relayed line by line as it happens
-    scripts = str(bin_dir or Path(sys.executable).parent)
-    path = env.get("PATH", "")
-    if scripts not in path.split(os.pathsep):
-        env["PATH"] = scripts + (os.pathsep + path if path else "")
-    return env
+    """The environment of every Flower process the coordinator starts, with
+    `FLWR_HOME=DIR/flwr` (the CLI connection and the apps the SuperLink installs)."""
+    return flower_process_env(Path(directory).resolve() / FLWR_HOME_DIR, base, bin_dir=bin_dir)
 
 
 # -- addresses -------------------------------------------------------------------------------
@@ -142,20 +115,6 @@ def connect_host(bind_host: str, cert_hosts: Sequence[str]) -> str:
 
 def control_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """True when `host:port` cannot be bound now (what uvicorn would hit at start-up)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
-        try:
-            sock.bind((host or "0.0.0.0", port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return True
-            raise DeployError(f"cannot bind {host}:{port}: {exc.strerror}") from exc
-    return False
 
 
 def accepts_connections(host: str, port: int, *, timeout: float = 1.0) -> bool:
@@ -225,7 +184,7 @@ def preflight_start(directory: Path, *, host: str, port: int) -> list[str]:
     try:
         if port_in_use(host, port):
             problems.append(f"port {port} on {host or '0.0.0.0'} is already in use")
-    except DeployError as exc:
+    except FlowerProcessError as exc:
         problems.append(str(exc))
     return problems
 

@@ -33,6 +33,7 @@ from fedrad.client.site_agent import (
 )
 from fedrad.common.checkpoint import load_checkpoint, save_checkpoint
 from fedrad.common.fl_protocol import RoundConfig
+from fedrad.common.flower_process import FLOWER_ENV
 from fedrad.common.ledger import (
     LedgerError,
     load_or_create_signing_key,
@@ -63,10 +64,8 @@ from fedrad.simulations.foundation import FoundationRecipe, build_foundation
 logger = logging.getLogger(__name__)
 
 OnRound = Callable[[dict[str, Any]], None]
-FLOWER_ENV: Final[dict[str, str]] = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else `uv sync` pulls a CUDA torch
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
+SIMULATION_ENV: Final[dict[str, str]] = {
+    **FLOWER_ENV,
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # CPU only: silences Ray's future-change notice
 }
 
@@ -174,7 +173,7 @@ def config_from_toml(path: Path) -> FederatedConfig:
 
 
 def _flower_env() -> None:
-    for key, value in FLOWER_ENV.items():
+    for key, value in SIMULATION_ENV.items():
         os.environ.setdefault(key, value)
     # Ray's socket paths must stay short: a short temp dir, not the run directory.
     os.environ.setdefault("RAY_TMPDIR", str(Path(tempfile.gettempdir()) / "fedrad-ray"))

@@ -15,7 +15,6 @@ from fedrad.client.cli import app
 from fedrad.client.site_agent import SiteSpec
 from fedrad.client.site_config import SiteConfig, init_site
 from fedrad.client.supernode import (
-    FLOWER_ENV,
     SupernodeError,
     is_ca_certificate,
     node_config_arg,
@@ -25,6 +24,7 @@ from fedrad.client.supernode import (
     supernode_command,
     supernode_environment,
 )
+from fedrad.common.flower_process import FLOWER_ENV
 from fedrad.common.ledger import Ledger, load_or_create_signing_key
 from fedrad.server.pki import init_federation
 

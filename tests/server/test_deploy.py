@@ -14,10 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from fedrad.client.site_config import init_site
+from fedrad.common.flower_process import FLOWER_ENV
 from fedrad.server import deploy
 from fedrad.server.cli import app
 from fedrad.server.deploy import (
-    FLOWER_ENV,
     Admission,
     DeployError,
     SuperLinkState,

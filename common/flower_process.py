@@ -1,0 +1,70 @@
+"""What every Flower process fedrad starts shares, on the coordinator and at a site alike:
+its environment, where its console scripts are, and whether its port is free."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from shutil import which
+from typing import Final
+
+# Every Flower process: no `uv sync` at run time (it would pull another torch), no update
+# check, no telemetry.
+FLOWER_ENV: Final[dict[str, str]] = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+}
+
+
+class FlowerProcessError(Exception):
+    """A Flower process cannot be started here; the message says why in one line."""
+
+
+def flower_executable(name: str) -> str:
+    """The Flower console script `name` of this Python environment (beside the interpreter),
+    else the one on PATH; Flower processes start further Flower scripts by name, so
+    `flower_process_env` puts this directory first on their PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = which(name)
+    if found is None:
+        raise FlowerProcessError(f"{name} not found: is flwr installed in this environment?")
+    return found
+
+
+def flower_process_env(
+    flwr_home: Path, base: Mapping[str, str] | None = None, *, bin_dir: Path | None = None
+) -> dict[str, str]:
+    """`base` (the caller's own environment by default) plus FLOWER_ENV, `FLWR_HOME`,
+    unbuffered output (the log is relayed line by line as it happens) and this environment's
+    scripts first on PATH."""
+    env = dict(os.environ if base is None else base)
+    env.update(FLOWER_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["PYTHONUNBUFFERED"] = "1"
+    scripts = str(bin_dir or Path(sys.executable).parent)
+    path = env.get("PATH", "")
+    if scripts not in path.split(os.pathsep):
+        env["PATH"] = scripts + (os.pathsep + path if path else "")
+    return env
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when `host:port` cannot be bound now (what the Flower process would hit at start);
+    FlowerProcessError for any other reason it cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind((host or "0.0.0.0", port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return True
+            raise FlowerProcessError(f"cannot bind {host}:{port}: {exc.strerror}") from exc
+    return False
