@@ -29,6 +29,7 @@ from fedrad.common.ledger_audit import (
     audit_ledger,
     public_key_id,
     read_public_key,
+    with_budget,
     worst_status,
 )
 
@@ -172,20 +173,11 @@ def ledger(
             except ValueError:
                 site_keys, source = {}, None
         audit = audit_ledger(
-            path,
-            site_keys,
-            key_source=source,
-            budget=default_budget,
-            anchor=anchors.get(str(path.resolve())),
+            path, site_keys, key_source=source, anchor=anchors.get(str(path.resolve()))
         )
-        if audit.site_id in site_budgets:
-            audit = audit_ledger(
-                path,
-                site_keys,
-                key_source=source,
-                budget=site_budgets[audit.site_id],
-                anchor=anchors.get(str(path.resolve())),
-            )
+        budget_of_site = site_budgets.get(audit.site_id or "", default_budget)
+        if budget_of_site is not None:
+            audit = with_budget(audit, budget_of_site)
         audits.append(audit)
     unknown = set(site_budgets) - {a.site_id for a in audits}
     if unknown:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import math
@@ -305,7 +306,8 @@ def audit_ledger(
     chain_ok = True
     signatures_checked = bool(public_keys)
     claim_problems: list[tuple[Finding, bool]] = []  # (finding, line's signature verified)
-    last_claim: tuple[float | None, str, float] | None = None  # (claimed, accountant, delta)
+    # the last well-formed entry: (claimed, delta, RDP, PLD); later bad lines compose nothing
+    last_claim: tuple[float | None, float, float, float | None] | None = None
     for number, line in enumerate(raw_lines, start=1):
         where = f"line {number}"
         expected_prev = GENESIS_HASH if prev_line is None else hashlib.sha256(prev_line).hexdigest()
@@ -391,7 +393,7 @@ def audit_ledger(
                 f"{_fmt(pld_eps)} (PLD) to {_fmt(rdp_eps)} (RDP) from its parameters",
             )
             claim_problems.append((claim, verified))
-        last_claim = (claimed, accountant, delta)
+        last_claim = (claimed, delta, rdp_eps, pld_eps)
     result.key_ids = signed_by
     result.head_hash = hashlib.sha256(raw_lines[-1]).hexdigest()
     # A signed line whose claim disagrees with its own parameters was written that way; but
@@ -410,27 +412,46 @@ def audit_ledger(
     if anchor is not None:
         findings.extend(_check_anchor(raw_lines, anchor))
     if last_claim is not None:
-        claimed, accountant, delta = last_claim
+        claimed, delta, rdp_eps, pld_eps = last_claim
         result.delta = delta
         result.claimed_epsilon = claimed
-        result.recomputed_rdp = acct.rdp_epsilon(delta)
-        result.recomputed_pld = acct.pld_epsilon(delta)
+        result.recomputed_rdp = rdp_eps
+        result.recomputed_pld = pld_eps
         result.unbounded = acct.unbounded
-        # Both accountants give valid upper bounds: the tighter one is what was provably
-        # spent. The site's own claim counts too: a site that says it overspent did.
-        bounds = [b for b in (result.recomputed_rdp, result.recomputed_pld) if b is not None]
-        provable = min(bounds)
-        spent = max(provable, math.inf if claimed is None else claimed)
-        if budget is not None and spent > budget * (1 + 1e-9):
-            which = "claimed" if claimed is not None and claimed >= provable else "recomputed"
-            findings.append(
-                Finding("over budget", f"{which} epsilon {_fmt(spent)} > budget {budget:g}")
-            )
+    over = budget_finding(result, budget)
+    if over is not None:
+        findings.append(over)
     if not signatures_checked:
         findings.append(
             Finding("unverifiable", "no public key for this ledger: signatures not checked")
         )
     return _finish(result, findings)
+
+
+def budget_finding(audit: LedgerAudit, budget: float | None) -> Finding | None:
+    """ "over budget" when what was spent exceeds `budget`. Both recomputations are valid
+    upper bounds: the tighter one is what was provably spent. The site's own claim counts
+    too: a site that says it overspent did."""
+    if budget is None or audit.delta is None or audit.recomputed_rdp is None:
+        return None
+    bounds = [b for b in (audit.recomputed_rdp, audit.recomputed_pld) if b is not None]
+    provable = min(bounds)
+    claimed = audit.claimed_epsilon
+    spent = max(provable, math.inf if claimed is None else claimed)
+    if spent <= budget * (1 + 1e-9):
+        return None
+    which = "claimed" if claimed is not None and claimed >= provable else "recomputed"
+    return Finding("over budget", f"{which} epsilon {_fmt(spent)} > budget {budget:g}")
+
+
+def with_budget(audit: LedgerAudit, budget: float | None) -> LedgerAudit:
+    """The same audit judged against another budget, without recomputing anything: the budget
+    of a site is known only once its ledger has been read."""
+    findings = [f for f in audit.findings if f.status != "over budget"]
+    over = budget_finding(audit, budget)
+    if over is not None:
+        findings.append(over)
+    return _finish(dataclasses.replace(audit, budget=budget, findings=[]), findings)
 
 
 def _check_anchor(lines: list[bytes], anchor: Anchor) -> list[Finding]:

@@ -24,6 +24,7 @@ from fedrad.common.ledger_audit import (
     epsilon_of,
     public_key_id,
     read_public_key,
+    with_budget,
 )
 
 ROUND = {
@@ -238,6 +239,16 @@ def test_budget_smaller_than_spent_is_over_budget(tmp_path: Path) -> None:
     result = audit_ledger(path, _keys(tmp_path), budget=0.5)
     assert result.status == "over budget"
     assert "> budget 0.5" in result.reason
+
+
+@pytest.mark.parametrize("budget", [0.5, 100.0, None])
+def test_judging_a_finished_audit_against_a_budget_equals_auditing_with_it(
+    tmp_path: Path, budget: float | None
+) -> None:
+    path = _ledger(tmp_path)
+    direct = audit_ledger(path, _keys(tmp_path), budget=budget)
+    later = with_budget(audit_ledger(path, _keys(tmp_path)), budget)
+    assert later.to_dict() == direct.to_dict()
 
 
 def test_a_truncated_tail_is_caught_against_an_earlier_audit(tmp_path: Path) -> None:
