@@ -642,16 +642,16 @@ def _choose_site(cohort: Path, site_id: str | None) -> str:
 
 
 def _site_training_studies(
-    cohort: Path, site_id: str | None, *, image_size: int, held_out_fraction: float
-) -> tuple[str, SiteStudies]:
-    chosen = _choose_site(cohort, site_id)
+    cohort: Path, chosen: str, *, image_size: int, held_out_fraction: float
+) -> SiteStudies:
+    """The training split of a site `_choose_site` already accepted."""
     try:
         manifest = prepared_manifest(cohort / chosen, config=PreprocessConfig(image_size))
         studies = SiteStudies.from_manifest(manifest)
     except SiteDataError as exc:
         raise EmpiricalAuditError(f"site {chosen}: {exc}") from exc
     train, _ = split_held_out(studies, fraction=held_out_fraction)
-    return chosen, train
+    return train
 
 
 def run_empirical_audit(
@@ -659,7 +659,7 @@ def run_empirical_audit(
 ) -> EmpiricalAuditResult:
     """Audits one site of a cohort folder from the public foundation (or `config.checkpoint`)."""
     started = time.perf_counter()
-    _choose_site(cohort, config.site_id)
+    site_id = _choose_site(cohort, config.site_id)
     if config.checkpoint is not None:
         try:
             start = load_checkpoint(config.checkpoint)
@@ -675,9 +675,9 @@ def run_empirical_audit(
             recipe=FoundationRecipe(steps=config.foundation_steps),
             seed=config.seed,
         )
-    site_id, site = _site_training_studies(
+    site = _site_training_studies(
         cohort,
-        config.site_id,
+        site_id,
         image_size=start.config.image_size,
         held_out_fraction=config.held_out_fraction,
     )
