@@ -27,6 +27,10 @@ CONFIG_NAME: Final[str] = "site.toml"
 SITE_ID_PATTERN: Final[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_EPSILON: Final[float] = 8.0
 DEFAULT_DELTA: Final[float] = 1e-5
+# where init puts them, relative to the site directory (and the defaults when absent)
+DEFAULT_LEDGER: Final[str] = "ledger.jsonl"
+DEFAULT_LEDGER_KEY: Final[str] = "keys/ledger_key.pem"
+DEFAULT_NODE_KEY: Final[str] = "keys/node_key"
 
 
 class SiteConfigError(Exception):
@@ -90,18 +94,22 @@ def load_site_config(path: Path) -> SiteConfig:
     site = raw.get("site")
     if not isinstance(site, dict) or set(raw) != {"site"}:
         raise SiteConfigError(f"{path}: expected exactly one [site] table")
+    return _parse_site_table(site, base=path.parent, where=str(path))
+
+
+def _parse_site_table(site: dict[str, Any], *, base: Path, where: str) -> SiteConfig:
+    """The [site] table as a SiteConfig; relative paths are relative to `base`."""
     unknown = sorted(set(site) - set(_KEYS))
     if unknown:
-        raise SiteConfigError(f"{path}: unknown key(s) {', '.join(unknown)}")
+        raise SiteConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
     missing = [k for k in _REQUIRED if k not in site]
     if missing:
-        raise SiteConfigError(f"{path}: missing {', '.join(missing)}")
+        raise SiteConfigError(f"{where}: missing {', '.join(missing)}")
     for key, value in site.items():
         if isinstance(value, bool) or not isinstance(value, _KEYS[key]):
-            raise SiteConfigError(f"{path}: {key} has the wrong type")
-    base = path.parent
+            raise SiteConfigError(f"{where}: {key} has the wrong type")
 
-    def where(key: str, default: str | None = None) -> Path | None:
+    def path_of(key: str, default: str | None = None) -> Path | None:
         value = site.get(key, default)
         if value is None:
             return None
@@ -110,15 +118,15 @@ def load_site_config(path: Path) -> SiteConfig:
 
     return SiteConfig(
         site_id=site["site_id"],
-        data_dir=where("data_dir"),  # type: ignore[arg-type]
+        data_dir=path_of("data_dir"),  # type: ignore[arg-type]
         epsilon=float(site["epsilon"]),
         delta=float(site["delta"]),
-        ledger=where("ledger", "ledger.jsonl"),  # type: ignore[arg-type]
-        ledger_key=where("ledger_key", "keys/ledger_key.pem"),  # type: ignore[arg-type]
-        node_key=where("node_key", "keys/node_key"),  # type: ignore[arg-type]
+        ledger=path_of("ledger", DEFAULT_LEDGER),  # type: ignore[arg-type]
+        ledger_key=path_of("ledger_key", DEFAULT_LEDGER_KEY),  # type: ignore[arg-type]
+        node_key=path_of("node_key", DEFAULT_NODE_KEY),  # type: ignore[arg-type]
         coordinator=site.get("coordinator"),
-        ca_file=where("ca_file"),
-        foundation_dir=where("foundation_dir"),
+        ca_file=path_of("ca_file"),
+        foundation_dir=path_of("foundation_dir"),
     )
 
 
@@ -164,7 +172,7 @@ def init_site(
     config_path = directory / CONFIG_NAME
     if config_path.exists():
         raise SiteConfigError(f"{config_path} already exists; a site is initialised once")
-    for name in ("keys/ledger_key.pem", "keys/node_key"):
+    for name in (DEFAULT_LEDGER_KEY, DEFAULT_NODE_KEY):
         if (directory / name).exists():
             raise SiteConfigError(f"{directory / name} already exists; refusing to replace a key")
     site: dict[str, Any] = {
@@ -172,9 +180,9 @@ def init_site(
         "data_dir": str(Path(data_dir).expanduser().resolve()),
         "epsilon": float(epsilon),
         "delta": float(delta),
-        "ledger": "ledger.jsonl",
-        "ledger_key": "keys/ledger_key.pem",
-        "node_key": "keys/node_key",
+        "ledger": DEFAULT_LEDGER,
+        "ledger_key": DEFAULT_LEDGER_KEY,
+        "node_key": DEFAULT_NODE_KEY,
     }
     if coordinator is not None:
         site["coordinator"] = coordinator
@@ -182,18 +190,8 @@ def init_site(
         site["ca_file"] = str(Path(ca_file).expanduser().resolve())
     if foundation_dir is not None:
         site["foundation_dir"] = str(Path(foundation_dir).expanduser().resolve())
-    config = SiteConfig(  # validate before anything is written
-        site_id=site_id,
-        data_dir=Path(site["data_dir"]),
-        epsilon=float(epsilon),
-        delta=float(delta),
-        ledger=directory / "ledger.jsonl",
-        ledger_key=directory / "keys/ledger_key.pem",
-        node_key=directory / "keys/node_key",
-        coordinator=coordinator,
-        ca_file=None if ca_file is None else Path(site["ca_file"]),
-        foundation_dir=None if foundation_dir is None else Path(site["foundation_dir"]),
-    )
+    # validated exactly as it will be read back, before anything is written
+    config = _parse_site_table(site, base=directory, where="site settings")
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     load_or_create_signing_key(config.ledger_key)
