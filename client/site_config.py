@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedrad.common.accounting import AccountantName
+from fedrad.common.fl_protocol import SITE_ID_PATTERN
 from fedrad.common.ledger import Ledger, load_or_create_signing_key, public_key_path
 
 CONFIG_NAME: Final[str] = "site.toml"
-SITE_ID_PATTERN: Final[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_EPSILON: Final[float] = 8.0
 DEFAULT_DELTA: Final[float] = 1e-5
 # where init puts them, relative to the site directory (and the defaults when absent)

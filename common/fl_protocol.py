@@ -8,6 +8,7 @@ aggregate metrics under these keys, and the site's id. Nothing else may leave a 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Final
@@ -19,6 +20,8 @@ CONFIG_KEY: Final[str] = "config"  # Flower strategies' default ConfigRecord key
 METRICS_KEY: Final[str] = "metrics"
 SITE_KEY: Final[str] = "site"  # ConfigRecord in replies naming the site
 SITE_ID_FIELD: Final[str] = "site-id"
+# A site id as site.toml, the coordinator's registry and the ledgers name it.
+SITE_ID_PATTERN: Final[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 WEIGHT_KEY: Final[str] = "num-examples"  # Flower strategies weight averages by this key
 
 TRAIN_METRIC_KEYS: Final[frozenset[str]] = frozenset(

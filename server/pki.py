@@ -42,6 +42,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedrad.common.fl_protocol import SITE_ID_PATTERN
+
 KeyAlgorithm = Literal["ec-p384", "rsa-3072"]
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -61,8 +63,6 @@ DEFAULT_CA_DAYS: Final[int] = 1826  # five years
 DEFAULT_SERVER_DAYS: Final[int] = 365
 LOOPBACK_HOSTS: Final[tuple[str, ...]] = ("localhost", "127.0.0.1")
 CLOCK_SKEW: Final[timedelta] = timedelta(minutes=5)  # certificates start this much in the past
-# Same rule as the site's own config (client/site_config.py); server may not import client.
-SITE_ID_PATTERN: Final[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NODE_KEY_CURVES: Final[dict[str, str]] = {
     "secp256r1": "P-256",
     "secp384r1": "P-384",
