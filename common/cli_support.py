@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
@@ -43,6 +43,7 @@ def quiet_third_party() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     # The same filters for worker processes (Ray actors inherit the environment).
     os.environ.setdefault(
         "PYTHONWARNINGS",
@@ -96,3 +97,29 @@ def progress_bar(description: str, *, enabled: bool = True) -> Iterator[tqdm]:
         yield bar
     finally:
         bar.close()
+
+
+@contextmanager
+def stage_bars() -> Iterator[Callable[[str, int, int], None]]:
+    """A `(stage, done, total)` callback drawing one bar per stage on stderr; without a
+    terminal (tqdm's choice) each stage is announced by one line instead, so a log still
+    says why nothing happens for minutes."""
+    bars: dict[str, tqdm] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            for other in bars.values():
+                other.close()
+            bar = bars[stage] = tqdm(
+                desc=stage, total=total, file=sys.stderr, leave=False, disable=None
+            )
+            if bar.disable:
+                typer.echo(f"{stage}: {total} steps ...", err=True)
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        for bar in bars.values():
+            bar.close()

@@ -21,6 +21,7 @@ class ModelConfig:
     encoder_strides: tuple[int, ...] = (2, 2, 2, 2)  # one stride per stage: 128 px -> 8x8 map
     encoder_subunits: int = 2  # convs per residual unit (2 learns findings markedly faster)
     norm_groups: int = 8  # GroupNorm groups (Opacus forbids BatchNorm)
+    freeze_encoder: bool = False  # True once pretrained on public images: DP trains the rest
     prefix_grid: int = 4  # the feature map is pooled to grid x grid visual prefix tokens
     lm_source: str = "config"  # "config" = GPT-2 built from the fields below; else a local path
     vocab_size: int = 2048  # BPE vocabulary trained on a public report corpus

@@ -39,6 +39,8 @@ class RadiologyModel(nn.Module):
         self.config = config
         self.tokenizer = tokenizer
         self.encoder = ImageEncoder(config)
+        if config.freeze_encoder:  # pretrained on public images; nothing of it trains or travels
+            self.encoder.requires_grad_(False)
         hidden = lm.get_input_embeddings().embedding_dim
         self.projector = nn.Sequential(
             nn.Linear(self.encoder.out_channels, hidden),

@@ -63,7 +63,8 @@ def bench_preset(preset_name: str, *, steps: int, batch_size: int, threads: int)
 
     if threads:
         torch.set_num_threads(threads)
-    config = preset(preset_name)
+    # as federations run it: the public foundation's encoder is frozen (it never trains)
+    config = preset(preset_name, freeze_encoder=True)
     corpus = [report for _, report in public_reports(400, 0)]
     tokenizer = train_tokenizer(corpus, vocab_size=config.vocab_size)
     torch.manual_seed(0)

@@ -458,4 +458,10 @@ def bench_utility(
 
 
 def main() -> None:
-    app()
+    from fedrad.common.cli_support import stage_bars
+    from fedrad.simulations.stage_progress import showing_progress
+
+    # The public foundation is built once per machine, inside whichever command needs it
+    # first (run, local, centralized, foundation, bench utility): minutes, shown as bars.
+    with stage_bars() as report, showing_progress(report):
+        app()

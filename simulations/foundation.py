@@ -1,11 +1,14 @@
-"""The starting model every run shares: tokenizer and language model trained on public text only.
+"""The starting model every run shares: a language model and an image encoder trained on public
+data only.
 
-Nothing can be downloaded here, so the from-config LM would start as noise. Instead the
-coordinator trains it once, non-privately, on public text: radlabels' 1,000 shipped reports and
-report prose from the open cohort generator (a seed namespace no cohort uses, no images, no
-patients). That plays the part a public pretrained LLM plays for a real federation: it knows how
-reports are written, and the federation's DP training only has to ground that language in the
-image (encoder, projector, head and LoRA adapters). The result is cached by content hash.
+Nothing can be downloaded here, so a from-config model would start as noise. Instead the
+coordinator trains both once, non-privately, on public material: the LM and tokenizer on
+radlabels' 1,000 shipped reports and report prose from the open cohort generator, the image
+encoder on labelled public images from the same generator (`public_images`; a seed namespace no
+cohort uses, no patients). That plays the part a public pretrained LLM and a public CXR encoder
+play for a real federation: the federation's DP training only has to ground the language in the
+image through the projector, the diagnosis head and the LoRA adapters, while the encoder stays
+frozen and never travels. Each part is cached by content hash.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fedrad.common.labeler import label_report
@@ -32,11 +36,13 @@ from fedrad.common.model_config import ModelConfig
 from fedrad.common.radiology_model import RadiologyModel
 from fedrad.common.tasks import context_text, qa_prompt, report_prompt, sample_question
 from fedrad.common.tokenizer import load_tokenizer, train_tokenizer
+from fedrad.simulations.public_images import PUBLIC_SEED_NAMESPACE, EncoderRecipe, pretrain_encoder
+from fedrad.simulations.stage_progress import stage_reporter
 
 logger = logging.getLogger(__name__)
 
-PUBLIC_SEED_NAMESPACE = 99  # cohorts use spawn key 1; this corpus can never equal a site's text
-FOUNDATION_VERSION = 5  # bump when the recipe below changes: invalidates caches
+FOUNDATION_VERSION = 5  # bump when the LM recipe below changes: invalidates LM caches
+ENCODER_VERSION = 1  # bump when the public image set or encoder pretraining changes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +52,15 @@ class FoundationRecipe:
     batch_size: int = 32
     lr: float = 2e-3
     seed: int = 0
+    public_images: int = 4000  # labelled public images the encoder is pretrained on
+    encoder_steps: int = 1200  # encoder pretraining steps; 0 = encoder from scratch, trainable
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.encoder_steps < 0 or self.public_images < 20:
+            raise ValueError("foundation steps must be >= 1, encoder steps >= 0, images >= 20")
+
+    def encoder_recipe(self) -> EncoderRecipe:
+        return EncoderRecipe(images=self.public_images, steps=self.encoder_steps, seed=self.seed)
 
 
 def public_reports(n: int, seed: int) -> list[tuple[str, str]]:
@@ -179,12 +194,18 @@ def _pretrain(
 LM_FIELDS = ("vocab_size", "lm_layers", "lm_heads", "lm_dim", "max_positions", "dropout")
 
 
+def _lm_recipe(recipe: FoundationRecipe) -> dict[str, object]:
+    """The recipe fields that shape the LM: the encoder's own never invalidate its cache."""
+    fields = dataclasses.asdict(recipe)
+    return {k: v for k, v in fields.items() if k not in ("public_images", "encoder_steps")}
+
+
 def foundation_key(config: ModelConfig, recipe: FoundationRecipe) -> str:
     """Depends only on what shapes the language model, so image-side changes reuse the cache."""
     lm_fields = {name: getattr(config, name) for name in LM_FIELDS}
     lm_fields["prefix"] = config.num_prefix_tokens
     blob = json.dumps(
-        {"lm": lm_fields, "recipe": dataclasses.asdict(recipe), "v": FOUNDATION_VERSION},
+        {"lm": lm_fields, "recipe": _lm_recipe(recipe), "v": FOUNDATION_VERSION},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -199,7 +220,6 @@ def build_foundation_lm(
     *,
     recipe: FoundationRecipe | None = None,
     cache_root: Path | None = None,
-    progress: Callable[[int], None] | None = None,
 ) -> Path:
     """A local Hugging Face causal-LM directory (tokenizer + weights) pretrained on public text."""
     recipe = recipe or FoundationRecipe()
@@ -224,7 +244,7 @@ def build_foundation_lm(
         pad_id=tokenizer.pad_token_id,
         max_len=max_len,
         prefix_tokens=config.num_prefix_tokens,
-        progress=progress,
+        progress=stage_reporter("public language model (once, cached)", recipe.steps),
     )
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".lm-{key}-", dir=directory.parent))
@@ -233,7 +253,7 @@ def build_foundation_lm(
     (tmp / "fedrad_foundation.json").write_text(
         json.dumps(
             {
-                "recipe": dataclasses.asdict(recipe),
+                "recipe": _lm_recipe(recipe),
                 "corpus": {"synthetic_reports": len(pairs), "radlabels_reports": len(extra)},
                 "pretrain_loss": {"first": losses[0], "last": float(np.mean(losses[-20:]))},
                 "version": FOUNDATION_VERSION,
@@ -249,17 +269,80 @@ def build_foundation_lm(
     return directory
 
 
+ENCODER_FIELDS = ("image_size", "encoder_channels", "encoder_strides", "encoder_subunits")
+
+
+def encoder_key(config: ModelConfig, recipe: EncoderRecipe) -> str:
+    fields = {name: getattr(config, name) for name in ENCODER_FIELDS}
+    fields["norm_groups"] = config.norm_groups
+    blob = json.dumps(
+        {"encoder": fields, "recipe": dataclasses.asdict(recipe), "v": ENCODER_VERSION},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_foundation_encoder(
+    config: ModelConfig,
+    recipe: EncoderRecipe,
+    *,
+    cache_root: Path | None = None,
+) -> Path:
+    """A directory with the public image encoder's weights and what it measured (cached)."""
+    key = encoder_key(config, recipe)
+    directory = (cache_root or default_cache_root()) / f"encoder-{key}"
+    if (directory / "fedrad_encoder.json").is_file():
+        return directory
+    logger.info("pretraining the image encoder on %d public images (once)", recipe.images)
+    encoder, measured = pretrain_encoder(
+        config,
+        recipe,
+        drawing=stage_reporter("public images drawn (once, cached)", recipe.images),
+        progress=stage_reporter("public image encoder (once, cached)", recipe.steps),
+    )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".encoder-{key}-", dir=directory.parent))
+    state = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
+    save_file(state, str(tmp / "encoder.safetensors"))
+    (tmp / "fedrad_encoder.json").write_text(
+        json.dumps(
+            {"recipe": dataclasses.asdict(recipe), "version": ENCODER_VERSION, **measured},
+            indent=1,
+        )
+    )
+    if directory.exists():  # a concurrent builder won: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+    return directory
+
+
 def build_foundation(
     config: ModelConfig,
     *,
     recipe: FoundationRecipe | None = None,
     cache_root: Path | None = None,
     seed: int = 0,
-    progress: Callable[[int], None] | None = None,
 ) -> tuple[RadiologyModel, Path]:
-    """The starting model: the public LM (cached) with LoRA, and a fresh image side from `seed`."""
-    directory = build_foundation_lm(config, recipe=recipe, cache_root=cache_root, progress=progress)
+    """The starting model: the public LM (cached) with LoRA, the public image encoder (cached,
+    frozen) and a fresh projector and head from `seed`."""
+    recipe = recipe or FoundationRecipe()
+    directory = build_foundation_lm(config, recipe=recipe, cache_root=cache_root)
+    encoder_dir = None
+    if recipe.encoder_steps:
+        encoder_dir = build_foundation_encoder(
+            config, recipe.encoder_recipe(), cache_root=cache_root
+        )
+        measured = json.loads((encoder_dir / "fedrad_encoder.json").read_text())
+        note = {
+            "public_encoder": encoder_dir.name,
+            "public_encoder_held_out_auroc": measured.get("held_out_macro_auroc"),
+        }
+        config = dataclasses.replace(config, freeze_encoder=True, extra={**config.extra, **note})
     tokenizer = load_tokenizer(directory)
     lm = load_pretrained(directory)
     torch.manual_seed(seed)
-    return RadiologyModel(config, add_lora(lm, config), tokenizer), directory
+    model = RadiologyModel(config, add_lora(lm, config), tokenizer)
+    if encoder_dir is not None:
+        model.encoder.load_state_dict(load_file(str(encoder_dir / "encoder.safetensors")))
+    return model, directory

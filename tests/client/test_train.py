@@ -158,3 +158,17 @@ def test_bad_train_settings_are_refused() -> None:
         TrainConfig(steps=0)
     with pytest.raises(ValueError):
         TrainConfig(batch_size=0)
+
+
+def test_a_frozen_encoder_is_untouched_by_dp_training() -> None:
+    model = micro_model(freeze_encoder=True)
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    head = model.head.weight.detach().clone()
+    train_local(
+        model,
+        micro_examples(model, 12),
+        TrainConfig(steps=2, batch_size=6, lr=1e-2),
+        DPConfig(noise_multiplier=1.0),
+    )
+    assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
+    assert not torch.equal(head, model.head.weight)

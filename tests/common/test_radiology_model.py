@@ -87,3 +87,16 @@ def test_config_rejects_unknown_keys_and_bad_shapes() -> None:
         preset("tiny", max_positions=20)
     with pytest.raises(ValueError, match="unknown preset"):
         preset("huge")
+
+
+def test_a_frozen_encoder_neither_trains_nor_travels_and_stays_frozen_on_reload(
+    tmp_path: Path,
+) -> None:
+    model = micro_model(freeze_encoder=True)
+    names = set(model.trainable_state())
+    assert names and not any(n.startswith("encoder.") for n in names)
+    assert any(n.startswith("projector.") for n in names) and any("lora_" in n for n in names)
+    save_checkpoint(model, tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "metadata.json").read_text())
+    assert set(meta["trainable"]) == names
+    assert set(load_checkpoint(tmp_path / "ckpt").trainable_state()) == names
