@@ -22,6 +22,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
 from fedrad.client.dataset import TrainingExamples
+from fedrad.common.accounting import MechanismStep, cumulative_epsilon
 from fedrad.common.radiology_model import RadiologyModel
 
 logger = logging.getLogger(__name__)
@@ -159,9 +160,10 @@ def train_local(
             )
         if dp.delta >= 1.0 / n:
             logger.warning("delta %.2g >= 1/N for N=%d: the guarantee is weak", dp.delta, n)
-        engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # Opacus' secure_mode advice
+            # Opacus' secure_mode advice, given when the engine is built and again here
+            warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+            engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
             module, optimizer, loader = engine.make_private(
                 module=model,
                 optimizer=optimizer,
@@ -200,8 +202,9 @@ def train_local(
         model.eval()
 
     epsilon = None
-    if engine is not None:
-        epsilon = float(engine.get_epsilon(dp.delta))
+    if engine is not None:  # from the raw parameters, as the ledger and the audit do
+        step = MechanismStep(noise, sample_rate, done)
+        epsilon = cumulative_epsilon([step], delta=dp.delta, accountant=dp.accountant)
     seconds = time.perf_counter() - start
     finite = [v for v in losses if math.isfinite(v)]
     logger.info(
