@@ -27,14 +27,12 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
-import torch
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
-from fedrad.common.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from fedrad.common.checkpoint import read_metadata, write_checkpoint_from
 from fedrad.common.fl_protocol import WEIGHT_KEY, RoundConfig
 from fedrad.common.ledger import Ledger, load_or_create_signing_key
-from fedrad.common.radiology_model import RadiologyModel
 from fedrad.common.run_dir import append_metrics, read_metrics
 
 logger = logging.getLogger(__name__)
@@ -187,7 +185,6 @@ class RunBook:
     def __init__(self, run_dir: Path, foundation_dir: Path) -> None:
         self.run_dir = Path(run_dir)
         self.foundation_dir = Path(foundation_dir)
-        self._model: RadiologyModel | None = None
         self._trainable = _declared(self.foundation_dir)
         self.completed = self._completed_rounds()
 
@@ -242,13 +239,11 @@ class RunBook:
             )
         if set(arrays) != self._trainable:
             raise ResumeError("aggregated arrays do not match the declared trainable set")
-        model = self._global_model()
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in arrays.items():
-                params[name].copy_(torch.from_numpy(np.asarray(value)).to(params[name].dtype))
-        directory = save_checkpoint(
-            model,
+        # The foundation with the new trainable values: the coordinator never builds the
+        # model (with a pretrained base that would mean loading the whole LLM to save MBs).
+        directory = write_checkpoint_from(
+            self.foundation_dir,
+            arrays,
             checkpoint_dir(self.run_dir, round_no),
             metadata={
                 "kind": "federated",
@@ -262,11 +257,6 @@ class RunBook:
         append_metrics(self.run_dir, dict(record))
         self.completed = round_no
         return directory
-
-    def _global_model(self) -> RadiologyModel:
-        if self._model is None:
-            self._model = load_checkpoint(self.foundation_dir)
-        return self._model
 
 
 class CoordinatorLedger:
