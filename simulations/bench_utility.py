@@ -48,6 +48,8 @@ class UtilityBenchConfig:
     eval_reports: int = 48  # generated reports per site (or pooled) per evaluation
     eval_questions: int = 96
     arms: tuple[str, ...] = ARMS  # which of ARMS to run
+    preset: str = "tiny"  # model preset of every arm
+    lm: str | None = None  # a local base LM instead of the preset's (see `--lm`)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.arms) - set(ARMS))
@@ -84,6 +86,8 @@ def run_utility_bench(
     sites = len(site_dirs(cohort))
     out.mkdir(parents=True, exist_ok=True)
     federated = FederatedConfig(
+        preset=config.preset,
+        lm=config.lm,
         rounds=config.rounds,
         local_steps=config.local_steps,
         batch_size=config.batch_size,
@@ -97,6 +101,8 @@ def run_utility_bench(
             cohort,
             out,
             CentralizedConfig(
+                preset=config.preset,
+                lm=config.lm,
                 rounds=config.rounds,
                 steps_per_round=config.local_steps * sites,
                 batch_size=config.batch_size,
