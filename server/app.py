@@ -151,6 +151,7 @@ def run_server(grid: Grid, plan: ServerPlan, *, on_round: OnRound | None = None)
             round_s=time.perf_counter() - round_start,
             wall_s=time.perf_counter() - started,
             central_epsilon=central_epsilon,
+            per_site=_site_metrics(eval_replies),
         )
         book.commit(
             round_no,

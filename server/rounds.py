@@ -344,9 +344,12 @@ def round_record(
     round_s: float,
     wall_s: float,
     central_epsilon: float | None = None,
+    per_site: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """One metrics.jsonl line: global (weighted) evaluation, per-site cumulative epsilon, and
-    with central DP the coordinator's cumulative (site-level) epsilon."""
+    """One metrics.jsonl line: global (weighted) evaluation, per-site cumulative epsilon,
+    each site's own evaluation of the global model (`per_site`: the aggregate metrics it
+    replied, as the local-only baseline records them), and with central DP the
+    coordinator's cumulative (site-level) epsilon."""
     record: dict[str, Any] = {"round": round_no}
     for key, value in (evaluation or {}).items():
         if key != WEIGHT_KEY:  # the same count as n_studies
@@ -362,6 +365,11 @@ def round_record(
     record["update_bytes"] = update_bytes
     record["round_s"] = round_s
     record["wall_s"] = wall_s
+    if per_site:
+        record["per_site"] = {
+            site: {k: _finite_or_none(v) for k, v in sorted(metrics.items()) if k != WEIGHT_KEY}
+            for site, metrics in sorted(per_site.items())
+        }
     return record
 
 

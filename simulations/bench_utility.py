@@ -63,6 +63,7 @@ def _row(arm: str, run_dir: Path, wall_s: float) -> dict[str, Any]:
     records = read_metrics(run_dir)
     last = records[-1] if records else {}
     eps = [v for v in (last.get("epsilon") or {}).values() if v is not None]
+    per_site = last.get("per_site") or {}  # each site's own held-out split (not centralized)
     return {
         "arm": arm,
         "run_dir": str(run_dir),
@@ -71,7 +72,21 @@ def _row(arm: str, run_dir: Path, wall_s: float) -> dict[str, Any]:
         "max_site_epsilon": max(eps) if eps else None,
         "wall_s": round(wall_s, 1),
         "first_round": {m: (records[0].get(m) if records else None) for m in METRICS},
+        "per_site": {
+            site: {m: metrics.get(m) for m in ("n_studies", *METRICS)}
+            for site, metrics in per_site.items()
+        },
     }
+
+
+def smallest_site(rows: list[dict[str, Any]]) -> str | None:
+    """The site with the fewest held-out studies (the split is a fixed fraction per site)."""
+    sizes: dict[str, float] = {}
+    for row in rows:
+        for site, metrics in row["per_site"].items():
+            if metrics.get("n_studies") is not None:
+                sizes[site] = metrics["n_studies"]
+    return min(sizes, key=lambda s: (sizes[s], s)) if sizes else None
 
 
 def run_utility_bench(
@@ -130,6 +145,7 @@ def run_utility_bench(
     result = {
         "cohort": str(cohort),
         "sites": sites,
+        "smallest_site": smallest_site(rows),
         "config": asdict(config),
         "rows": rows,
     }
@@ -143,13 +159,19 @@ def markdown_table(result: dict[str, Any]) -> str:
     def cell(value: Any) -> str:
         return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
-    head = "| arm | macro AUROC | CE F1 | BLEU-4 | ROUGE-L | QA acc. | max site eps | wall |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    small = result.get("smallest_site")
+    head = (
+        "| arm | macro AUROC | CE F1 | BLEU-4 | ROUGE-L | QA acc. | max site eps "
+        f"| AUROC on {small or 'smallest site'} | wall |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         eps = row["max_site_epsilon"]
+        own = row.get("per_site", {}).get(small, {}).get("macro_auroc") if small else None
         lines.append(
             f"| {row['arm']} | "
             + " | ".join(cell(row[m]) for m in METRICS)
-            + f" | {'-' if eps is None else f'{eps:.2f}'} | {row['wall_s'] / 60:.1f} min |"
+            + f" | {'-' if eps is None else f'{eps:.2f}'} | {cell(own)}"
+            + f" | {row['wall_s'] / 60:.1f} min |"
         )
     return "\n".join(lines)
