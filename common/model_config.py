@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
 PresetName = Literal["tiny", "base", "small"]
@@ -143,6 +144,5 @@ def model_config_for(name: str, lm: str | None = None, **overrides: Any) -> Mode
     config = preset(name, **overrides)
     if lm is None:
         return config
-    return replace(
-        config, lm_source="path", lm_path=str(lm), lm_package="", lm_file="", lm_sha256=""
-    )
+    path = str(Path(lm).expanduser().resolve())  # checkpoints are read from anywhere later
+    return replace(config, lm_source="path", lm_path=path, lm_package="", lm_file="", lm_sha256="")

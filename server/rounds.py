@@ -31,7 +31,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
 from fedrad.common.checkpoint import read_metadata, write_checkpoint_from
-from fedrad.common.fl_protocol import WEIGHT_KEY, RoundConfig
+from fedrad.common.fl_protocol import DEFAULT_LR, WEIGHT_KEY, RoundConfig
 from fedrad.common.ledger import Ledger, load_or_create_signing_key
 from fedrad.common.run_dir import append_metrics, read_metrics
 
@@ -135,7 +135,7 @@ class ServerPlan:
         record.setdefault("run-id", Path(str(run_config["run-dir"])).name)
         record.setdefault("local-steps", 50)
         record.setdefault("batch-size", 16)
-        record.setdefault("lr", 2e-3)
+        record.setdefault("lr", DEFAULT_LR)
         record.setdefault("seed", 0)
         record["server-round"] = 1
         record["planned-rounds"] = rounds

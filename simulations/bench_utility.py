@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
+from fedrad.common.fl_protocol import DEFAULT_LR
 from fedrad.common.run_dir import read_metrics
 from fedrad.simulations.centralized import CentralizedConfig, run_centralized
 from fedrad.simulations.cohort_data import site_dirs
@@ -41,8 +42,9 @@ ARMS: Final[tuple[str, ...]] = (
 @dataclass(frozen=True)
 class UtilityBenchConfig:
     rounds: int = 4  # federated rounds (centralized: as many evaluation points)
-    local_steps: int = 40  # DP-SGD steps per site per round
+    local_steps: int = 80  # DP-SGD steps per site per round
     batch_size: int = 16  # expected batch size everywhere
+    lr: float = DEFAULT_LR  # every arm's learning rate: only privacy and federation differ
     seed: int = 0
     delta: float = 1e-5
     eval_reports: int = 48  # generated reports per site (or pooled) per evaluation
@@ -57,6 +59,8 @@ class UtilityBenchConfig:
             raise ValueError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
         if self.rounds < 1 or self.local_steps < 1 or self.batch_size < 1:
             raise ValueError("rounds, local_steps and batch_size must be >= 1")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
 
 
 def _row(arm: str, run_dir: Path, wall_s: float) -> dict[str, Any]:
@@ -106,6 +110,7 @@ def run_utility_bench(
         rounds=config.rounds,
         local_steps=config.local_steps,
         batch_size=config.batch_size,
+        lr=config.lr,
         seed=config.seed,
         delta=config.delta,
         eval_reports=config.eval_reports,
@@ -121,6 +126,7 @@ def run_utility_bench(
                 rounds=config.rounds,
                 steps_per_round=config.local_steps * sites,
                 batch_size=config.batch_size,
+                lr=config.lr,
                 dp=False,
                 delta=config.delta,
                 seed=config.seed,

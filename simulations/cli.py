@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from fedrad.common.cli_support import emit_json, fail, setup_logging
+from fedrad.common.fl_protocol import DEFAULT_LR
 
 app = typer.Typer(
     name="fedrad-sim",
@@ -140,7 +141,7 @@ def run(
     lm: LmOpt = None,
     local_steps: Annotated[int, typer.Option(help="DP-SGD steps per site per round.")] = 50,
     batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = 16,
-    lr: Annotated[float, typer.Option(help="Local learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Local learning rate.")] = DEFAULT_LR,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     resume: Annotated[
         Path | None, typer.Option(help="Continue a killed run from its last checkpoint.")
@@ -314,7 +315,7 @@ def local(
     lm: LmOpt = None,
     local_steps: Annotated[int, typer.Option(help="Steps per site per round.")] = 50,
     batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = 16,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = DEFAULT_LR,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -485,7 +486,8 @@ def bench_utility(
     data: Annotated[Path, typer.Option(help="A cohort (one folder per site).")],
     out: Annotated[Path, typer.Option(help="Where the six run directories and utility.json go.")],
     rounds: Annotated[int, typer.Option(help="Federated rounds.", min=1)] = 4,
-    local_steps: Annotated[int, typer.Option(help="DP-SGD steps per site per round.", min=1)] = 40,
+    local_steps: Annotated[int, typer.Option(help="DP-SGD steps per site per round.", min=1)] = 80,
+    lr: Annotated[float, typer.Option(help="Every arm's learning rate.")] = DEFAULT_LR,
     seed: Annotated[int, typer.Option(help="Seed for every arm.")] = 0,
     arms: Annotated[
         list[str] | None, typer.Option("--arm", help="Only these arms (default: all six).")
@@ -514,6 +516,7 @@ def bench_utility(
         config = UtilityBenchConfig(
             rounds=rounds,
             local_steps=local_steps,
+            lr=lr,
             seed=seed,
             arms=tuple(arms or ARMS),
             preset=preset_name,

@@ -32,7 +32,7 @@ from fedrad.client.site_agent import (
     trainable_arrays,
 )
 from fedrad.common.checkpoint import load_checkpoint, save_checkpoint
-from fedrad.common.fl_protocol import RoundConfig
+from fedrad.common.fl_protocol import DEFAULT_LR, RoundConfig
 from fedrad.common.flower_process import FLOWER_ENV
 from fedrad.common.ledger import (
     LedgerError,
@@ -85,7 +85,7 @@ class FederatedConfig:
     rounds: int = 5  # federated rounds
     local_steps: int = 50  # DP-SGD steps per site per round
     batch_size: int = 16  # expected batch size (Poisson sampling)
-    lr: float = 2e-3  # local AdamW learning rate
+    lr: float = DEFAULT_LR  # local AdamW learning rate
     strategy: str = "fedavg"  # fedavg, fedprox or fedadam
     proximal_mu: float = 0.01  # fedprox only: weight of the proximal term
     server_lr: float = 1e-2  # fedadam only: server learning rate (eta)
