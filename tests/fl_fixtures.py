@@ -3,6 +3,7 @@ an in-process Grid that delivers messages straight to a ClientApp (no Ray, no Su
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -75,35 +76,57 @@ def round_config(**over: object) -> RoundConfig:
 
 
 class InProcessGrid:
-    """The two Grid calls a ServerApp round loop uses; node i runs partition i - 1."""
+    """The two Grid calls a ServerApp round loop uses; node i runs partition i - 1.
+
+    As in Flower's runtime, each node keeps one Context (its state persists between messages,
+    which SecAgg+ needs) and receives its own copy of a message (as if serialized: the
+    workflow sends one RecordDict to every node, and secaggplus_mod edits what it receives).
+    `offline` nodes are not listed and get Flower's "node unavailable" error instead of a
+    reply; `silent` nodes are listed but never answer (a hung site: the call's timeout ends
+    the wait). `received` keeps every delivered message, `replies` every reply.
+    """
 
     def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
         self.client_app = client_app
         self.num_nodes = num_nodes
         self.sent: list[Message] = []
+        self.replies: list[Message] = []
+        self.offline: set[int] = set()
+        self.silent: set[int] = set()
+        self.contexts = {
+            node: Context(
+                run_id=0,
+                node_id=node,
+                node_config={"partition-id": node - 1, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for node in range(1, num_nodes + 1)
+        }
 
     def get_node_ids(self) -> list[int]:
-        return list(range(1, self.num_nodes + 1))
+        return [n for n in range(1, self.num_nodes + 1) if n not in self.offline]
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float) -> list[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
         replies = []
         for message in messages:
             self.sent.append(message)
             node = message.metadata.dst_node_id
-            context = Context(
-                run_id=0,
-                node_id=node,
-                node_config={"partition-id": node - 1, "num-partitions": self.num_nodes},
-                state=RecordDict(),
-                run_config={},
-            )
+            if node in self.silent:
+                continue
+            if node in self.offline:
+                error = Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable")
+                replies.append(Message(error, reply_to=message))
+                continue
             try:
-                replies.append(self.client_app(message, context))
+                reply = self.client_app(copy.deepcopy(message), self.contexts[node])
             except Exception as exc:  # what Flower's runtime does with a ClientApp exception
-                replies.append(
-                    Message(
-                        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)),
-                        reply_to=message,
-                    )
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)),
+                    reply_to=message,
                 )
+            replies.append(reply)
+        self.replies += replies
         return replies
