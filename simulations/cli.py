@@ -137,6 +137,32 @@ def run(
             help="Central DP: delta of the coordinator's epsilon (default 1e-5).",
         ),
     ] = None,
+    secagg: Annotated[
+        bool,
+        typer.Option(
+            "--secagg",
+            help="SecAgg+: the coordinator sees only the sum of the sites' masked updates "
+            "(fedavg or fedprox; 3 sites or more).",
+        ),
+    ] = False,
+    secagg_shares: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="SecAgg+: key shares per site (default: every site)."),
+    ] = None,
+    secagg_threshold: Annotated[
+        int | None,
+        typer.Option(
+            metavar="T", help="SecAgg+: shares that unmask (default: a majority, at least 2)."
+        ),
+    ] = None,
+    min_sites: Annotated[
+        int | None,
+        typer.Option(
+            metavar="K",
+            help="A round goes on with K sites if the others are gone (default 1; SecAgg+: "
+            "the threshold).",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Federated simulation on Flower's simulation engine (one virtual site per cohort folder)."""
@@ -163,6 +189,8 @@ def run(
             central["central_delta"] = central_delta
     elif central_clip is not None or central_delta is not None:
         fail("--central-clip and --central-delta need --central-noise SIGMA")
+    if not secagg and (secagg_shares is not None or secagg_threshold is not None):
+        fail("--secagg-shares and --secagg-threshold need --secagg")
     config = _federated_config(
         preset=preset_name,
         rounds=rounds,
@@ -176,6 +204,10 @@ def run(
         seed=seed,
         eval_reports=eval_reports,
         foundation=_recipe(foundation_steps),
+        secagg=secagg,
+        secagg_shares=secagg_shares,
+        secagg_threshold=secagg_threshold,
+        min_sites=min_sites,
         **central,
     )
     try:
@@ -255,10 +287,12 @@ def _print_round(record: dict) -> None:
     )
     if isinstance(record.get("central_epsilon"), float):
         eps_text += f"; central (site-level) {record['central_epsilon']:.2f}"
+    secure = record.get("secagg")
     typer.echo(
         f"round {record['round']}: loss {fmt('train_loss')}, macro AUROC {fmt('macro_auroc')}, "
         f"CE F1 {fmt('ce_f1')}, BLEU-4 {fmt('bleu4')}, ROUGE-L {fmt('rouge_l')}, "
         f"QA {fmt('qa_accuracy')}, epsilon {eps_text}"
+        + (f"; SecAgg+ over {int(secure['sites_summed'])} sites" if secure else "")
     )
 
 
