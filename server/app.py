@@ -23,6 +23,7 @@ over a plan built in Python (run_simulation has no run config).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -234,9 +235,22 @@ def simulation_server_app(plan: ServerPlan, *, on_round: OnRound | None = None) 
     return app
 
 
+def log_to_run_stream() -> None:
+    """fedrad's own INFO lines (rounds committed, resumes, dropouts, SecAgg+ settings) into
+    the output Flower mirrors to `flwr log`: nothing configures logging in the ServerApp's
+    process, so without this only warnings would reach the coordinator's operator."""
+    logger_ = logging.getLogger("fedrad")
+    if not logger_.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger_.addHandler(handler)
+        logger_.setLevel(logging.INFO)
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    log_to_run_stream()
     run_server(grid, ServerPlan.from_run_config(dict(context.run_config)))

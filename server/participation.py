@@ -128,7 +128,14 @@ class RoundGrid:
     ) -> list[Message]:
         messages = list(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        answered = {r.metadata.src_node_id for r in replies}
+        # A reply names its request, which names the node: the SuperLink answers for a node
+        # it has declared offline itself, with its own node id as the source.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        sent_to.pop("", None)  # a grid that gives no ids: the source names the node
+        answered: dict[int, Message] = {}
+        for reply in replies:
+            node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            answered[node] = reply
         silent = [
             m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered
         ]
@@ -142,8 +149,7 @@ class RoundGrid:
                 len(silent),
                 timeout or 0,
             )
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        for node, reply in answered.items():
             if reply.has_error():
                 self.problems[node] = str(reply.error.reason)
             else:

@@ -8,11 +8,13 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
+from uuid import uuid4
 
 import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrad.client.dataset import SiteStudies
@@ -78,12 +80,13 @@ def round_config(**over: object) -> RoundConfig:
 class InProcessGrid:
     """The two Grid calls a ServerApp round loop uses; node i runs partition i - 1.
 
-    As in Flower's runtime, each node keeps one Context (its state persists between messages,
-    which SecAgg+ needs) and receives its own copy of a message (as if serialized: the
-    workflow sends one RecordDict to every node, and secaggplus_mod edits what it receives).
-    `offline` nodes are not listed and get Flower's "node unavailable" error instead of a
-    reply; `silent` nodes are listed but never answer (a hung site: the call's timeout ends
-    the wait). `received` keeps every delivered message, `replies` every reply.
+    As in Flower's runtime, each message gets an id when sent, each node keeps one Context
+    (its state persists between messages, which SecAgg+ needs) and receives its own copy of a
+    message (as if serialized: the workflow sends one RecordDict to every node, and
+    secaggplus_mod edits what it receives). `offline` nodes are not listed, and the SuperLink
+    answers for them with its "node unavailable" error (from its own node id, as it does);
+    `silent` nodes are listed but never answer (a hung site: the call's timeout ends the
+    wait). `sent` keeps every message, `replies` every reply.
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
@@ -112,13 +115,15 @@ class InProcessGrid:
     ) -> list[Message]:
         replies = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
             self.sent.append(message)
             node = message.metadata.dst_node_id
             if node in self.silent:
                 continue
             if node in self.offline:
-                error = Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable")
-                replies.append(Message(error, reply_to=message))
+                replies.append(
+                    create_message_error_unavailable_res_message(message.metadata, "node")
+                )
                 continue
             try:
                 reply = self.client_app(copy.deepcopy(message), self.contexts[node])

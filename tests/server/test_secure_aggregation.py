@@ -17,6 +17,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.server.superlink.linkstate.utils import NODE_UNAVAILABLE_ERROR_REASON
 
 from fedrad.client import secure_aggregation as client_secagg
 from fedrad.client import site_agent
@@ -256,7 +257,7 @@ def test_a_site_lost_mid_round_does_not_sink_it_and_rejoins(
     assert first["secagg"]["sites_summed"] == summed
     assert second["secagg"]["sites_summed"] == 3 and second["failures"] == []
     assert set(second["epsilon"]) == {"site_0", "site_1", "site_2"}  # it rejoined
-    lost = ["node unavailable"] if summed == 2 else []  # its update missing, or counted
+    lost = [NODE_UNAVAILABLE_ERROR_REASON] if summed == 2 else []  # missing, or counted
     assert first["failures"] == [*lost, "evaluate: 1 site(s) not connected"]
     if summed == 2:
         assert set(first["epsilon"]) == {"site_0", "site_1"}
