@@ -201,6 +201,8 @@ class SecureRounds:
         config: RoundValues,
     ) -> TrainOutcome:
         names = array_order(arrays)
+        if self.plan.strategy == "fedprox":  # as Flower's FedProx.configure_train does
+            config = {**config, "proximal-mu": self.plan.proximal_mu}
         one_round = _OneRound(grid, config)
         strategy: Strategy = one_round
         if self.plan.central_noise_multiplier is not None:

@@ -110,14 +110,19 @@ class DyingGrid(InProcessGrid):
 # -- the unmasked mean is FedAvg's mean ------------------------------------------------------
 
 
-def test_secagg_mean_equals_plain_fedavg_on_the_same_site_updates(tmp_path: Path) -> None:
-    """Sites train deterministically, so a plain run and a SecAgg+ run get the same updates."""
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
+def test_secagg_mean_equals_plain_fedavg_on_the_same_site_updates(
+    tmp_path: Path, strategy: str
+) -> None:
+    """Sites train deterministically, so a plain run and a SecAgg+ run get the same updates
+    (FedProx: the same proximal term at the sites, the same mean)."""
     foundation = micro_foundation(tmp_path)
     results = {}
+    prox = {"strategy": strategy, "proximal_mu": 0.5 if strategy == "fedprox" else 0.0}
     for mode in ("plain", "secure"):
         site_agent.clear_caches()
         specs = _sites(tmp_path / mode, foundation)
-        plan = _plan(tmp_path / mode / "run", foundation, secagg=mode == "secure")
+        plan = _plan(tmp_path / mode / "run", foundation, secagg=mode == "secure", **prox)
         app = (simulation_secure_client_app if mode == "secure" else simulation_client_app)(specs)
         assert run_server(InProcessGrid(app, 3), plan) == 1
         results[mode] = (RunBook(plan.run_dir, foundation).resume_point().arrays, plan)
