@@ -102,12 +102,12 @@ def check_secagg_range(updates: NDArrays, weight: int, state: dict[str, object])
         levels = int(state["target_range"])  # type: ignore[call-overload]
     except (KeyError, TypeError, ValueError) as exc:
         raise SiteRefusalError("no SecAgg+ setup is on record for this round") from exc
-    ratio = weight_ratio(weight, max_weight=max_weight, quantization=levels)
     if weight > max_weight:
         raise SiteRefusalError(
             f"this site's weight {weight} exceeds the SecAgg+ max weight {max_weight:g}: "
             "the coordinator must raise secagg-max-weight"
         )
+    ratio = weight_ratio(weight, max_weight=max_weight, quantization=levels)
     peak = max((float(np.max(np.abs(u))) for u in updates if u.size), default=0.0)
     if not np.isfinite(peak):
         raise SiteRefusalError("the update is not finite")
