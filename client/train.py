@@ -14,15 +14,17 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
 from fedrad.client.dataset import TrainingExamples
 from fedrad.common.accounting import MechanismStep, cumulative_epsilon
+from fedrad.common.devices import Precision, autocast, select_device
 from fedrad.common.radiology_model import RadiologyModel
 from fedrad.common.secagg_protocol import ADAM_BETAS
 
@@ -69,12 +71,17 @@ class TrainConfig:
     lora_lr_scale: float = 0.25  # LoRA adapters learn at this fraction of `lr`
     seed: int = 0
     threads: int = 0  # torch CPU threads (0 = leave as is)
+    device: str = "auto"  # "auto" = the site's GPU when it has one, else the CPU
+    precision: Precision = "auto"  # "auto" = bf16 autocast on a GPU, fp32 on the CPU
+    loader_workers: int = 2  # data-loading processes on a GPU (the CPU trains in-process)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.loader_workers < 0:
+            raise ValueError("loader_workers must be >= 0")
 
 
 @dataclass
@@ -131,7 +138,11 @@ def train_local(
     n = len(examples)
     batch_size = min(train.batch_size, n)
     sample_rate = batch_size / n
-    loader = DataLoader(examples, batch_size=batch_size, shuffle=True, generator=generator)
+    device = select_device(train.device)
+    # Onto the device before parameters are collected and Opacus' hooks attach: a LoRA
+    # tensor replaced by a move afterwards would never be updated (the Opacus + peft hazard).
+    model.to(device)
+    loader = _loader(examples, train, device, sample_rate if dp.enabled else None, generator)
     params = [p for p in model.parameters() if p.requires_grad]
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     lora_ids = {id(p) for p in lora}
@@ -168,15 +179,18 @@ def train_local(
             # Opacus' secure_mode advice, given when the engine is built and again here
             warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
             engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
+            # The loader already samples Poisson at exactly q = batch_size / N, the rate the
+            # ledger records (Opacus' own conversion would use 1 / ceil(N / batch_size)).
             module, optimizer, loader = engine.make_private(
                 module=model,
                 optimizer=optimizer,
                 data_loader=loader,
                 noise_multiplier=noise,
                 max_grad_norm=dp.max_grad_norm,
-                poisson_sampling=True,
+                poisson_sampling=False,
                 grad_sample_mode=dp.grad_sample_mode,
             )
+            module.forbid_grad_accumulation()
 
     weight = model.config.finding_loss_weight
     losses: list[float] = []
@@ -191,8 +205,10 @@ def train_local(
                     _empty_step(optimizer, params)
                     loss_value = float("nan")
                 else:
-                    lm_loss, finding_loss, _ = module(*_trim(tuple(batch)))
-                    loss = (lm_loss + weight * finding_loss).mean()
+                    inputs = tuple(t.to(device, non_blocking=True) for t in _trim(tuple(batch)))
+                    with autocast(device, train.precision):
+                        lm_loss, finding_loss, _ = module(*inputs)
+                    loss = (lm_loss.float() + weight * finding_loss.float()).mean()
                     loss.backward()
                     optimizer.step()
                     loss_value = float(loss.detach())
@@ -231,6 +247,37 @@ def train_local(
         losses=losses,
         accountant=dp.accountant if dp.enabled else None,
     )
+
+
+def _loader(
+    examples: TrainingExamples,
+    train: TrainConfig,
+    device: torch.device,
+    sample_rate: float | None,
+    generator: torch.Generator,
+) -> DataLoader:
+    """Poisson sampling at `sample_rate` (DP) or shuffled batches; on a GPU, worker
+    processes prepare batches into pinned memory so the device is not kept waiting."""
+    workers = train.loader_workers if device.type == "cuda" else 0
+    common: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": device.type == "cuda",
+        "worker_init_fn": _reseed_worker if workers else None,
+        "persistent_workers": False,
+    }
+    if sample_rate is None:
+        batch_size = min(train.batch_size, len(examples))
+        return DataLoader(
+            examples, batch_size=batch_size, shuffle=True, generator=generator, **common
+        )
+    return DPDataLoader(examples, sample_rate=sample_rate, generator=generator, **common)
+
+
+def _reseed_worker(worker_id: int) -> None:
+    """Each loader process draws its own tasks (it starts with a copy of the same RNG)."""
+    info = torch.utils.data.get_worker_info()
+    if info is not None and isinstance(info.dataset, TrainingExamples):
+        info.dataset.rng.seed(info.seed)
 
 
 def _empty_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:

@@ -18,6 +18,10 @@ FLOWER_ENV: Final[dict[str, str]] = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
+    # Worker processes have no terminal: library progress bars (GGUF de-quantisation) would
+    # only fill their logs line by line. Bars that fedrad draws itself pass `disable` and
+    # are unaffected.
+    "TQDM_DISABLE": "1",
 }
 
 

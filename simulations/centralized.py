@@ -20,7 +20,7 @@ from fedrad.client.evaluate import EvalConfig, evaluate
 from fedrad.client.train import DPConfig, TrainConfig, calibrate_noise, train_local
 from fedrad.common.accounting import MechanismStep, cumulative_epsilon
 from fedrad.common.checkpoint import save_checkpoint
-from fedrad.common.model_config import preset
+from fedrad.common.model_config import model_config_for
 from fedrad.common.run_dir import append_metrics, new_run_dir, plot_run, write_config, write_summary
 from fedrad.simulations.cohort_data import load_cohort, pooled
 from fedrad.simulations.foundation import FoundationRecipe, build_foundation
@@ -33,6 +33,7 @@ POOLED = "pooled"
 @dataclass(frozen=True)
 class CentralizedConfig:
     preset: str = "tiny"
+    lm: str | None = None  # a local HF causal-LM directory or GGUF file instead of the preset's
     rounds: int = 5
     steps_per_round: int = 200
     batch_size: int = 16
@@ -62,13 +63,14 @@ def run_centralized(
     *,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
-    model_config = preset(config.preset)
+    model_config = model_config_for(config.preset, config.lm)
     splits, dropped = load_cohort(cohort, image_size=model_config.image_size)
     train = pooled([s.train for s in splits])
     held = pooled([s.held_out for s in splits])
     model, foundation_dir = build_foundation(
         model_config, recipe=config.foundation, seed=config.seed
     )
+    model_config = model.config  # as built: frozen encoder, the base LM's verified hash
     run_dir = new_run_dir(runs_root, "centralized")
     total_steps = config.rounds * config.steps_per_round
     sample_rate = min(config.batch_size, len(train)) / len(train)

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from fedrad.common.cli_support import emit_json, fail, setup_logging
+from fedrad.common.fl_protocol import DEFAULT_LR
 
 app = typer.Typer(
     name="fedrad-sim",
@@ -59,11 +60,10 @@ def synth(
 
 
 def _federated_config(**kwargs: object) -> object:
-    from fedrad.common.model_config import PRESETS
     from fedrad.simulations.federated import FederatedConfig
 
-    if kwargs["preset"] not in PRESETS:
-        fail(f"unknown preset {kwargs['preset']!r} (choose from {', '.join(PRESETS)})")
+    lm = kwargs.get("lm")
+    _check_model(str(kwargs["preset"]), None if lm is None else Path(str(lm)))
     try:
         return FederatedConfig(**kwargs)  # type: ignore[arg-type]
     except ValueError as exc:
@@ -78,13 +78,48 @@ def _recipe(steps: int) -> object:
     return FoundationRecipe(steps=steps)
 
 
+LmOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--lm",
+        metavar="PATH",
+        help="Base LM instead of the preset's: a local Hugging Face causal-LM directory or "
+        "GGUF file (frozen; LoRA trains). The preset's image side stays.",
+    ),
+]
+
+
+def _check_model(preset_name: str, lm: Path | None) -> None:
+    """The preset and its base LM, checked before any work: an unknown preset, a missing
+    package, a hash mismatch, a path that is not a causal LM, too little memory."""
+    from fedrad.common.base_lm import BaseLMError, preflight
+    from fedrad.common.model_config import model_config_for
+
+    try:
+        config = model_config_for(preset_name, None if lm is None else str(lm))
+        if config.pretrained_lm:
+            preflight(config)
+    except (ValueError, BaseLMError) as exc:
+        fail(str(exc))
+
+
 def _run_errors() -> tuple[type[Exception], ...]:
+    from fedrad.common.base_lm import BaseLMError
+    from fedrad.common.checkpoint import CheckpointError
     from fedrad.common.ledger import LedgerError
     from fedrad.server.app import FederationError
     from fedrad.server.rounds import ResumeError
     from fedrad.simulations.cohort_data import CohortError
 
-    return (ValueError, CohortError, LedgerError, FederationError, ResumeError)
+    return (
+        ValueError,
+        CohortError,
+        LedgerError,
+        FederationError,
+        ResumeError,
+        BaseLMError,
+        CheckpointError,
+    )
 
 
 @app.command()
@@ -100,10 +135,13 @@ def run(
     delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="No DP-SGD (baseline only).")] = False,
     strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam.")] = "fedavg",
-    preset_name: Annotated[str, typer.Option("--preset", help="Model preset.")] = "tiny",
+    preset_name: Annotated[
+        str, typer.Option("--preset", help="Model preset: tiny, small or base.")
+    ] = "tiny",
+    lm: LmOpt = None,
     local_steps: Annotated[int, typer.Option(help="DP-SGD steps per site per round.")] = 50,
     batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = 16,
-    lr: Annotated[float, typer.Option(help="Local learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Local learning rate.")] = DEFAULT_LR,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     resume: Annotated[
         Path | None, typer.Option(help="Continue a killed run from its last checkpoint.")
@@ -193,6 +231,7 @@ def run(
         fail("--secagg-shares and --secagg-threshold need --secagg")
     config = _federated_config(
         preset=preset_name,
+        lm=None if lm is None else str(lm),
         rounds=rounds,
         local_steps=local_steps,
         batch_size=batch_size,
@@ -229,8 +268,9 @@ def centralized(
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without DP (baseline).")] = False,
     delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
     preset_name: Annotated[
-        str, typer.Option("--preset", help="Model preset: tiny or base.")
+        str, typer.Option("--preset", help="Model preset: tiny, small or base.")
     ] = "tiny",
+    lm: LmOpt = None,
     rounds: Annotated[int, typer.Option(help="Evaluation rounds.")] = 5,
     steps_per_round: Annotated[int, typer.Option(help="Optimizer steps per round.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = 16,
@@ -251,6 +291,7 @@ def centralized(
     try:
         config = CentralizedConfig(
             preset=preset_name,
+            lm=None if lm is None else str(lm),
             rounds=rounds,
             steps_per_round=steps_per_round,
             batch_size=batch_size,
@@ -261,14 +302,12 @@ def centralized(
             seed=seed,
             eval_reports=eval_reports,
         )
-        from fedrad.common.model_config import preset as get_preset
-
-        get_preset(preset_name)
     except ValueError as exc:
         fail(str(exc))
+    _check_model(preset_name, lm)
     try:
         run_dir = run_centralized(data, out, config, on_round=_print_round)
-    except CohortError as exc:
+    except (CohortError, *_run_errors()) as exc:
         fail(str(exc))
     typer.echo(f"run directory: {run_dir}")
 
@@ -304,10 +343,13 @@ def local(
     epsilon: Annotated[float, typer.Option(help="Each site's epsilon.")] = 8.0,
     delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="No DP-SGD.")] = False,
-    preset_name: Annotated[str, typer.Option("--preset", help="Model preset.")] = "tiny",
+    preset_name: Annotated[
+        str, typer.Option("--preset", help="Model preset: tiny, small or base.")
+    ] = "tiny",
+    lm: LmOpt = None,
     local_steps: Annotated[int, typer.Option(help="Steps per site per round.")] = 50,
     batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = 16,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = DEFAULT_LR,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -317,6 +359,7 @@ def local(
     setup_logging(verbose)
     config = _federated_config(
         preset=preset_name,
+        lm=None if lm is None else str(lm),
         rounds=rounds,
         local_steps=local_steps,
         batch_size=batch_size,
@@ -391,17 +434,32 @@ def bench_model(
     steps: Annotated[int, typer.Option(help="Timed steps per measurement (median).", min=1)] = 10,
     batch_size: Annotated[int, typer.Option(help="Batch size.", min=1)] = 16,
     threads: Annotated[int, typer.Option(help="Torch threads (0 = default).", min=0)] = 0,
+    lm: LmOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
 ) -> None:
-    """Step time and peak memory, DP vs non-DP, per preset, on this machine."""
+    """Step time and peak memory, DP vs non-DP, per preset, on this machine (one JSON object
+    for one preset; with several, {"machine", "results": [...]})."""
     from fedrad.common.model_config import PRESETS
-    from fedrad.simulations.bench_model import run_bench
+    from fedrad.simulations.bench_model import BenchError, run_bench
 
+    setup_logging(verbose)  # before the measuring processes start: they inherit the filters
     names = presets or list(PRESETS)
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
         fail(f"unknown preset(s): {', '.join(unknown)} (choose from {', '.join(PRESETS)})")
-    report = run_bench(names, steps=steps, batch_size=batch_size, threads=threads)
+    for name in names:
+        _check_model(name, lm)
+    try:
+        report = run_bench(
+            names,
+            steps=steps,
+            batch_size=batch_size,
+            threads=threads,
+            lm=None if lm is None else str(lm),
+        )
+    except BenchError as exc:
+        fail(str(exc))
     payload = report["results"][0] if len(names) == 1 else report
     if json_out:
         emit_json(payload)
@@ -419,7 +477,10 @@ def bench_model(
 @app.command()
 def foundation(
     out: Annotated[Path, typer.Option(help="New checkpoint directory for the starting model.")],
-    preset_name: Annotated[str, typer.Option("--preset", help="Model preset.")] = "tiny",
+    preset_name: Annotated[
+        str, typer.Option("--preset", help="Model preset: tiny, small or base.")
+    ] = "tiny",
+    lm: LmOpt = None,
     foundation_steps: Annotated[
         int, typer.Option(help="Pretraining steps of the public language model.", min=1)
     ] = 600,
@@ -430,18 +491,22 @@ def foundation(
     deployment: the coordinator passes it to `fedrad-coordinator run --foundation`, and every
     site keeps its own copy (`fedrad-site start --foundation` or foundation_dir in site.toml)."""
     from fedrad.common.checkpoint import save_checkpoint
-    from fedrad.common.model_config import PRESETS, preset
+    from fedrad.common.model_config import model_config_for
     from fedrad.simulations.foundation import FoundationRecipe, build_foundation
 
     setup_logging(verbose)
-    if preset_name not in PRESETS:
-        fail(f"unknown preset {preset_name!r} (choose from {', '.join(PRESETS)})")
+    _check_model(preset_name, lm)
     if out.exists() and any(out.iterdir()):
         fail(f"{out} exists and is not empty")
     typer.echo("building the public foundation (cached after the first time) ...", err=True)
-    model, lm_dir = build_foundation(
-        preset(preset_name), recipe=FoundationRecipe(steps=foundation_steps), seed=seed
-    )
+    try:
+        model, lm_dir = build_foundation(
+            model_config_for(preset_name, None if lm is None else str(lm)),
+            recipe=FoundationRecipe(steps=foundation_steps),
+            seed=seed,
+        )
+    except _run_errors() as exc:
+        fail(str(exc))
     save_checkpoint(
         model,
         out,
@@ -455,11 +520,16 @@ def bench_utility(
     data: Annotated[Path, typer.Option(help="A cohort (one folder per site).")],
     out: Annotated[Path, typer.Option(help="Where the six run directories and utility.json go.")],
     rounds: Annotated[int, typer.Option(help="Federated rounds.", min=1)] = 4,
-    local_steps: Annotated[int, typer.Option(help="DP-SGD steps per site per round.", min=1)] = 40,
+    local_steps: Annotated[int, typer.Option(help="DP-SGD steps per site per round.", min=1)] = 80,
+    lr: Annotated[float, typer.Option(help="Every arm's learning rate.")] = DEFAULT_LR,
     seed: Annotated[int, typer.Option(help="Seed for every arm.")] = 0,
     arms: Annotated[
         list[str] | None, typer.Option("--arm", help="Only these arms (default: all six).")
     ] = None,
+    preset_name: Annotated[
+        str, typer.Option("--preset", help="Model preset of every arm: tiny, small or base.")
+    ] = "tiny",
+    lm: LmOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
 ) -> None:
@@ -475,9 +545,16 @@ def bench_utility(
     setup_logging(verbose)
     if not data.is_dir():
         fail(f"not a directory: {data}")
+    _check_model(preset_name, lm)
     try:
         config = UtilityBenchConfig(
-            rounds=rounds, local_steps=local_steps, seed=seed, arms=tuple(arms or ARMS)
+            rounds=rounds,
+            local_steps=local_steps,
+            lr=lr,
+            seed=seed,
+            arms=tuple(arms or ARMS),
+            preset=preset_name,
+            lm=None if lm is None else str(lm),
         )
         result = run_utility_bench(
             data, out, config, progress=lambda line: typer.echo(line, err=True)

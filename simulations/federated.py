@@ -32,7 +32,7 @@ from fedrad.client.site_agent import (
     trainable_arrays,
 )
 from fedrad.common.checkpoint import load_checkpoint, save_checkpoint
-from fedrad.common.fl_protocol import RoundConfig
+from fedrad.common.fl_protocol import DEFAULT_LR, RoundConfig
 from fedrad.common.flower_process import FLOWER_ENV
 from fedrad.common.ledger import (
     LedgerError,
@@ -41,7 +41,7 @@ from fedrad.common.ledger import (
     public_key_path,
     verify_ledger,
 )
-from fedrad.common.model_config import ModelConfig, preset
+from fedrad.common.model_config import ModelConfig, model_config_for
 from fedrad.common.run_dir import (
     append_metrics,
     new_run_dir,
@@ -82,10 +82,11 @@ __all__ = [
 @dataclass(frozen=True)
 class FederatedConfig:
     preset: str = "tiny"  # model preset (ignored when `foundation` is given)
+    lm: str | None = None  # a local HF causal-LM directory or GGUF file instead of the preset's
     rounds: int = 5  # federated rounds
     local_steps: int = 50  # DP-SGD steps per site per round
     batch_size: int = 16  # expected batch size (Poisson sampling)
-    lr: float = 2e-3  # local AdamW learning rate
+    lr: float = DEFAULT_LR  # local AdamW learning rate
     strategy: str = "fedavg"  # fedavg, fedprox or fedadam
     proximal_mu: float = 0.01  # fedprox only: weight of the proximal term
     server_lr: float = 1e-2  # fedadam only: server learning rate (eta)
@@ -201,7 +202,7 @@ def _model_config(config: FederatedConfig, run_dir: Path | None) -> ModelConfig:
     elif config.initial_checkpoint is not None:
         source = Path(config.initial_checkpoint)
     else:
-        return preset(config.preset)
+        return model_config_for(config.preset, config.lm)
     return ModelConfig.from_dict(json.loads((source / "config.json").read_text()))
 
 
@@ -215,11 +216,27 @@ def _initial_model(config: FederatedConfig, run_dir: Path) -> Path:
             source = str(config.initial_checkpoint)
         else:
             model, lm_dir = build_foundation(
-                preset(config.preset), recipe=config.foundation, seed=config.seed
+                model_config_for(config.preset, config.lm),
+                recipe=config.foundation,
+                seed=config.seed,
             )
             source = str(lm_dir)
         save_checkpoint(model, directory, metadata={"kind": "initial", "source": source})
     return directory
+
+
+def client_cpus(config: FederatedConfig, model_config: ModelConfig) -> float:
+    """Ray CPUs per virtual site. Over a pretrained base every core goes to one site at a
+    time: the simulation then runs one worker process, which holds the frozen base once and
+    serves every site in turn (`site_agent.cached_model`), instead of one LLM copy per
+    parallel worker."""
+    if model_config.pretrained_lm:
+        return max(config.cpus_per_site, float(os.cpu_count() or 1))
+    return config.cpus_per_site
+
+
+def _site_threads(config: FederatedConfig, model_config: ModelConfig) -> int:
+    return max(1, int(client_cpus(config, model_config)))
 
 
 def _site_specs(
@@ -228,12 +245,13 @@ def _site_specs(
     run_dir: Path,
     foundation_dir: Path,
     config: FederatedConfig,
-    image_size: int,
+    model_config: ModelConfig,
 ) -> list[SiteSpec]:
     """One spec per usable site; keys are created here, before any worker could race."""
     from fedrad.client.site_data import manifest_path
 
-    preprocess = PreprocessConfig(image_size=image_size)
+    preprocess = PreprocessConfig(image_size=model_config.image_size)
+    threads = _site_threads(config, model_config)
     specs = []
     for split in splits:
         state = run_dir / "sites" / split.site_id
@@ -247,7 +265,7 @@ def _site_specs(
                 key_path=key_path,
                 manifest=manifest_path(cohort / split.site_id, config=preprocess),
                 held_out_fraction=config.held_out_fraction,
-                threads=1,
+                threads=threads,
             )
         )
     return specs
@@ -372,13 +390,14 @@ def run_federated(
     else:
         run_dir = new_run_dir(runs_root, "federated")
         foundation_dir = _initial_model(config, run_dir)
+        model_config = _model_config(config, run_dir)  # with the base LM's verified hash
         write_config(
             run_dir,
             _run_config("federated", cohort, config, splits, dropped, foundation_dir, model_config),
         )
     for site, reason in dropped.items():
         logger.warning("site %s left out of the federation: %s", site, reason)
-    specs = _site_specs(cohort, splits, run_dir, foundation_dir, config, model_config.image_size)
+    specs = _site_specs(cohort, splits, run_dir, foundation_dir, config, model_config)
     _check_ledgers(specs)
     plan = server_plan(config, run_dir, foundation_dir, num_sites=len(specs))
     seen: list[dict[str, Any]] = []
@@ -403,7 +422,7 @@ def run_federated(
             server_app=simulation_server_app(plan, on_round=round_done),
             client_app=client_app,
             num_supernodes=len(specs),
-            backend_config={"client_resources": {"num_cpus": config.cpus_per_site}},
+            backend_config={"client_resources": {"num_cpus": client_cpus(config, model_config)}},
         )
         simulation_s = time.perf_counter() - started
     else:
@@ -480,14 +499,13 @@ def run_local_only(
     )
     run_dir = new_run_dir(runs_root, "local")
     foundation_dir = _initial_model(config, run_dir)
+    model_config = _model_config(config, run_dir)
     write_config(
         run_dir, _run_config("local", cohort, config, splits, dropped, foundation_dir, model_config)
     )
     specs = [
         replace(s, threads=0)
-        for s in _site_specs(
-            cohort, splits, run_dir, foundation_dir, config, model_config.image_size
-        )
+        for s in _site_specs(cohort, splits, run_dir, foundation_dir, config, model_config)
     ]
     clear_caches()
     model = cached_model(foundation_dir)

@@ -30,6 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fedrad.common.base_lm import locate
+from fedrad.common.checkpoint import build_model
 from fedrad.common.labeler import label_report
 from fedrad.common.language_model import add_lora, build_from_config, load_pretrained
 from fedrad.common.model_config import ModelConfig
@@ -324,10 +326,14 @@ def build_foundation(
     cache_root: Path | None = None,
     seed: int = 0,
 ) -> tuple[RadiologyModel, Path]:
-    """The starting model: the public LM (cached) with LoRA, the public image encoder (cached,
-    frozen) and a fresh projector and head from `seed`."""
+    """The starting model: the public LM (cached; or the config's pretrained base LM) with
+    LoRA, the public image encoder (cached, frozen) and a fresh projector and head from
+    `seed`. Returns the model and where its language model came from."""
     recipe = recipe or FoundationRecipe()
-    directory = build_foundation_lm(config, recipe=recipe, cache_root=cache_root)
+    if config.pretrained_lm:  # a real pretrained LLM: nothing to pretrain on the text side
+        directory = locate(config).weights
+    else:
+        directory = build_foundation_lm(config, recipe=recipe, cache_root=cache_root)
     encoder_dir = None
     if recipe.encoder_steps:
         encoder_dir = build_foundation_encoder(
@@ -339,10 +345,14 @@ def build_foundation(
             "public_encoder_held_out_auroc": measured.get("held_out_macro_auroc"),
         }
         config = dataclasses.replace(config, freeze_encoder=True, extra={**config.extra, **note})
-    tokenizer = load_tokenizer(directory)
-    lm = load_pretrained(directory)
-    torch.manual_seed(seed)
-    model = RadiologyModel(config, add_lora(lm, config), tokenizer)
+    if config.pretrained_lm:
+        torch.manual_seed(seed)
+        model = build_model(config)
+    else:
+        tokenizer = load_tokenizer(directory)
+        lm = load_pretrained(directory)
+        torch.manual_seed(seed)
+        model = RadiologyModel(config, add_lora(lm, config), tokenizer)
     if encoder_dir is not None:
         model.encoder.load_state_dict(load_file(str(encoder_dir / "encoder.safetensors")))
     return model, directory

@@ -172,3 +172,44 @@ def test_a_frozen_encoder_is_untouched_by_dp_training() -> None:
     )
     assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
     assert not torch.equal(head, model.head.weight)
+
+
+def test_poisson_sampling_runs_at_exactly_the_rate_the_ledger_records() -> None:
+    """Opacus' own conversion samples at 1 / ceil(N / B); the ledger records B / N."""
+    from fedrad.client.train import _loader
+
+    model = micro_model()
+    examples = micro_examples(model, 14)
+    loader = _loader(
+        examples, TrainConfig(batch_size=4), torch.device("cpu"), 4 / 14, torch.Generator()
+    )
+    assert loader.sample_rate == pytest.approx(4 / 14)  # Opacus would use 1 / 4
+    result = train_local(
+        model, examples, TrainConfig(steps=2, batch_size=4), DPConfig(noise_multiplier=1.0)
+    )
+    assert result.sample_rate == pytest.approx(4 / 14)
+
+
+def test_a_bf16_dp_step_matches_the_float32_plain_step() -> None:
+    """The GPU path (bf16 autocast under Opacus' hooks), exercised on the CPU: without noise or
+    clipping its update points where the float32 non-private update does."""
+    base = micro_model()
+    _lora_b_nonzero(base)
+    examples = micro_examples(base, 8)
+    updates = []
+    for precision, dp in (
+        ("fp32", DPConfig(enabled=False)),
+        ("bf16", DPConfig(noise_multiplier=0.0, max_grad_norm=1e6)),
+    ):
+        model = copy.deepcopy(base)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        train_local(
+            model,
+            examples,
+            TrainConfig(steps=1, batch_size=8, lr=1e-2, precision=precision),  # type: ignore[arg-type]
+            dp,
+        )
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        updates.append(torch.cat([p.detach().flatten() for p in model.parameters()]) - before)
+    cosine = torch.nn.functional.cosine_similarity(updates[0], updates[1], dim=0)
+    assert cosine > 0.9, float(cosine)

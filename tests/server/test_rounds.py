@@ -130,6 +130,8 @@ def test_server_loop_resumes_after_a_crash_without_counting_a_round_twice(
     assert set(last["epsilon"]) == {"site_0", "site_1"}
     assert last["update_bytes"] > 0 and last["failures"] == []
     assert last["macro_auroc"] is None or 0 <= last["macro_auroc"] <= 1
+    assert set(last["per_site"]) == {"site_0", "site_1"}  # each site's own held-out split
+    assert all(m["n_studies"] >= 1 for m in last["per_site"].values())
     assert (checkpoint_dir(run_dir, 3) / STRATEGY_STATE_FILE).is_file()
     for round_no in (1, 2, 3):
         load_checkpoint(checkpoint_dir(run_dir, round_no))

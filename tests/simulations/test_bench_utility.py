@@ -12,6 +12,7 @@ from fedrad.simulations.bench_utility import (
     UtilityBenchConfig,
     _row,
     markdown_table,
+    smallest_site,
 )
 
 
@@ -35,4 +36,23 @@ def test_rows_read_the_last_round_and_the_table_shows_them(tmp_path: Path) -> No
     assert row["macro_auroc"] == 0.7 and row["first_round"]["macro_auroc"] == 0.5
     assert row["max_site_epsilon"] == 3.0 and row["rouge_l"] is None and row["rounds"] == 2
     table = markdown_table({"rows": [row]})
-    assert "| federated-dp-eps3 | 0.700 | 0.300 | 0.200 | - | - | 3.00 | 2.1 min |" in table
+    assert "| federated-dp-eps3 | 0.700 | 0.300 | 0.200 | - | - | 3.00 | - | 2.1 min |" in table
+
+
+def test_the_smallest_site_is_compared_on_its_own_held_out_split(tmp_path: Path) -> None:
+    rows = []
+    for arm, aurocs in (("federated-dp-eps8", (0.9, 0.8)), ("local-dp-eps8", (0.85, 0.6))):
+        run = tmp_path / arm
+        run.mkdir()
+        per_site = {
+            "big": {"n_studies": 40, "macro_auroc": aurocs[0]},
+            "small": {"n_studies": 9, "macro_auroc": aurocs[1]},
+        }
+        record = {"round": 1, "macro_auroc": 0.8, "per_site": per_site}
+        (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+        rows.append(_row(arm, run, 60.0))
+    assert smallest_site(rows) == "small"
+    table = markdown_table({"rows": rows, "smallest_site": "small"})
+    assert "AUROC on small" in table
+    assert "| 8.00 | 0.800 |" not in table  # no epsilon here: the column reads "-"
+    assert "| - | 0.800 | 1.0 min |" in table and "| - | 0.600 | 1.0 min |" in table

