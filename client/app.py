@@ -3,7 +3,8 @@
 `app` serves a deployed SuperNode, which names its site in `--node-config` (site-id, data-dir,
 foundation-dir; see `SiteSpec.from_node_config`). `simulation_client_app(sites)` serves a
 simulation, where each virtual node's `partition-id` picks one of the given sites. Every reply
-passes the privacy mod on its way out.
+passes the privacy mod on its way out. With SecAgg+ the coordinator names the other ClientApp,
+`fedrad.client.secure_aggregation:app`, an adapter over the same site agent.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
     return app
 
 
-def simulation_client_app(sites: Sequence[SiteSpec]) -> ClientApp:
-    """Virtual node `partition-id` i runs site i."""
+def partition_resolver(sites: Sequence[SiteSpec]) -> SiteResolver:
+    """In a simulation, virtual node `partition-id` i runs site i."""
     specs = tuple(sites)
 
     def resolve(context: Context) -> SiteSpec:
@@ -93,7 +94,12 @@ def simulation_client_app(sites: Sequence[SiteSpec]) -> ClientApp:
             raise SiteRefusalError(f"no site for partition {index!r}")
         return specs[index]
 
-    return build_client_app(resolve)
+    return resolve
+
+
+def simulation_client_app(sites: Sequence[SiteSpec]) -> ClientApp:
+    """Virtual node `partition-id` i runs site i."""
+    return build_client_app(partition_resolver(sites))
 
 
 app = build_client_app(site_from_node_config)

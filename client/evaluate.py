@@ -115,10 +115,12 @@ def evaluate(model: RadiologyModel, studies: SiteStudies, config: EvalConfig) ->
         "eval_seconds": time.perf_counter() - start,
     }
     logger.info(
-        "evaluated %d studies: macro AUROC %s, CE F1 %.3f, BLEU-4 %.3f",
+        "evaluated %d studies: macro AUROC %s, CE F1 %s, BLEU-4 %s",
         n,
-        f"{result['macro_auroc']:.3f}" if result["macro_auroc"] is not None else "n/a",
-        result["ce_f1"],
-        result["bleu4"],
+        *(_fmt(result[key]) for key in ("macro_auroc", "ce_f1", "bleu4")),
     )
     return result
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "n/a"

@@ -26,6 +26,7 @@ from fedrad.client.dataset import TrainingExamples
 from fedrad.common.accounting import MechanismStep, cumulative_epsilon
 from fedrad.common.devices import Precision, autocast, select_device
 from fedrad.common.radiology_model import RadiologyModel
+from fedrad.common.secagg_protocol import ADAM_BETAS
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,10 @@ def train_local(
     groups = [{"params": image_side, "lr": train.lr}]
     if lora:  # the pretrained LM drifts from its prompt if its adapters move as fast
         groups.append({"params": lora, "lr": train.lr * train.lora_lr_scale})
-    optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
+    # The betas are named once: SecAgg+ sizes its clipping range from AdamW's update bound.
+    optimizer = torch.optim.AdamW(
+        groups, lr=train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay
+    )
     model.train()
     start = time.perf_counter()
 

@@ -37,7 +37,10 @@ def macro(values: dict[str, float | None]) -> float | None:
 
 
 def clinical_efficacy(generated: Sequence[str], references: Sequence[str]) -> dict[str, object]:
-    """Precision/recall/F1 of findings (1 = positive, 0/-1 = not) extracted from both texts."""
+    """Precision/recall/F1 of findings (1 = positive, 0/-1 = not) extracted from both texts;
+    undefined (None) without any generated report."""
+    if not generated:
+        return {"precision": None, "recall": None, "f1": None, "macro_f1": None, "per_finding": {}}
     pred = np.array([label_report(t).as_vector() for t in generated]) == 1
     true = np.array([label_report(t).as_vector() for t in references]) == 1
     per: dict[str, dict[str, float]] = {}
@@ -64,17 +67,17 @@ def _prf(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
 
 
-def bleu4(generated: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus BLEU-4 in [0, 1] (sacrebleu's standard 13a tokenisation)."""
+def bleu4(generated: Sequence[str], references: Sequence[str]) -> float | None:
+    """Corpus BLEU-4 in [0, 1] (sacrebleu's standard 13a tokenisation); None without text."""
     if not generated:
-        return 0.0
+        return None
     return float(BLEU().corpus_score(list(generated), [list(references)]).score) / 100.0
 
 
-def rouge_l(generated: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F-measure."""
+def rouge_l(generated: Sequence[str], references: Sequence[str]) -> float | None:
+    """Mean ROUGE-L F-measure; None without text."""
     if not generated:
-        return 0.0
+        return None
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     scores = [
         scorer.score(r, g)["rougeL"].fmeasure for g, r in zip(generated, references, strict=True)

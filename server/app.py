@@ -10,6 +10,12 @@ With central DP on (`ServerPlan.central_noise_multiplier`), the strategy is wrap
 each round's release is appended to the coordinator's ledger right after aggregation, before
 the noisy model goes out for evaluation and before the round is committed.
 
+With SecAgg+ on (`ServerPlan.secagg`), training travels through `SecureRounds`
+(`server/secure_aggregation.py`) instead of the Message-API strategy: the coordinator sees
+only the sum of the sites' masked updates. Everything around it (participation, ledger,
+checkpoint, metrics line, resume) is this one loop either way. Each round step waits a
+bounded time for its sites (`server/participation.py`): a site that died does not stall it.
+
 `app` reads its plan from the run config (`flwr run`); `simulation_server_app(plan)` closes
 over a plan built in Python (run_simulation has no run config).
 """
@@ -17,19 +23,35 @@ over a plan built in Python (run_simulation has no run config).
 from __future__ import annotations
 
 import logging
+import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedrad.common.fl_protocol import ARRAYS_KEY, SITE_ID_FIELD, SITE_KEY
-from fedrad.server.rounds import CoordinatorLedger, RunBook, ServerPlan, round_record
+from fedrad.common.fl_protocol import SITE_ID_FIELD, SITE_KEY
+from fedrad.server.participation import (
+    FederationError,
+    Participation,
+    RoundGrid,
+    wait_for_sites,
+)
+from fedrad.server.rounds import (
+    CoordinatorLedger,
+    EvalOutcome,
+    RunBook,
+    ServerPlan,
+    TrainOutcome,
+    round_record,
+)
 from fedrad.server.strategies import (
     build_strategy,
     restore_strategy_state,
+    size_to_sites,
     strategy_state,
     with_central_dp,
 )
@@ -37,21 +59,9 @@ from fedrad.server.strategies import (
 logger = logging.getLogger(__name__)
 
 OnRound = Callable[[dict[str, Any]], None]
+RoundValues = Mapping[str, int | float | str | bool]
 
-
-class FederationError(RuntimeError):
-    """The federation cannot go on (sites missing, a round with no usable update)."""
-
-
-def wait_for_sites(grid: Grid, num_sites: int, timeout_s: float) -> None:
-    """Every configured site, or a clear error: never Flower's silent endless wait."""
-    deadline = time.monotonic() + timeout_s
-    while (connected := len(list(grid.get_node_ids()))) < num_sites:
-        if time.monotonic() > deadline:
-            raise FederationError(
-                f"only {connected} of {num_sites} sites connected after {timeout_s:.0f} s"
-            )
-        time.sleep(0.2)
+__all__ = ["FederationError", "app", "run_server", "simulation_server_app", "wait_for_sites"]
 
 
 def _site_metrics(replies: list[Message]) -> dict[str, dict[str, float]]:
@@ -63,14 +73,6 @@ def _site_metrics(replies: list[Message]) -> dict[str, dict[str, float]]:
         metrics = next(iter(reply.content.metric_records.values()))
         out[site] = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
     return out
-
-
-def _update_bytes(replies: list[Message]) -> int:
-    """Bytes of one site's update (the first valid reply): what each site sends per round."""
-    for reply in replies:
-        if not reply.has_error() and ARRAYS_KEY in reply.content.array_records:
-            return sum(len(a.data) for a in reply.content.array_records[ARRAYS_KEY].values())
-    return 0
 
 
 def build_plan_strategy(plan: ServerPlan) -> Strategy:
@@ -92,6 +94,77 @@ def build_plan_strategy(plan: ServerPlan) -> Strategy:
     )
 
 
+class RoundDriver(Protocol):
+    """How one round's training and evaluation travel (plain, or SecAgg+)."""
+
+    def train(
+        self, grid: RoundGrid, round_no: int, arrays: Mapping[str, np.ndarray], config: RoundValues
+    ) -> TrainOutcome: ...
+
+    def evaluate(
+        self, grid: RoundGrid, round_no: int, arrays: Mapping[str, np.ndarray], config: RoundValues
+    ) -> EvalOutcome: ...
+
+    def state(self) -> dict[str, np.ndarray]: ...
+
+
+class PlainRounds:
+    """Flower's Message-API strategy, driven with absolute round numbers; each site's update
+    reaches the coordinator as it is (DP-SGD at the site is what protects it)."""
+
+    def __init__(self, plan: ServerPlan, state: dict[str, np.ndarray]) -> None:
+        self.plan = plan
+        self.strategy = build_plan_strategy(plan)
+        restore_strategy_state(self.strategy, state)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return strategy_state(self.strategy)
+
+    def train(
+        self, grid: RoundGrid, round_no: int, arrays: Mapping[str, np.ndarray], config: RoundValues
+    ) -> TrainOutcome:
+        size_to_sites(self.strategy, len(grid.node_ids))
+        record = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+        messages = self.strategy.configure_train(round_no, record, ConfigRecord(config), grid)
+        replies = grid.send_and_receive(messages, timeout=self.plan.round_timeout_s)
+        updates = [r for r in replies if not r.has_error()]  # refusals are failures
+        new_arrays, metrics = self.strategy.aggregate_train(round_no, updates)
+        return TrainOutcome(
+            arrays=None if new_arrays is None else {k: v.numpy() for k, v in new_arrays.items()},
+            metrics=dict(metrics or {}),  # type: ignore[arg-type]
+            per_site=_site_metrics(replies),
+            failures=[grid.problems[n] for n in grid.node_ids if n in grid.problems],
+            updates=len(updates),
+            update_bytes=max(grid.sent_bytes.values(), default=0),
+        )
+
+    def evaluate(
+        self, grid: RoundGrid, round_no: int, arrays: Mapping[str, np.ndarray], config: RoundValues
+    ) -> EvalOutcome:
+        size_to_sites(self.strategy, len(grid.node_ids))
+        record = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+        messages = self.strategy.configure_evaluate(round_no, record, ConfigRecord(config), grid)
+        replies = grid.send_and_receive(messages, timeout=self.plan.round_timeout_s)
+        metrics = self.strategy.aggregate_evaluate(round_no, replies)
+        failures = [f"evaluate: {grid.problems[n]}" for n in grid.node_ids if n in grid.problems]
+        return EvalOutcome(
+            dict(metrics or {}),  # type: ignore[arg-type]
+            failures,
+            per_site=_site_metrics(replies),
+        )
+
+
+def round_driver(plan: ServerPlan, state: dict[str, np.ndarray]) -> RoundDriver:
+    """SecAgg+ when the plan asks for it, else the plain Message-API strategy."""
+    if plan.secagg:
+        from fedrad.server.secure_aggregation import SecureRounds
+
+        if state:
+            raise FederationError("this run's checkpoint holds strategy state SecAgg+ cannot use")
+        return SecureRounds(plan)
+    return PlainRounds(plan, state)
+
+
 def run_server(grid: Grid, plan: ServerPlan, *, on_round: OnRound | None = None) -> int:
     """Runs the remaining rounds of the plan; returns the last committed round."""
     started = time.perf_counter()
@@ -102,63 +175,55 @@ def run_server(grid: Grid, plan: ServerPlan, *, on_round: OnRound | None = None)
         return point.completed
     if point.completed:
         logger.info("resuming after round %d of %d", point.completed, plan.rounds)
-    strategy = build_plan_strategy(plan)
+    driver = round_driver(plan, point.strategy_state)
     ledger: CoordinatorLedger | None = None
     if plan.central_dp:
         ledger = CoordinatorLedger(
             plan.run_dir, run_id=plan.round_config.run_id, delta=plan.central_delta
         )
         ledger.check_covers(point.completed)
-    restore_strategy_state(strategy, point.strategy_state)
-    arrays = ArrayRecord({k: Array(v) for k, v in point.arrays.items()})
+    arrays: dict[str, np.ndarray] = dict(point.arrays)
     wait_for_sites(grid, plan.num_sites, plan.connect_timeout_s)
+    sites = Participation(
+        num_sites=plan.num_sites, min_sites=plan.required_sites, timeout_s=plan.connect_timeout_s
+    )
     for round_no in range(point.completed + 1, plan.rounds + 1):
         round_start = time.perf_counter()
         config = plan.config_for(round_no).to_record()
-        messages = strategy.configure_train(round_no, arrays, ConfigRecord(config), grid)
-        replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout_s))
-        failures = [str(r.error.reason) for r in replies if r.has_error()]
-        for reason in failures:  # a site's refusal is its right: note it, carry on
+        train_step = sites.round_grid(grid, round_no=round_no, step="training")
+        outcome = driver.train(train_step, round_no, arrays, config)
+        for reason in outcome.failures:  # a site's refusal is its right: note it, carry on
             logger.warning("round %d: a site sent no update: %s", round_no, reason)
-        per_site = _site_metrics(replies)
-        updates = [r for r in replies if not r.has_error()]  # refusals are noted above
-        new_arrays, train_metrics = strategy.aggregate_train(round_no, updates)
-        if new_arrays is None:
-            raise FederationError(
-                f"round {round_no}: no usable update ({'; '.join(failures) or 'no replies'})"
-            )
+        if outcome.arrays is None:
+            reasons = "; ".join(outcome.failures) or "no replies"
+            raise FederationError(f"round {round_no}: no usable update ({reasons})")
         central_epsilon = None
         if ledger is not None and plan.central_noise_multiplier is not None:
             central_epsilon = ledger.record_release(
                 round_no,
                 noise_multiplier=plan.central_noise_multiplier,
                 clipping_norm=plan.central_clipping_norm,
-                updates=len(updates),
+                updates=outcome.updates,
                 configured=plan.num_sites,
             )
-        arrays = new_arrays
-        messages = strategy.configure_evaluate(round_no, arrays, ConfigRecord(config), grid)
-        eval_replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout_s))
-        failures += [f"evaluate: {r.error.reason}" for r in eval_replies if r.has_error()]
-        eval_metrics = strategy.aggregate_evaluate(round_no, eval_replies)
+        arrays = outcome.arrays
+        eval_step = sites.round_grid(grid, round_no=round_no, step="evaluation")
+        evaluation = driver.evaluate(eval_step, round_no, arrays, config)
+        absent = [f"evaluate: {line}" for line in eval_step.absence()]
         record = round_record(
             round_no,
-            train=dict(train_metrics or {}),  # type: ignore[arg-type]
-            evaluation=dict(eval_metrics or {}),  # type: ignore[arg-type]
-            epsilon={site: m["epsilon"] for site, m in per_site.items()},
-            failures=failures,
-            update_bytes=_update_bytes(replies),
+            train=outcome.metrics,
+            evaluation=evaluation.metrics,
+            epsilon={site: m["epsilon"] for site, m in outcome.per_site.items()},
+            failures=train_step.absence() + outcome.failures + evaluation.failures + absent,
+            update_bytes=outcome.update_bytes,
             round_s=time.perf_counter() - round_start,
             wall_s=time.perf_counter() - started,
             central_epsilon=central_epsilon,
-            per_site=_site_metrics(eval_replies),
+            secagg=outcome.secagg,
+            per_site=evaluation.per_site,
         )
-        book.commit(
-            round_no,
-            {k: v.numpy() for k, v in arrays.items()},
-            record,
-            strategy_state(strategy),
-        )
+        book.commit(round_no, arrays, record, driver.state())
         logger.info("round %d committed in %.1f s", round_no, record["round_s"])
         if on_round is not None:
             on_round(record)
@@ -175,9 +240,22 @@ def simulation_server_app(plan: ServerPlan, *, on_round: OnRound | None = None) 
     return app
 
 
+def log_to_run_stream() -> None:
+    """fedrad's own INFO lines (rounds committed, resumes, dropouts, SecAgg+ settings) into
+    the output Flower mirrors to `flwr log`: nothing configures logging in the ServerApp's
+    process, so without this only warnings would reach the coordinator's operator."""
+    logger_ = logging.getLogger("fedrad")
+    if not logger_.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger_.addHandler(handler)
+        logger_.setLevel(logging.INFO)
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    log_to_run_stream()
     run_server(grid, ServerPlan.from_run_config(dict(context.run_config)))

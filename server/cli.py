@@ -419,11 +419,38 @@ def run(
     connect_timeout: Annotated[
         float | None, typer.Option(help="Seconds to wait for every site to connect.")
     ] = None,
+    secagg: Annotated[
+        bool,
+        typer.Option(
+            "--secagg",
+            help="SecAgg+: the coordinator sees only the sum of the sites' masked updates "
+            "(fedavg or fedprox; 3 sites or more).",
+        ),
+    ] = False,
+    secagg_shares: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="SecAgg+: key shares per site (default: every site)."),
+    ] = None,
+    secagg_threshold: Annotated[
+        int | None,
+        typer.Option(
+            metavar="T", help="SecAgg+: shares that unmask (default: a majority, at least 2)."
+        ),
+    ] = None,
+    min_sites: Annotated[
+        int | None,
+        typer.Option(
+            metavar="K",
+            help="A round goes on with K sites when the others are gone after --connect-timeout "
+            "(default 1; SecAgg+: the threshold).",
+        ),
+    ] = None,
     setting: Annotated[
         list[str] | None,
         typer.Option(
             "--set",
-            help="Any other run config key, KEY=VALUE (e.g. eval-reports=16, central-noise=1.0).",
+            help="Any other run config key, KEY=VALUE (e.g. eval-reports=16, central-noise=1.0, "
+            "secagg-clip=0.5).",
         ),
     ] = None,
     follow: Annotated[
@@ -451,6 +478,10 @@ def run(
         "seed": seed,
         "round-timeout": round_timeout,
         "connect-timeout": connect_timeout,
+        "secagg": True if secagg else None,
+        "secagg-shares": secagg_shares,
+        "secagg-threshold": secagg_threshold,
+        "min-sites": min_sites,
     }
     try:
         for text in setting or []:
@@ -482,6 +513,7 @@ def run(
         fail(str(exc))
     typer.echo(
         f"run {run_id} submitted: {rounds} rounds, {config['num-sites']} sites"
+        + (", SecAgg+" if config.get("secagg") is True else "")
         + (f", resuming after round {completed}" if completed else "")
         + f"; run directory {run_path}",
         err=True,
@@ -507,6 +539,7 @@ def run(
                 "flower_run_id": run_id,
                 "rounds": rounds,
                 "sites": config["num-sites"],
+                "secagg": config.get("secagg") is True,
                 "final": records[-1],
             },
         )

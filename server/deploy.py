@@ -18,6 +18,8 @@ How Flower 1.41 is driven (read from its source and checked in a live run):
   run gets its own staged app directory, `DIR/apps/<run>/pyproject.toml`, whose
   `[tool.flwr.app.config]` is exactly that run's config. The components name the installed
   package (`fedrad.server.app:app`, `fedrad.client.app:app`): no source travels in the FAB.
+- A run with `secagg = true` names the SecAgg+ ClientApp (`SECURE_CLIENTAPP`) instead: the
+  component is chosen per run, so a site needs nothing new to take part.
 - `flwr run --format json` answers with the run id; `flwr log RUN_ID --stream` follows it
   until it ends; `flwr ls --run-id RUN_ID --format json` then says how it ended.
 """
@@ -74,6 +76,8 @@ APP_COMPONENTS: Final[dict[str, str]] = {
     "serverapp": "fedrad.server.app:app",
     "clientapp": "fedrad.client.app:app",
 }
+# With SecAgg+ the sites run the legacy-API ClientApp (where Flower's secaggplus_mod lives).
+SECURE_CLIENTAPP: Final[str] = "fedrad.client.secure_aggregation:app"
 _BIND_ALL: Final[frozenset[str]] = frozenset({"0.0.0.0", "::", ""})
 
 
@@ -429,6 +433,14 @@ def parse_setting(text: str) -> tuple[str, RunValue]:
     return key, value
 
 
+def app_components(run_config: Mapping[str, RunValue]) -> dict[str, str]:
+    """fedrad's installed ServerApp, and the ClientApp this run's sites must run."""
+    components = dict(APP_COMPONENTS)
+    if run_config.get("secagg") is True:
+        components["clientapp"] = SECURE_CLIENTAPP
+    return components
+
+
 def app_pyproject(run_config: Mapping[str, RunValue], *, version: str | None = None) -> str:
     """The staged app's pyproject.toml: fedrad's installed ServerApp and ClientApp, with
     `[tool.flwr.app.config]` exactly this run's config."""
@@ -448,7 +460,7 @@ def app_pyproject(run_config: Mapping[str, RunValue], *, version: str | None = N
             "flwr": {
                 "app": {
                     "publisher": "fedrad",
-                    "components": dict(APP_COMPONENTS),
+                    "components": app_components(run_config),
                     "config": dict(run_config),
                 }
             }

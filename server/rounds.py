@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,6 +44,14 @@ CENTRAL_KEYS: Final[dict[str, str]] = {  # run config key -> ServerPlan field
     "central-clip": "central_clipping_norm",
     "central-delta": "central_delta",
 }
+SECAGG_KEYS: Final[dict[str, tuple[str, type]]] = {  # run config key -> (field, type)
+    "secagg-shares": ("secagg_shares", int),
+    "secagg-threshold": ("secagg_threshold", int),
+    "secagg-clip": ("secagg_clip", float),
+    "secagg-max-weight": ("secagg_max_weight", float),
+}
+SECAGG_STRATEGIES: Final[tuple[str, ...]] = ("fedavg", "fedprox")
+SECAGG_MIN_SITES: Final[int] = 3  # with two, each site reads the other's update off the sum
 
 
 class ResumeError(Exception):
@@ -71,6 +79,12 @@ class ServerPlan:
     central_noise_multiplier: float | None = None  # central DP: sigma per round; None = off
     central_clipping_norm: float = 1.0  # central DP: L2 bound on one site's whole update
     central_delta: float = 1e-5  # central DP: delta of the coordinator's site-level epsilon
+    min_sites: int | None = None  # a round goes on with this many (None: 1; SecAgg+: threshold)
+    secagg: bool = False  # SecAgg+: the coordinator sees only the sum of masked updates
+    secagg_shares: int | None = None  # key shares per site (None: every site holds one)
+    secagg_threshold: int | None = None  # shares that unmask (None: a majority, at least 2)
+    secagg_clip: float | None = None  # range of an update value (None: AdamW's bound)
+    secagg_max_weight: float = 100_000.0  # largest site weight (training studies)
 
     def __post_init__(self) -> None:
         if self.num_sites < 1:
@@ -91,6 +105,63 @@ class ServerPlan:
                 "central DP cannot be used with fedadam (the noise would be added after the "
                 "server's Adam step); use fedavg or fedprox"
             )
+        if self.secagg:
+            self._check_secagg()
+        elif any(
+            getattr(self, f) is not None
+            for f, _ in SECAGG_KEYS.values()
+            if f != "secagg_max_weight"
+        ):
+            raise ValueError("secagg-shares, secagg-threshold and secagg-clip need secagg = true")
+        if self.min_sites is not None and not 1 <= self.min_sites <= self.num_sites:
+            raise ValueError(f"min-sites must be in 1..{self.num_sites} (the configured sites)")
+        if self.min_sites is not None and self.secagg and self.min_sites < self.shares_threshold:
+            raise ValueError(
+                f"min-sites {self.min_sites} is below the SecAgg+ reconstruction threshold "
+                f"{self.shares_threshold}: such a round could never be unmasked"
+            )
+
+    def _check_secagg(self) -> None:
+        """One-line reasons for SecAgg+ settings that cannot work."""
+        if self.strategy not in SECAGG_STRATEGIES:
+            raise ValueError(
+                f"SecAgg+ supports {' and '.join(SECAGG_STRATEGIES)} (a weighted mean of the "
+                f"sites' updates); {self.strategy} is not wired through it"
+            )
+        if self.num_sites < SECAGG_MIN_SITES:
+            raise ValueError(
+                f"SecAgg+ needs at least {SECAGG_MIN_SITES} sites (with {self.num_sites}, each "
+                "site reads the others' update off the aggregate)"
+            )
+        shares = self.secagg_shares_count
+        if not SECAGG_MIN_SITES <= shares <= self.num_sites:
+            raise ValueError(f"secagg-shares must be in {SECAGG_MIN_SITES}..{self.num_sites}")
+        if not 2 <= self.shares_threshold < shares:
+            raise ValueError(f"secagg-threshold must be in 2..{shares - 1} (below secagg-shares)")
+        clip = self.secagg_clip
+        if clip is not None and not (math.isfinite(clip) and clip > 0):
+            raise ValueError("secagg-clip must be positive")
+        if not (math.isfinite(self.secagg_max_weight) and self.secagg_max_weight >= 1):
+            raise ValueError("secagg-max-weight must be >= 1")
+
+    @property
+    def secagg_shares_count(self) -> int:
+        """Key shares per site: every site by default (the federations here are small)."""
+        return self.secagg_shares if self.secagg_shares is not None else self.num_sites
+
+    @property
+    def shares_threshold(self) -> int:
+        """Shares that reconstruct a key: a majority of the shares by default, at least 2."""
+        if self.secagg_threshold is not None:
+            return self.secagg_threshold
+        return max(2, self.secagg_shares_count // 2 + 1)
+
+    @property
+    def required_sites(self) -> int:
+        """Sites a round step needs to go on without the others."""
+        if self.min_sites is not None:
+            return self.min_sites
+        return self.shares_threshold if self.secagg else 1
 
     @property
     def central_dp(self) -> bool:
@@ -105,7 +176,9 @@ class ServerPlan:
         run-dir, foundation-dir, num-sites, num-rounds, strategy, proximal-mu, server-lr,
         run-id, local-steps, batch-size, lr, seed, dp, epsilon, delta, max-grad-norm,
         accountant, eval-reports, eval-questions, round-timeout, connect-timeout, and for
-        central DP central-noise (turns it on), central-clip, central-delta."""
+        central DP central-noise (turns it on), central-clip, central-delta, min-sites, and
+        for SecAgg+ secagg (turns it on), secagg-shares, secagg-threshold, secagg-clip,
+        secagg-max-weight."""
         own = {
             "run-dir",
             "foundation-dir",
@@ -117,7 +190,10 @@ class ServerPlan:
             "round-timeout",
             "connect-timeout",
             "epsilon",
+            "min-sites",
+            "secagg",
             *CENTRAL_KEYS,
+            *SECAGG_KEYS,
         }
         round_keys = {f.name.replace("_", "-") for f in fields(RoundConfig)} - {
             "server-round",
@@ -153,6 +229,7 @@ class ServerPlan:
             round_timeout_s=float(run_config.get("round-timeout", 3600.0)),
             connect_timeout_s=float(run_config.get("connect-timeout", 300.0)),
             **_central_settings(run_config),
+            **_secagg_settings(run_config),
         )
 
 
@@ -170,6 +247,50 @@ def _central_settings(run_config: Mapping[str, Any]) -> dict[str, float]:
     if values and "central_noise_multiplier" not in values:
         raise ValueError("central-clip and central-delta need central-noise (central DP is off)")
     return values
+
+
+def _secagg_settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """secagg (a bool), min-sites and the secagg-* keys as ServerPlan fields, types checked."""
+    values: dict[str, Any] = {}
+    if "secagg" in run_config:
+        if not isinstance(run_config["secagg"], bool):
+            raise ValueError("run config 'secagg' must be true or false")
+        values["secagg"] = run_config["secagg"]
+    typed: dict[str, tuple[str, type]] = {**SECAGG_KEYS, "min-sites": ("min_sites", int)}
+    for key, (name, kind) in typed.items():
+        if key not in run_config:
+            continue
+        value = run_config[key]
+        ok = isinstance(value, int | float) if kind is float else isinstance(value, int)
+        if isinstance(value, bool) or not ok:
+            raise ValueError(
+                f"run config {key!r} must be {kind.__name__}, got {type(value).__name__}"
+            )
+        values[name] = kind(value)
+    given = sorted(set(run_config) & set(SECAGG_KEYS))
+    if given and not values.get("secagg"):
+        raise ValueError(f"{', '.join(given)} need secagg = true")
+    return values
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """One training round as the round loop sees it, however the updates travelled."""
+
+    arrays: dict[str, np.ndarray] | None  # the new global trainable values; None: no update
+    metrics: dict[str, float]  # training metrics, weighted by example count
+    per_site: dict[str, dict[str, float]]  # each answering site's own (epsilon, loss, ...)
+    failures: list[str]  # one line per site whose update is missing, safe to log
+    updates: int  # updates in the aggregate
+    update_bytes: int  # payload bytes one site sent this round (the largest)
+    secagg: dict[str, float] | None = None  # SecAgg+ figures of the round (None: plain)
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    metrics: dict[str, float]  # global evaluation, weighted by example count
+    failures: list[str]  # "evaluate: ..." per site that did not report
+    per_site: dict[str, dict[str, float]] = field(default_factory=dict)  # each site's own
 
 
 @dataclass(frozen=True)
@@ -344,12 +465,14 @@ def round_record(
     round_s: float,
     wall_s: float,
     central_epsilon: float | None = None,
+    secagg: Mapping[str, float] | None = None,
     per_site: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
     """One metrics.jsonl line: global (weighted) evaluation, per-site cumulative epsilon,
     each site's own evaluation of the global model (`per_site`: the aggregate metrics it
-    replied, as the local-only baseline records them), and with central DP the
-    coordinator's cumulative (site-level) epsilon."""
+    replied, as the local-only baseline records them), with central DP the coordinator's
+    cumulative (site-level) epsilon, and with SecAgg+ its round figures (sites summed,
+    clipping range, the error bound of the unmasked mean)."""
     record: dict[str, Any] = {"round": round_no}
     for key, value in (evaluation or {}).items():
         if key != WEIGHT_KEY:  # the same count as n_studies
@@ -361,6 +484,8 @@ def round_record(
     record["sites_trained"] = len(epsilon)
     if central_epsilon is not None:
         record["central_epsilon"] = _finite_or_none(central_epsilon)
+    if secagg is not None:
+        record["secagg"] = dict(secagg)
     record["failures"] = failures
     record["update_bytes"] = update_bytes
     record["round_s"] = round_s

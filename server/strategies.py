@@ -232,3 +232,11 @@ def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> 
                     f"saved {prefix} state does not fit strategy {type(strategy).__name__}"
                 )
             setattr(strategy, prefix, moments)
+
+
+def size_to_sites(strategy: Strategy, num_sites: int) -> None:
+    """This round step samples exactly the `num_sites` sites its grid holds: Flower's sampling
+    waits, without a time limit, for its minimum number of connected nodes."""
+    inner = inner_strategy(strategy)
+    for name in ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes"):
+        setattr(inner, name, num_sites)

@@ -51,6 +51,7 @@ from fedrad.common.run_dir import (
     write_summary,
 )
 from fedrad.server.rounds import (
+    SECAGG_STRATEGIES,
     CoordinatorLedger,
     RunBook,
     ServerPlan,
@@ -102,6 +103,10 @@ class FederatedConfig:
     central_noise: float | None = None  # central DP on the coordinator: sigma (None = off)
     central_clip: float = 1.0  # central DP: L2 bound on one site's whole update per round
     central_delta: float = 1e-5  # central DP: delta of the site-level (coordinator) epsilon
+    secagg: bool = False  # SecAgg+: the coordinator sees only the sum of masked updates
+    secagg_shares: int | None = None  # SecAgg+ key shares per site (None: every site)
+    secagg_threshold: int | None = None  # SecAgg+ shares that unmask (None: a majority, >= 2)
+    min_sites: int | None = None  # sites a round goes on with (None: 1; SecAgg+: threshold)
     foundation: FoundationRecipe = field(default_factory=FoundationRecipe)  # public LM recipe
     initial_checkpoint: str | None = None  # a fedrad checkpoint to start from instead (tests)
 
@@ -154,6 +159,15 @@ def _problem(c: FederatedConfig) -> str | None:
             c.central_noise is None or c.strategy != "fedadam",
             "central DP cannot be used with fedadam (noise would follow the Adam step)",
         ),
+        (
+            not c.secagg or c.strategy in SECAGG_STRATEGIES,
+            f"SecAgg+ supports {' and '.join(SECAGG_STRATEGIES)}, not {c.strategy}",
+        ),
+        (
+            c.secagg or (c.secagg_shares is None and c.secagg_threshold is None),
+            "secagg_shares and secagg_threshold need secagg",
+        ),
+        (c.min_sites is None or c.min_sites >= 1, "min_sites must be >= 1"),
     ]
     return next((message for ok, message in checks if not ok), None)
 
@@ -301,6 +315,29 @@ def _run_config(
 # -- federated -------------------------------------------------------------------------------
 
 
+def server_plan(
+    config: FederatedConfig, run_dir: Path, foundation_dir: Path, *, num_sites: int
+) -> ServerPlan:
+    """The coordinator's plan for this simulation; ValueError for settings that cannot work."""
+    return ServerPlan(
+        run_dir=run_dir,
+        foundation_dir=foundation_dir,
+        num_sites=num_sites,
+        rounds=config.rounds,
+        round_config=config.round_config(run_dir.name),
+        strategy=config.strategy,
+        proximal_mu=config.proximal_mu,
+        server_lr=config.server_lr,
+        central_noise_multiplier=config.central_noise,
+        central_clipping_norm=config.central_clip,
+        central_delta=config.central_delta,
+        min_sites=config.min_sites,
+        secagg=config.secagg,
+        secagg_shares=config.secagg_shares,
+        secagg_threshold=config.secagg_threshold,
+    )
+
+
 def run_federated(
     cohort: Path,
     runs_root: Path,
@@ -319,6 +356,7 @@ def run_federated(
     from flwr.simulation import run_simulation
 
     from fedrad.client.app import simulation_client_app
+    from fedrad.client.secure_aggregation import simulation_secure_client_app
     from fedrad.server.app import simulation_server_app
 
     cohort = Path(cohort)
@@ -338,6 +376,9 @@ def run_federated(
     splits, dropped = load_cohort(
         cohort, image_size=model_config.image_size, held_out_fraction=config.held_out_fraction
     )
+    # Settings that cannot work with this many sites (SecAgg+ on two) fail before anything
+    # is written.
+    server_plan(config, runs_root / "probe", runs_root / "probe", num_sites=len(splits))
     if resume is not None:
         sites = tomllib.loads((run_dir / "config.toml").read_text()).get("sites", [])
         if sites != [s.site_id for s in splits]:
@@ -358,19 +399,7 @@ def run_federated(
         logger.warning("site %s left out of the federation: %s", site, reason)
     specs = _site_specs(cohort, splits, run_dir, foundation_dir, config, model_config)
     _check_ledgers(specs)
-    plan = ServerPlan(
-        run_dir=run_dir,
-        foundation_dir=foundation_dir,
-        num_sites=len(specs),
-        rounds=config.rounds,
-        round_config=config.round_config(run_dir.name),
-        strategy=config.strategy,
-        proximal_mu=config.proximal_mu,
-        server_lr=config.server_lr,
-        central_noise_multiplier=config.central_noise,
-        central_clipping_norm=config.central_clip,
-        central_delta=config.central_delta,
-    )
+    plan = server_plan(config, run_dir, foundation_dir, num_sites=len(specs))
     seen: list[dict[str, Any]] = []
 
     def round_done(record: dict[str, Any]) -> None:
@@ -386,9 +415,12 @@ def run_federated(
     started = time.perf_counter()
     simulation_s = 0.0
     if completed < config.rounds:
+        client_app = (simulation_secure_client_app if config.secagg else simulation_client_app)(
+            specs
+        )
         run_simulation(
             server_app=simulation_server_app(plan, on_round=round_done),
-            client_app=simulation_client_app(specs),
+            client_app=client_app,
             num_supernodes=len(specs),
             backend_config={"client_resources": {"num_cpus": client_cpus(config, model_config)}},
         )
@@ -407,6 +439,7 @@ def run_federated(
         {
             "kind": "federated",
             "strategy": config.strategy,
+            "secagg": config.secagg,
             "rounds": config.rounds,
             "sites": [s.site_id for s in specs],
             "sites_left_out": dropped,

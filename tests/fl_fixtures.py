@@ -3,15 +3,18 @@ an in-process Grid that delivers messages straight to a ClientApp (no Ray, no Su
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
+from uuid import uuid4
 
 import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrad.client.dataset import SiteStudies
@@ -75,35 +78,60 @@ def round_config(**over: object) -> RoundConfig:
 
 
 class InProcessGrid:
-    """The two Grid calls a ServerApp round loop uses; node i runs partition i - 1."""
+    """The two Grid calls a ServerApp round loop uses; node i runs partition i - 1.
+
+    As in Flower's runtime, each message gets an id when sent, each node keeps one Context
+    (its state persists between messages, which SecAgg+ needs) and receives its own copy of a
+    message (as if serialized: the workflow sends one RecordDict to every node, and
+    secaggplus_mod edits what it receives). `offline` nodes are not listed, and the SuperLink
+    answers for them with its "node unavailable" error (from its own node id, as it does);
+    `silent` nodes are listed but never answer (a hung site: the call's timeout ends the
+    wait). `sent` keeps every message, `replies` every reply.
+    """
 
     def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
         self.client_app = client_app
         self.num_nodes = num_nodes
         self.sent: list[Message] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(range(1, self.num_nodes + 1))
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float) -> list[Message]:
-        replies = []
-        for message in messages:
-            self.sent.append(message)
-            node = message.metadata.dst_node_id
-            context = Context(
+        self.replies: list[Message] = []
+        self.offline: set[int] = set()
+        self.silent: set[int] = set()
+        self.contexts = {
+            node: Context(
                 run_id=0,
                 node_id=node,
-                node_config={"partition-id": node - 1, "num-partitions": self.num_nodes},
+                node_config={"partition-id": node - 1, "num-partitions": num_nodes},
                 state=RecordDict(),
                 run_config={},
             )
-            try:
-                replies.append(self.client_app(message, context))
-            except Exception as exc:  # what Flower's runtime does with a ClientApp exception
+            for node in range(1, num_nodes + 1)
+        }
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in range(1, self.num_nodes + 1) if n not in self.offline]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            if node in self.silent:
+                continue
+            if node in self.offline:
                 replies.append(
-                    Message(
-                        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)),
-                        reply_to=message,
-                    )
+                    create_message_error_unavailable_res_message(message.metadata, "node")
                 )
+                continue
+            try:
+                reply = self.client_app(copy.deepcopy(message), self.contexts[node])
+            except Exception as exc:  # what Flower's runtime does with a ClientApp exception
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)),
+                    reply_to=message,
+                )
+            replies.append(reply)
+        self.replies += replies
         return replies

@@ -63,3 +63,10 @@ def test_questions_cover_presence_side_and_size() -> None:
     assert qa["Which side is the nodule?"] == "left"
     assert qa["How large is the nodule?"] == "8 mm"
     assert qa["Which side is the effusion?"] == "there is no effusion"
+
+
+def test_metrics_of_no_generated_text_are_undefined_not_zero() -> None:
+    """eval_reports = 0 (AUROC only) must not crash an evaluation or report a zero F1."""
+    empty = clinical_efficacy([], [])
+    assert empty["f1"] is None and empty["macro_f1"] is None and empty["precision"] is None
+    assert bleu4([], []) is None and rouge_l([], []) is None

@@ -17,7 +17,11 @@ from fedrad.simulations.synth import generate_cohort
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SMALL_FOUNDATION = FoundationRecipe(corpus_reports=200, steps=10, batch_size=8)
+# A few steps and public images: the default encoder recipe (4,000 images) costs minutes, and
+# each case builds its own foundation in a fresh cache.
+SMALL_FOUNDATION = FoundationRecipe(
+    corpus_reports=200, steps=10, batch_size=8, public_images=40, encoder_steps=3
+)
 
 
 @pytest.fixture(scope="module")

@@ -87,3 +87,43 @@ def test_two_rounds_on_three_virtual_sites(tmp_path: Path) -> None:
         run_federated(
             cohort, tmp_path / "runs", dataclasses.replace(config, rounds=3), resume=run_dir
         )
+
+
+def test_two_secagg_rounds_on_three_virtual_sites(tmp_path: Path) -> None:
+    """The same run on Flower's simulation engine with SecAgg+: checkpoints, metrics with the
+    per-site epsilon and the SecAgg+ figures, a signed ledger entry per site per round."""
+    cohort = tmp_path / "cohort"
+    generate_cohort(cohort, sites=3, studies_per_site=8, seed=1, workers=1, image_size=128)
+    config = FederatedConfig(
+        rounds=2,
+        local_steps=2,
+        batch_size=4,
+        epsilon=5.0,
+        eval_reports=2,
+        eval_questions=4,
+        secagg=True,
+        initial_checkpoint=str(micro_foundation(tmp_path)),
+    )
+    run_dir = run_federated(cohort, tmp_path / "runs", config)
+    assert config_from_toml(run_dir / "config.toml") == config
+    sites = tomllib.loads((run_dir / "config.toml").read_text())["sites"]
+    assert sites == ["site_1", "site_2", "site_3"]
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    for record in records:
+        assert record["failures"] == [] and set(record["epsilon"]) == set(sites)
+        assert record["secagg"]["sites_summed"] == 3 and record["secagg"]["threshold"] == 2
+        assert 0 < record["secagg"]["error_bound"] < 1e-5
+        assert record["update_bytes"] > 0 and "macro_auroc" in record
+    for round_no in (1, 2):
+        load_checkpoint(run_dir / "checkpoints" / f"round_{round_no:03d}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["secagg"] is True and summary["final"]["round"] == 2
+    for site in sites:
+        folder = run_dir / "sites" / site
+        key_path = folder / "ledger_key.pem"
+        entries = Ledger(folder / "ledger.jsonl", load_or_create_signing_key(key_path)).entries()
+        assert [e["round"] for e in entries] == [1, 2]
+        assert entries[1]["epsilon"] == pytest.approx(records[-1]["epsilon"][site])
+        public = load_public_key(public_key_path(key_path))
+        assert verify_ledger(folder / "ledger.jsonl", public) == []

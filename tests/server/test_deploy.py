@@ -18,9 +18,11 @@ from fedrad.common.flower_process import FLOWER_ENV
 from fedrad.server import deploy
 from fedrad.server.cli import app
 from fedrad.server.deploy import (
+    SECURE_CLIENTAPP,
     Admission,
     DeployError,
     SuperLinkState,
+    app_components,
     app_pyproject,
     build_run_config,
     check_foundation,
@@ -446,4 +448,46 @@ def test_run_refuses_a_bad_setting_before_submitting(
     assert "need central-noise" in _one_line_error(result)
     result = runner.invoke(app, [*base, "--epsilon", "2", "--set", "epsilon=3"])
     assert "repeats an option" in _one_line_error(result)
+    assert submitted == []
+
+
+def test_a_secagg_run_stages_the_secagg_clientapp(coordinator: Path, tmp_path: Path) -> None:
+    from flwr.common.config import validate_config
+
+    from fedrad.server.rounds import ServerPlan
+
+    options = {"secagg": True, "secagg-threshold": 2, "min-sites": 2}
+    config = build_run_config(
+        run_dir=tmp_path / "s1", foundation=tmp_path / "f", rounds=2, num_sites=3, options=options
+    )
+    plan = ServerPlan.from_run_config(config)
+    assert plan.secagg and plan.shares_threshold == 2 and plan.required_sites == 2
+    app_dir = stage_app(coordinator, config)
+    document = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    assert document["tool"]["flwr"]["app"]["components"]["clientapp"] == SECURE_CLIENTAPP
+    valid, errors, _ = validate_config(document, check_module=True, project_dir=app_dir)
+    assert valid, errors
+    plain = build_run_config(run_dir=tmp_path / "p", foundation=tmp_path, rounds=1, num_sites=3)
+    assert app_components(plain)["clientapp"] == "fedrad.client.app:app"
+
+
+def test_run_refuses_secagg_settings_that_cannot_work_before_submitting(
+    coordinator: Path, tmp_path: Path, monkeypatch
+) -> None:
+    for site in ("site_a", "site_b", "site_c"):
+        _register(coordinator, tmp_path, site)
+    foundation = _foundation(tmp_path)
+    monkeypatch.setattr("fedrad.server.cli.preflight_run", lambda *a, **k: [])
+    submitted: list[object] = []
+    monkeypatch.setattr("fedrad.server.cli.run_flwr", lambda *a, **k: submitted.append(a))
+    base = ["run", "--dir", str(coordinator), "--rounds", "2", "--foundation", str(foundation)]
+    base += ["--run-dir", str(tmp_path / "r")]
+    result = runner.invoke(app, [*base, "--secagg", "--strategy", "fedadam"])
+    assert "SecAgg+ supports fedavg and fedprox" in _one_line_error(result)
+    result = runner.invoke(app, [*base, "--secagg", "--sites", "2"])
+    assert "SecAgg+ needs at least 3 sites" in _one_line_error(result)
+    result = runner.invoke(app, [*base, "--secagg-threshold", "2"])
+    assert "need secagg = true" in _one_line_error(result)
+    result = runner.invoke(app, [*base, "--secagg", "--min-sites", "1"])
+    assert "below the SecAgg+ reconstruction threshold" in _one_line_error(result)
     assert submitted == []

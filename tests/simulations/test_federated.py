@@ -33,6 +33,12 @@ from tests.fl_fixtures import micro_foundation
         ({"epsilon": 0.0}, "epsilon must be positive"),
         ({"delta": 1.0}, "delta must be in (0, 1)"),
         ({"accountant": "gdp"}, "accountant must be rdp or prv"),
+        (
+            {"secagg": True, "strategy": "fedadam"},
+            "SecAgg+ supports fedavg and fedprox, not fedadam",
+        ),
+        ({"secagg_shares": 3}, "secagg_shares and secagg_threshold need secagg"),
+        ({"min_sites": 0}, "min_sites must be >= 1"),
     ],
 )
 def test_bad_settings_fail_at_once_with_one_line(settings: dict, message: str) -> None:
@@ -50,6 +56,34 @@ def test_no_usable_site_is_a_cohort_error(tmp_path: Path) -> None:
     with pytest.raises(CohortError, match="no usable site"):
         run_federated(cohort, tmp_path / "runs", config)
     assert not (tmp_path / "runs").exists()  # nothing half-made is left behind
+
+
+def test_secagg_on_two_sites_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    cohort = tmp_path / "cohort"
+    generate_cohort(cohort, sites=2, studies_per_site=6, seed=1, workers=1, image_size=64)
+    config = FederatedConfig(secagg=True, initial_checkpoint=str(micro_foundation(tmp_path)))
+    with pytest.raises(ValueError, match="SecAgg\\+ needs at least 3 sites"):
+        run_federated(cohort, tmp_path / "runs", config)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_secagg_flags_are_checked_by_the_cli() -> None:
+    from typer.testing import CliRunner
+
+    from fedrad.simulations.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", "--data", "nowhere", "--secagg-shares", "3"])
+    assert result.exit_code == 2 and "--secagg-shares and --secagg-threshold need --secagg" in (
+        result.output
+    )
+    result = runner.invoke(app, ["run", "--data", "nowhere", "--secagg", "--strategy", "fedadam"])
+    assert result.exit_code == 2
+    assert (
+        result.output.strip()
+        .splitlines()[-1]
+        .endswith("SecAgg+ supports fedavg and fedprox, not fedadam")
+    )
 
 
 @pytest.fixture
