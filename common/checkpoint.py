@@ -16,7 +16,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -85,9 +86,7 @@ def save_checkpoint(
 ) -> Path:
     """Writes to a temporary sibling and renames: a crash never leaves half a checkpoint."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
+    with _staged(directory) as tmp:
         (tmp / "config.json").write_text(model.config.to_json())
         base = model.lm.get_base_model()
         (tmp / "lm_config.json").write_text(base.config.to_json_string())
@@ -106,13 +105,23 @@ def save_checkpoint(
             **(metadata or {}),
         }
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return directory
+
+
+@contextmanager
+def _staged(directory: Path) -> Iterator[Path]:
+    """A temporary sibling that replaces `directory` only once fully written: a crash never
+    leaves half a checkpoint."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        yield tmp
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return directory
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:
@@ -179,9 +188,7 @@ def write_checkpoint_from(
         if name not in state or tuple(state[name].shape) != tuple(np.shape(value)):
             raise CheckpointError(f"array {name} does not fit {source}")
         state[name] = torch.from_numpy(np.ascontiguousarray(value)).to(state[name].dtype)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
+    with _staged(directory) as tmp:
         for item in source.iterdir():
             if item.is_file() and item.name not in ("model.safetensors", "metadata.json"):
                 shutil.copy2(item, tmp / item.name)
@@ -189,10 +196,4 @@ def write_checkpoint_from(
         meta = {**read_metadata(source), "torch": torch.__version__, **metadata}
         meta["format_version"] = FORMAT_VERSION
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 from tqdm import tqdm
@@ -17,6 +17,26 @@ EXIT_FINDINGS = 1  # ran, but the answer is "no" (nothing usable, audit failed, 
 EXIT_USAGE = 2  # bad input: the command could not do its job
 
 NOT_YET = "not yet available in this version of fedrad"
+
+# SecAgg+ options: the same for a simulation and a deployment (fedrad-sim, fedrad-coordinator run)
+SecAggFlag = Annotated[
+    bool,
+    typer.Option(
+        "--secagg",
+        help="SecAgg+: the coordinator sees only the sum of the sites' masked updates "
+        "(fedavg or fedprox; 3 sites or more).",
+    ),
+]
+SecAggShares = Annotated[
+    int | None,
+    typer.Option(metavar="N", help="SecAgg+: key shares per site (default: every site)."),
+]
+SecAggThreshold = Annotated[
+    int | None,
+    typer.Option(
+        metavar="T", help="SecAgg+: shares that unmask (default: a majority, at least 2)."
+    ),
+]
 
 
 def setup_logging(verbose: bool) -> None:

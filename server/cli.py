@@ -15,7 +15,15 @@ from typing import Annotated
 
 import typer
 
-from fedrad.common.cli_support import EXIT_FINDINGS, emit_json, fail, setup_logging
+from fedrad.common.cli_support import (
+    EXIT_FINDINGS,
+    SecAggFlag,
+    SecAggShares,
+    SecAggThreshold,
+    emit_json,
+    fail,
+    setup_logging,
+)
 from fedrad.common.flower_process import FlowerProcessError, flower_executable
 from fedrad.common.run_dir import plot_run, read_metrics, write_config, write_summary
 from fedrad.server.deploy import (
@@ -419,24 +427,9 @@ def run(
     connect_timeout: Annotated[
         float | None, typer.Option(help="Seconds to wait for every site to connect.")
     ] = None,
-    secagg: Annotated[
-        bool,
-        typer.Option(
-            "--secagg",
-            help="SecAgg+: the coordinator sees only the sum of the sites' masked updates "
-            "(fedavg or fedprox; 3 sites or more).",
-        ),
-    ] = False,
-    secagg_shares: Annotated[
-        int | None,
-        typer.Option(metavar="N", help="SecAgg+: key shares per site (default: every site)."),
-    ] = None,
-    secagg_threshold: Annotated[
-        int | None,
-        typer.Option(
-            metavar="T", help="SecAgg+: shares that unmask (default: a majority, at least 2)."
-        ),
-    ] = None,
+    secagg: SecAggFlag = False,
+    secagg_shares: SecAggShares = None,
+    secagg_threshold: SecAggThreshold = None,
     min_sites: Annotated[
         int | None,
         typer.Option(

@@ -8,7 +8,14 @@ from typing import Annotated
 
 import typer
 
-from fedrad.common.cli_support import emit_json, fail, setup_logging
+from fedrad.common.cli_support import (
+    SecAggFlag,
+    SecAggShares,
+    SecAggThreshold,
+    emit_json,
+    fail,
+    setup_logging,
+)
 from fedrad.common.fl_protocol import DEFAULT_LR
 
 app = typer.Typer(
@@ -175,24 +182,9 @@ def run(
             help="Central DP: delta of the coordinator's epsilon (default 1e-5).",
         ),
     ] = None,
-    secagg: Annotated[
-        bool,
-        typer.Option(
-            "--secagg",
-            help="SecAgg+: the coordinator sees only the sum of the sites' masked updates "
-            "(fedavg or fedprox; 3 sites or more).",
-        ),
-    ] = False,
-    secagg_shares: Annotated[
-        int | None,
-        typer.Option(metavar="N", help="SecAgg+: key shares per site (default: every site)."),
-    ] = None,
-    secagg_threshold: Annotated[
-        int | None,
-        typer.Option(
-            metavar="T", help="SecAgg+: shares that unmask (default: a majority, at least 2)."
-        ),
-    ] = None,
+    secagg: SecAggFlag = False,
+    secagg_shares: SecAggShares = None,
+    secagg_threshold: SecAggThreshold = None,
     min_sites: Annotated[
         int | None,
         typer.Option(
