@@ -32,6 +32,7 @@ from fedrad.client.site_agent import (
     trainable_arrays,
 )
 from fedrad.common.checkpoint import load_checkpoint, save_checkpoint
+from fedrad.common.devices import release_host_memory
 from fedrad.common.fl_protocol import DEFAULT_LR, RoundConfig
 from fedrad.common.flower_process import FLOWER_ENV
 from fedrad.common.ledger import (
@@ -222,6 +223,8 @@ def _initial_model(config: FederatedConfig, run_dir: Path) -> Path:
             )
             source = str(lm_dir)
         save_checkpoint(model, directory, metadata={"kind": "initial", "source": source})
+        del model
+        release_host_memory()  # the coordinator never needs the model again
     return directory
 
 
