@@ -8,12 +8,10 @@ import dataclasses
 import logging
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -27,7 +25,6 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam
 from typer.testing import CliRunner
 
-from fedrad.client import site_agent
 from fedrad.client.app import simulation_client_app
 from fedrad.common.accounting import MechanismStep, cumulative_epsilon
 from fedrad.common.fl_protocol import (
@@ -55,7 +52,6 @@ from tests.fl_fixtures import (
     micro_foundation,
     micro_site,
     round_config,
-    set_task_identity,
 )
 
 SIGMA = 0.8
@@ -63,14 +59,7 @@ CLIP = 5.0
 DELTA = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _setup() -> Iterator[None]:
-    set_task_identity()
-    site_agent.clear_caches()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("in_process_federation")
 
 
 def _plan(

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
-from fedrad.client import site_agent
 from fedrad.client.app import simulation_client_app
 from fedrad.common.run_dir import read_metrics
 from fedrad.server.app import run_server
@@ -26,18 +23,9 @@ from tests.fl_fixtures import (
     micro_foundation,
     micro_site,
     round_config,
-    set_task_identity,
 )
 
-
-@pytest.fixture(autouse=True)
-def _setup() -> Iterator[None]:
-    set_task_identity()
-    site_agent.clear_caches()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("in_process_federation")
 
 
 class Nodes:

@@ -6,14 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fedrad.client import site_agent
 from fedrad.client.app import simulation_client_app
 from fedrad.common.checkpoint import load_checkpoint, read_metadata
 from fedrad.common.ledger import Ledger, load_or_create_signing_key, verify_ledger
@@ -31,18 +29,9 @@ from tests.fl_fixtures import (
     micro_foundation,
     micro_site,
     round_config,
-    set_task_identity,
 )
 
-
-@pytest.fixture(autouse=True)
-def _setup() -> Iterator[None]:
-    set_task_identity()
-    site_agent.clear_caches()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("in_process_federation")
 
 
 def _run_dir(tmp_path: Path) -> Path:

@@ -9,12 +9,11 @@ import dataclasses
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.server.superlink.linkstate.utils import NODE_UNAVAILABLE_ERROR_REASON
@@ -44,18 +43,9 @@ from tests.fl_fixtures import (
     micro_foundation,
     micro_site,
     round_config,
-    set_task_identity,
 )
 
-
-@pytest.fixture(autouse=True)
-def _setup() -> Iterator[None]:
-    set_task_identity()
-    site_agent.clear_caches()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("in_process_federation")
 
 
 def _plan(run_dir: Path, foundation: Path, *, rounds: int = 1, **over: object) -> ServerPlan:
