@@ -22,7 +22,8 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,23 @@ def foundation_key(config: ModelConfig, recipe: FoundationRecipe) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@contextmanager
+def _cache_entry(directory: Path) -> Iterator[Path]:
+    """A temporary sibling published as `directory` once fully written; when a concurrent
+    builder published first, theirs is kept and ours dropped."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if directory.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+
+
 def default_cache_root() -> Path:
     return Path(os.environ.get("FEDRAD_CACHE", Path.home() / ".cache" / "fedrad")) / "foundation"
 
@@ -259,27 +277,30 @@ def build_foundation_lm(
         prefix_tokens=config.num_prefix_tokens,
         progress=stage_reporter("public language model (once, cached)", recipe.steps),
     )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".lm-{key}-", dir=directory.parent))
-    lm.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "fedrad_foundation.json").write_text(
-        json.dumps(
-            {
-                "recipe": _lm_recipe(recipe),
-                "corpus": {"synthetic_reports": len(pairs), "radlabels_reports": len(extra)},
-                "pretrain_loss": {"first": losses[0], "last": float(np.mean(losses[-20:]))},
-                "version": FOUNDATION_VERSION,
-            },
-            indent=1,
+    with _cache_entry(directory) as tmp:
+        lm.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "fedrad_foundation.json").write_text(
+            json.dumps(
+                {
+                    "recipe": _lm_recipe(recipe),
+                    "corpus": {"synthetic_reports": len(pairs), "radlabels_reports": len(extra)},
+                    "pretrain_loss": {"first": losses[0], "last": float(np.mean(losses[-20:]))},
+                    "version": FOUNDATION_VERSION,
+                },
+                indent=1,
+            )
         )
-    )
-    if directory.exists():  # a concurrent builder won: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
     logger.info("foundation LM built: loss %.2f -> %.2f", losses[0], np.mean(losses[-20:]))
     return directory
+
+
+def _base_lora_recipe(recipe: FoundationRecipe) -> dict[str, object]:
+    """The recipe fields the warm-up reads: the public corpus, its seed and its own steps."""
+    fields = dataclasses.asdict(recipe)
+    return {k: fields[k] for k in ("corpus_reports", "seed")} | {
+        k: v for k, v in fields.items() if k.startswith("base_lm_")
+    }
 
 
 def base_lora_key(config: ModelConfig, recipe: FoundationRecipe) -> str:
@@ -297,7 +318,7 @@ def base_lora_key(config: ModelConfig, recipe: FoundationRecipe) -> str:
         )
     }
     blob = json.dumps(
-        {"lm": fields, "recipe": dataclasses.asdict(recipe), "v": FOUNDATION_VERSION},
+        {"lm": fields, "recipe": _base_lora_recipe(recipe), "v": FOUNDATION_VERSION},
         sort_keys=True,
         default=list,
     )
@@ -315,7 +336,8 @@ def warm_up_base_lora(
     key = base_lora_key(config, recipe)
     directory = (cache_root or default_cache_root()) / f"base-lora-{key}"
     weights = directory / "lora.safetensors"
-    lora_names = [n for n, _ in model.lm.named_parameters() if "lora_" in n]
+    params = dict(model.lm.named_parameters())
+    lora_names = [n for n in params if "lora_" in n]
     if not weights.is_file():
         rng = random.Random(recipe.seed)
         pairs = public_reports(recipe.corpus_reports, recipe.seed)
@@ -334,40 +356,35 @@ def warm_up_base_lora(
             model.lm,
             ids,
             recipe=steps,
-            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+            pad_id=tokenizer.pad_token_id,  # load_base_tokenizer pads with eos when unset
             max_len=config.max_prompt_tokens + config.max_target_tokens,
             prefix_tokens=config.num_prefix_tokens,
             progress=stage_reporter(
                 "public-text LoRA warm-up of the base LM (once, cached)", recipe.base_lm_steps
             ),
         )
-        params = dict(model.lm.named_parameters())
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".base-lora-{key}-", dir=directory.parent))
-        save_file(
-            {n: params[n].detach().cpu().contiguous() for n in lora_names}, str(tmp / weights.name)
-        )
-        (tmp / "fedrad_foundation.json").write_text(
-            json.dumps(
-                {
-                    "base_lm_sha256": config.lm_sha256,
-                    "recipe": dataclasses.asdict(recipe),
-                    "texts": len(texts),
-                    "warm_up_loss": {"first": losses[0], "last": float(np.mean(losses[-20:]))},
-                    "version": FOUNDATION_VERSION,
-                },
-                indent=1,
+        with _cache_entry(directory) as tmp:
+            lora = {n: params[n].detach().cpu().contiguous() for n in lora_names}
+            save_file(lora, str(tmp / weights.name))
+            (tmp / "fedrad_foundation.json").write_text(
+                json.dumps(
+                    {
+                        "base_lm_sha256": config.lm_sha256,
+                        "recipe": _base_lora_recipe(recipe),
+                        "texts": len(texts),
+                        "warm_up_loss": {
+                            "first": losses[0],
+                            "last": float(np.mean(losses[-20:])),
+                        },
+                        "version": FOUNDATION_VERSION,
+                    },
+                    indent=1,
+                )
             )
-        )
-        if directory.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
         logger.info("base LM LoRA warmed up: loss %.2f -> %.2f", losses[0], np.mean(losses[-20:]))
     stored = load_file(str(weights))
     if sorted(stored) != sorted(lora_names):
         raise ValueError(f"{weights} does not hold this model's LoRA tensors")
-    params = dict(model.lm.named_parameters())
     with torch.no_grad():
         for name, tensor in stored.items():
             params[name].copy_(tensor.to(params[name].device))
@@ -405,20 +422,15 @@ def build_foundation_encoder(
         drawing=stage_reporter("public images drawn (once, cached)", recipe.images),
         progress=stage_reporter("public image encoder (once, cached)", recipe.steps),
     )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".encoder-{key}-", dir=directory.parent))
-    state = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
-    save_file(state, str(tmp / "encoder.safetensors"))
-    (tmp / "fedrad_encoder.json").write_text(
-        json.dumps(
-            {"recipe": dataclasses.asdict(recipe), "version": ENCODER_VERSION, **measured},
-            indent=1,
+    with _cache_entry(directory) as tmp:
+        state = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
+        save_file(state, str(tmp / "encoder.safetensors"))
+        (tmp / "fedrad_encoder.json").write_text(
+            json.dumps(
+                {"recipe": dataclasses.asdict(recipe), "version": ENCODER_VERSION, **measured},
+                indent=1,
+            )
         )
-    )
-    if directory.exists():  # a concurrent builder won: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
     return directory
 
 
