@@ -70,7 +70,7 @@ def _federated_config(**kwargs: object) -> object:
     from fedrad.simulations.federated import FederatedConfig
 
     lm = kwargs.get("lm")
-    _check_model(str(kwargs["preset"]), None if lm is None else Path(str(lm)))
+    _check_model(str(kwargs["preset"]), None if lm is None else str(lm))
     try:
         return FederatedConfig(**kwargs)  # type: ignore[arg-type]
     except ValueError as exc:
@@ -85,8 +85,9 @@ def _recipe(steps: int) -> object:
     return FoundationRecipe(steps=steps)
 
 
+PresetOpt = Annotated[str, typer.Option("--preset", help="Model preset: tiny, small or base.")]
 LmOpt = Annotated[
-    Path | None,
+    str | None,  # a path, resolved (and checked) where the model config is made
     typer.Option(
         "--lm",
         metavar="PATH",
@@ -96,14 +97,14 @@ LmOpt = Annotated[
 ]
 
 
-def _check_model(preset_name: str, lm: Path | None) -> None:
+def _check_model(preset_name: str, lm: str | None) -> None:
     """The preset and its base LM, checked before any work: an unknown preset, a missing
     package, a hash mismatch, a path that is not a causal LM, too little memory."""
     from fedrad.common.base_lm import BaseLMError, preflight
     from fedrad.common.model_config import model_config_for
 
     try:
-        config = model_config_for(preset_name, None if lm is None else str(lm))
+        config = model_config_for(preset_name, lm)
         if config.pretrained_lm:
             preflight(config)
     except (ValueError, BaseLMError) as exc:
@@ -142,9 +143,7 @@ def run(
     delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="No DP-SGD (baseline only).")] = False,
     strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam.")] = "fedavg",
-    preset_name: Annotated[
-        str, typer.Option("--preset", help="Model preset: tiny, small or base.")
-    ] = "tiny",
+    preset_name: PresetOpt = "tiny",
     lm: LmOpt = None,
     local_steps: Annotated[int, typer.Option(help="DP-SGD steps per site per round.")] = 50,
     batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = 16,
@@ -223,7 +222,7 @@ def run(
         fail("--secagg-shares and --secagg-threshold need --secagg")
     config = _federated_config(
         preset=preset_name,
-        lm=None if lm is None else str(lm),
+        lm=lm,
         rounds=rounds,
         local_steps=local_steps,
         batch_size=batch_size,
@@ -259,9 +258,7 @@ def centralized(
     ] = None,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without DP (baseline).")] = False,
     delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
-    preset_name: Annotated[
-        str, typer.Option("--preset", help="Model preset: tiny, small or base.")
-    ] = "tiny",
+    preset_name: PresetOpt = "tiny",
     lm: LmOpt = None,
     rounds: Annotated[int, typer.Option(help="Evaluation rounds.")] = 5,
     steps_per_round: Annotated[int, typer.Option(help="Optimizer steps per round.")] = 200,
@@ -283,7 +280,7 @@ def centralized(
     try:
         config = CentralizedConfig(
             preset=preset_name,
-            lm=None if lm is None else str(lm),
+            lm=lm,
             rounds=rounds,
             steps_per_round=steps_per_round,
             batch_size=batch_size,
@@ -335,9 +332,7 @@ def local(
     epsilon: Annotated[float, typer.Option(help="Each site's epsilon.")] = 8.0,
     delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="No DP-SGD.")] = False,
-    preset_name: Annotated[
-        str, typer.Option("--preset", help="Model preset: tiny, small or base.")
-    ] = "tiny",
+    preset_name: PresetOpt = "tiny",
     lm: LmOpt = None,
     local_steps: Annotated[int, typer.Option(help="Steps per site per round.")] = 50,
     batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = 16,
@@ -351,7 +346,7 @@ def local(
     setup_logging(verbose)
     config = _federated_config(
         preset=preset_name,
-        lm=None if lm is None else str(lm),
+        lm=lm,
         rounds=rounds,
         local_steps=local_steps,
         batch_size=batch_size,
@@ -448,7 +443,7 @@ def bench_model(
             steps=steps,
             batch_size=batch_size,
             threads=threads,
-            lm=None if lm is None else str(lm),
+            lm=lm,
         )
     except BenchError as exc:
         fail(str(exc))
@@ -469,9 +464,7 @@ def bench_model(
 @app.command()
 def foundation(
     out: Annotated[Path, typer.Option(help="New checkpoint directory for the starting model.")],
-    preset_name: Annotated[
-        str, typer.Option("--preset", help="Model preset: tiny, small or base.")
-    ] = "tiny",
+    preset_name: PresetOpt = "tiny",
     lm: LmOpt = None,
     foundation_steps: Annotated[
         int, typer.Option(help="Pretraining steps of the public language model.", min=1)
@@ -493,7 +486,7 @@ def foundation(
     typer.echo("building the public foundation (cached after the first time) ...", err=True)
     try:
         model, lm_dir = build_foundation(
-            model_config_for(preset_name, None if lm is None else str(lm)),
+            model_config_for(preset_name, lm),
             recipe=FoundationRecipe(steps=foundation_steps),
             seed=seed,
         )
@@ -546,7 +539,7 @@ def bench_utility(
             seed=seed,
             arms=tuple(arms or ARMS),
             preset=preset_name,
-            lm=None if lm is None else str(lm),
+            lm=lm,
         )
         result = run_utility_bench(
             data, out, config, progress=lambda line: typer.echo(line, err=True)
