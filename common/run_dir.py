@@ -7,6 +7,8 @@ import datetime as dt
 import json
 import math
 import os
+import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,32 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 
 PLOTTED = ("macro_auroc", "ce_f1", "bleu4", "rouge_l", "qa_accuracy")
 
+MAX_PLOTTED_SITES = 10
+"""Beyond this many sites one line each is unreadable: the epsilon plot shows their spread."""
+
+
+def site_order(site_id: str) -> tuple[str, int, str]:
+    """site_2 before site_10: the trailing number compares as a number."""
+    match = re.fullmatch(r"(.*?)(\d+)", site_id)
+    if match is None:
+        return (site_id, -1, site_id)
+    return (match.group(1), int(match.group(2)), site_id)
+
+
+def epsilon_spread(per_site: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Max, median and min over the sites per round (sites without a bound value are left out)."""
+    rounds = len(next(iter(per_site.values())))
+    columns = [
+        [float(v[i]) for v in per_site.values() if isinstance(v[i], int | float)]
+        for i in range(rounds)
+    ]
+    n = len(per_site)
+    return {
+        f"max over {n} sites": [max(c) if c else None for c in columns],
+        "median": [statistics.median(c) if c else None for c in columns],
+        "min": [min(c) if c else None for c in columns],
+    }
+
 
 def _nan(value: Any) -> float:
     return float(value) if isinstance(value, int | float) else float("nan")
@@ -129,9 +157,11 @@ def plot_run(run_dir: Path) -> list[Path]:
             unit_range=True,
         )
     ]
-    sites = sorted({s for r in records for s in (r.get("epsilon") or {})})
+    sites = sorted({s for r in records for s in (r.get("epsilon") or {})}, key=site_order)
     if sites:
         epsilon = {site: [(r.get("epsilon") or {}).get(site) for r in records] for site in sites}
+        if len(sites) > MAX_PLOTTED_SITES:
+            epsilon = epsilon_spread(epsilon)
         out.append(
             _line_plot(
                 run_dir / "plots" / "epsilon.png",

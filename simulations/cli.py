@@ -17,6 +17,7 @@ from fedrad.common.cli_support import (
     setup_logging,
 )
 from fedrad.common.fl_protocol import DEFAULT_LR
+from fedrad.common.run_dir import site_order
 
 app = typer.Typer(
     name="fedrad-sim",
@@ -301,18 +302,36 @@ def centralized(
     typer.echo(f"run directory: {run_dir}")
 
 
+MAX_LISTED_SITES = 6
+"""A round line names each site's epsilon up to this many sites, then gives their range."""
+
+
+def epsilon_text(eps: dict[str, float | None]) -> str:
+    """Each site's cumulative epsilon, or for many sites the range and who spent most."""
+    if not eps:
+        return "no DP"
+    sites = sorted(eps, key=site_order)
+    if len(sites) <= MAX_LISTED_SITES:
+        return ", ".join(
+            f"{k} {eps[k]:.2f}" if isinstance(eps[k], float) else f"{k} unbounded" for k in sites
+        )
+    bounded = {k: v for k, v in eps.items() if isinstance(v, float)}
+    unbounded = len(sites) - len(bounded)
+    if not bounded:
+        return f"unbounded at all {len(sites)} sites"
+    top = max(sorted(bounded, key=site_order), key=lambda k: bounded[k])
+    text = (
+        f"{min(bounded.values()):.2f}-{bounded[top]:.2f} over {len(bounded)} sites (highest {top})"
+    )
+    return text + (f", unbounded at {unbounded}" if unbounded else "")
+
+
 def _print_round(record: dict) -> None:
     def fmt(key: str) -> str:
         value = record.get(key)
         return f"{value:.3f}" if isinstance(value, float) else "n/a"
 
-    eps = record.get("epsilon") or {}
-    eps_text = (
-        ", ".join(
-            f"{k} {v:.2f}" if isinstance(v, float) else f"{k} unbounded" for k, v in eps.items()
-        )
-        or "no DP"
-    )
+    eps_text = epsilon_text(record.get("epsilon") or {})
     if isinstance(record.get("central_epsilon"), float):
         eps_text += f"; central (site-level) {record['central_epsilon']:.2f}"
     secure = record.get("secagg")
