@@ -22,6 +22,8 @@ from typing import Final
 
 import psutil
 import torch
+import transformers
+from safetensors.torch import save_model
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -32,6 +34,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from fedrad.common.cache import cache_root, publish_once
 from fedrad.common.model_config import SMOLLM2_PACKAGE, SMOLLM2_VERSION, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -135,9 +138,8 @@ def _hash_file(digest: hashlib._Hash, path: Path) -> None:
 def lm_config(location: BaseLocation) -> PretrainedConfig:
     """The base's transformers config; refuses anything that is not a causal LM."""
     try:
-        config = AutoConfig.from_pretrained(
-            str(location.directory), gguf_file=location.gguf_file, local_files_only=True
-        )
+        directory, gguf_file = _source(location)
+        config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file, local_files_only=True)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         raise BaseLMError(f"{location.label} is not a readable language model ({exc})") from exc
     model_type = getattr(config, "model_type", "")
@@ -203,16 +205,16 @@ def preflight(config: ModelConfig) -> tuple[ModelConfig, BaseLocation]:
 def load_base(config: ModelConfig) -> tuple[PreTrainedModel, ModelConfig]:
     """The frozen-to-be base LM and the config with its verified hash."""
     config, location = preflight(config)
-    logger.info("loading the base LM %s", location.label)
+    directory, gguf_file = _source(location)
+    logger.info("loading the base LM %s from %s", location.label, directory)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(location.directory),
-            gguf_file=location.gguf_file,
-            local_files_only=True,
-            dtype=torch.float32,
+            directory, gguf_file=gguf_file, local_files_only=True, dtype=torch.float32
         )
     except (OSError, ValueError, KeyError) as exc:
         raise BaseLMError(f"cannot load {location.label} ({exc})") from exc
+    if gguf_file is not None:
+        _keep_dequantized(model, location)
     return model, config
 
 
@@ -220,8 +222,9 @@ def load_base_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     """The base's own tokenizer, eos set where a chat model ends its turn."""
     location = locate(config)
     try:
+        directory, gguf_file = _source(location)
         tokenizer = AutoTokenizer.from_pretrained(
-            str(location.directory), gguf_file=location.gguf_file, local_files_only=True
+            directory, gguf_file=gguf_file, local_files_only=True
         )
     except (OSError, ValueError, KeyError) as exc:
         raise BaseLMError(f"cannot load the tokenizer of {location.label} ({exc})") from exc
@@ -230,3 +233,66 @@ def load_base_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token_id is None:  # any id: padded positions are masked out
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# -- the dequantized copy of a GGUF base ------------------------------------------------------
+# Reading a GGUF means parsing it and dequantizing every tensor: 15 s for SmolLM2-135M on 2
+# cores, paid by every process that loads it (each SuperNode message, each `fedrad-site report`).
+# The float32 weights it yields are saved once, keyed by the GGUF's sha256 and the transformers
+# and gguf versions that dequantized it, and read back in under a second. The GGUF stays what checkpoints
+# name and what is hashed; the copy is derived from it and rebuilt if absent.
+
+DEQUANTIZED_MARKER: Final[str] = "fedrad_dequantized.json"
+
+
+def dequantized_dir(location: BaseLocation) -> Path:
+    digest = fingerprint(location)
+    readers = f"transformers-{transformers.__version__}-gguf-{_version('gguf')}"
+    return cache_root() / "base-lm" / f"{digest[:16]}-{readers}"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def _source(location: BaseLocation) -> tuple[str, str | None]:
+    """Where transformers reads the base from: its dequantized copy when one is cached."""
+    if location.gguf_file is not None:
+        cached = dequantized_dir(location)
+        if (cached / DEQUANTIZED_MARKER).is_file():
+            return str(cached), None
+    return str(location.directory), location.gguf_file
+
+
+def _keep_dequantized(model: PreTrainedModel, location: BaseLocation) -> None:
+    """Saves what a GGUF load produced; a cache that cannot be written costs only speed."""
+    target = dequantized_dir(location)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(location.directory), gguf_file=location.gguf_file, local_files_only=True
+        )
+        with publish_once(target) as tmp:
+            config = model.config.to_dict()
+            config.pop("quantization_config", None)  # the copy is plain float32
+            config = type(model.config).from_dict(config)
+            config.save_pretrained(tmp)
+            model.generation_config.save_pretrained(tmp)
+            save_model(model, str(tmp / "model.safetensors"))  # tied weights stored once
+            tokenizer.save_pretrained(tmp)
+            (tmp / DEQUANTIZED_MARKER).write_text(
+                json.dumps(
+                    {
+                        "source": location.label,
+                        "source_sha256": fingerprint(location),
+                        "transformers": transformers.__version__,
+                    },
+                    indent=1,
+                )
+            )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        logger.warning("could not cache the dequantized base LM in %s (%s)", target, exc)
+        return
+    logger.info("cached the dequantized base LM in %s", target)

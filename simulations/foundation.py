@@ -18,12 +18,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fedrad.common.base_lm import locate
+from fedrad.common.cache import cache_root, publish_once
 from fedrad.common.checkpoint import build_model
 from fedrad.common.labeler import label_report
 from fedrad.common.language_model import add_lora, build_from_config, load_pretrained
@@ -225,25 +222,8 @@ def foundation_key(config: ModelConfig, recipe: FoundationRecipe) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-@contextmanager
-def _cache_entry(directory: Path) -> Iterator[Path]:
-    """A temporary sibling published as `directory` once fully written; when a concurrent
-    builder published first, theirs is kept and ours dropped."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if directory.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
-
-
 def default_cache_root() -> Path:
-    return Path(os.environ.get("FEDRAD_CACHE", Path.home() / ".cache" / "fedrad")) / "foundation"
+    return cache_root() / "foundation"
 
 
 def build_foundation_lm(
@@ -277,7 +257,7 @@ def build_foundation_lm(
         prefix_tokens=config.num_prefix_tokens,
         progress=stage_reporter("public language model (once, cached)", recipe.steps),
     )
-    with _cache_entry(directory) as tmp:
+    with publish_once(directory) as tmp:
         lm.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "fedrad_foundation.json").write_text(
@@ -363,7 +343,7 @@ def warm_up_base_lora(
                 "public-text LoRA warm-up of the base LM (once, cached)", recipe.base_lm_steps
             ),
         )
-        with _cache_entry(directory) as tmp:
+        with publish_once(directory) as tmp:
             lora = {n: params[n].detach().cpu().contiguous() for n in lora_names}
             save_file(lora, str(tmp / weights.name))
             (tmp / "fedrad_foundation.json").write_text(
@@ -422,7 +402,7 @@ def build_foundation_encoder(
         drawing=stage_reporter("public images drawn (once, cached)", recipe.images),
         progress=stage_reporter("public image encoder (once, cached)", recipe.steps),
     )
-    with _cache_entry(directory) as tmp:
+    with publish_once(directory) as tmp:
         state = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
         save_file(state, str(tmp / "encoder.safetensors"))
         (tmp / "fedrad_encoder.json").write_text(

