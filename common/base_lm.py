@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
@@ -23,6 +24,7 @@ from typing import Final
 import psutil
 import torch
 import transformers
+from safetensors import SafetensorError
 from safetensors.torch import save_model
 from transformers import (
     AutoConfig,
@@ -207,15 +209,26 @@ def load_base(config: ModelConfig) -> tuple[PreTrainedModel, ModelConfig]:
     config, location = preflight(config)
     directory, gguf_file = _source(location)
     logger.info("loading the base LM %s from %s", location.label, directory)
+    if gguf_file is None and location.gguf_file is not None:
+        try:
+            return _read_base(directory, None), config
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+            logger.warning("unreadable cached copy %s (%s); rebuilding it", directory, exc)
+            shutil.rmtree(directory, ignore_errors=True)
+            directory, gguf_file = str(location.directory), location.gguf_file
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, gguf_file=gguf_file, local_files_only=True, dtype=torch.float32
-        )
+        model = _read_base(directory, gguf_file)
     except (OSError, ValueError, KeyError) as exc:
         raise BaseLMError(f"cannot load {location.label} ({exc})") from exc
     if gguf_file is not None:
         _keep_dequantized(model, location)
     return model, config
+
+
+def _read_base(directory: str, gguf_file: str | None) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=gguf_file, local_files_only=True, dtype=torch.float32
+    )
 
 
 def load_base_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
@@ -239,8 +252,8 @@ def load_base_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
 # Reading a GGUF means parsing it and dequantizing every tensor: 15 s for SmolLM2-135M on 2
 # cores, paid by every process that loads it (each SuperNode message, each `fedrad-site report`).
 # The float32 weights it yields are saved once, keyed by the GGUF's sha256 and the transformers
-# and gguf versions that dequantized it, and read back in under a second. The GGUF stays what checkpoints
-# name and what is hashed; the copy is derived from it and rebuilt if absent.
+# and gguf versions that dequantized it, and read back in under a second. The GGUF stays what
+# checkpoints name and what is hashed; the copy is derived from it, rebuilt if absent or broken.
 
 DEQUANTIZED_MARKER: Final[str] = "fedrad_dequantized.json"
 

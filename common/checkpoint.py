@@ -23,6 +23,7 @@ from typing import Any, Final
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
@@ -146,20 +147,30 @@ def load_checkpoint(directory: Path) -> RadiologyModel:
             f"{directory}: checkpoint format {meta.get('format_version')!r}, "
             f"this fedrad reads formats {', '.join(map(str, sorted(READABLE_FORMATS)))}"
         )
+    try:  # the weights file first: a corrupt one must not wait for a base LM to load
+        state = load_file(str(directory / "model.safetensors"))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"{directory}: unreadable model.safetensors ({exc})") from exc
     try:
         tokenizer = load_tokenizer(directory)
+    except Exception as exc:  # the Rust tokenizers library raises a bare Exception
+        raise CheckpointError(f"{directory}: unreadable tokenizer ({exc})") from exc
+    try:
         if config.pretrained_lm:
             lm, config = load_base(config)  # checks the base's hash against config.json
         else:
             lm_fields = json.loads((directory / "lm_config.json").read_text())
             lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**lm_fields))
         model = RadiologyModel(config, add_lora(lm, config), tokenizer)
-        state = load_file(str(directory / "model.safetensors"))
     except BaseLMError as exc:
         raise CheckpointError(f"{directory}: {exc}") from exc
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{directory}: cannot rebuild the model ({exc})") from exc
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor whose shape the config does not give
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{directory}: weights do not match the config ({first})") from exc
     missing = [k for k in result.missing_keys if not is_base_weight(k, config)]
     if missing or result.unexpected_keys:
         raise CheckpointError(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from fedrad.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedrad.common.model_config import ModelConfig, preset
@@ -61,8 +63,19 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "ckpt" / "metadata.json").read_text())["round"] == 3
 
 
-@pytest.mark.parametrize("damage", ["missing_weights", "bad_version", "not_dir", "bad_config"])
-def test_bad_checkpoints_give_one_line_errors(tmp_path: Path, damage: str) -> None:
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("missing_weights", "missing model.safetensors"),
+        ("bad_version", "checkpoint format 99"),
+        ("not_dir", "not a checkpoint directory"),
+        ("bad_config", "unreadable config"),
+        ("corrupt_weights", "unreadable model.safetensors"),
+        ("corrupt_tokenizer", "unreadable tokenizer"),
+        ("wrong_shape", "weights do not match the config (size mismatch for head.bias"),
+    ],
+)
+def test_bad_checkpoints_give_one_line_errors(tmp_path: Path, damage: str, reason: str) -> None:
     model = micro_model()
     path = save_checkpoint(model, tmp_path / "ckpt")
     if damage == "missing_weights":
@@ -73,9 +86,19 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path: Path, damage: str) -> No
         (path / "metadata.json").write_text(json.dumps(meta))
     elif damage == "not_dir":
         path = path / "config.json"
-    else:
+    elif damage == "bad_config":
         (path / "config.json").write_text(json.dumps({"no_such_key": 1}))
-    with pytest.raises(CheckpointError) as info:
+    elif damage == "corrupt_weights":
+        (path / "model.safetensors").write_bytes(b"truncated by a full disk")
+    elif damage == "corrupt_tokenizer":
+        tokenizer = json.loads((path / "tokenizer.json").read_text())
+        tokenizer["model"]["vocab"] = "not a map"
+        (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    else:
+        state = load_file(str(path / "model.safetensors"))
+        state["head.bias"] = torch.zeros(3)
+        save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=re.escape(reason)) as info:
         load_checkpoint(path)
     assert "\n" not in str(info.value)
 

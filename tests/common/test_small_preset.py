@@ -145,6 +145,15 @@ def test_the_dequantized_gguf_is_cached_once_and_reads_back_the_same_base(
         small.tokenizer.pad_token_id,
     )
 
+    # a broken copy is rebuilt from the GGUF, not trusted and not fatal
+    (cached / "model.safetensors").write_bytes(b"truncated")
+    with caplog.at_level(logging.WARNING, logger="fedrad.common.base_lm"):
+        rebuilt, _ = load_base(small.config)
+    assert "unreadable cached copy" in caplog.text
+    assert (cached / DEQUANTIZED_MARKER).is_file()
+    assert all(torch.equal(want[k], rebuilt.state_dict()[k]) for k in want)
+    caplog.clear()
+
     # a cache that cannot be written costs speed, never the load
     (tmp_path / "not-a-dir").write_text("")
     monkeypatch.setenv("FEDRAD_CACHE", str(tmp_path / "not-a-dir"))
