@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 import dp_accounting
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dp_accounting import pld, rdp
@@ -139,7 +139,7 @@ def read_public_key(path: Path) -> Ed25519PublicKey:
     for load in loaders:
         try:
             key = load(data)
-        except (ValueError, TypeError, serialization.UnsupportedAlgorithm):
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             continue
         if isinstance(key, Ed25519PublicKey):
             return key

@@ -372,3 +372,34 @@ def test_empirical_cli_bad_input_is_one_line(
     err = capsys.readouterr().err
     assert done.value.code == 2, err
     assert words in err and len(err.strip().splitlines()) == 1
+
+
+def _rsa_public_pem() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"\x00\xffnot a key at all", "is not a PEM or OpenSSH public key"),
+        (b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "PEM or OpenSSH"),
+        (b"ssh-dss AAAAB3NzaC1kc3MAAACBAP== x", "is not a PEM or OpenSSH public key"),
+        (None, "is not an Ed25519 public key"),
+    ],
+)
+def test_a_public_key_file_that_is_no_ed25519_key_is_one_line(
+    tmp_path: Path, content: bytes | None, reason: str
+) -> None:
+    key = tmp_path / "key.pub"
+    key.write_bytes(_rsa_public_pem() if content is None else content)
+    with pytest.raises(ValueError, match=reason):
+        read_public_key(key)
+    result = CliRunner().invoke(ledger_app, [str(_ledger(tmp_path)), "--public-key", str(key)])
+    assert result.exit_code == 2, result.output
+    assert reason in result.output and "Traceback" not in result.output
