@@ -232,8 +232,12 @@ def init(
     """Create the site's config and keys (ledger signing key, SuperNode key); private keys 0600."""
     if not data_dir.is_dir():
         fail(f"data directory {data_dir} does not exist")
-    if ca_file is not None and not ca_file.is_file():
-        fail(f"CA file {ca_file} does not exist")
+    if ca_file is not None:
+        from fedrad.client.supernode import is_ca_certificate
+
+        reason = is_ca_certificate(ca_file)
+        if reason is not None:
+            fail(reason)
     try:
         config = init_site(
             directory,

@@ -254,10 +254,26 @@ def test_budget_cli_reports_spent_and_left(tmp_path: Path) -> None:
     [
         (["init", "SITE", "--site-id", "a", "--data-dir", "/no/such/dir"], "does not exist"),
         (["budget", "--config", "/no/such/site.toml"], "no site config"),
+        (
+            ["init", "SITE", "--site-id", "a", "--data-dir", "DATA", "--ca-file", "NOTCERT"],
+            "is not a PEM certificate",
+        ),
+        (
+            ["init", "SITE", "--site-id", "a", "--data-dir", "DATA", "--ca-file", "/no/ca.pem"],
+            "does not exist",
+        ),
     ],
 )
 def test_site_cli_bad_input_is_one_line(tmp_path: Path, args: list[str], words: str) -> None:
-    args = [a.replace("SITE", str(tmp_path / "site")) for a in args]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "not-a-cert.pem").write_text("ssh-ed25519 AAAA not a certificate\n")
+    replace = {
+        "SITE": tmp_path / "site",
+        "DATA": tmp_path / "data",
+        "NOTCERT": tmp_path / "not-a-cert.pem",
+    }
+    args = [str(replace.get(a, a)) for a in args]
     result = CliRunner().invoke(site_cli, args)
     assert result.exit_code == 2
     assert words in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "site").exists()  # refused before any key is made
