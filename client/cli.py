@@ -27,6 +27,7 @@ from fedrad.client.site_config import (
 )
 from fedrad.client.site_data import (
     SiteDataError,
+    cache_write_problem,
     default_cache_dir,
     prepare_site,
     read_reports,
@@ -227,11 +228,21 @@ def init(
     foundation: Annotated[
         Path | None, typer.Option(help="The federation's starting checkpoint directory.")
     ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the de-identified, preprocessed data is kept (default: "
+            "DATA_DIR/.fedrad-cache); needed when the data directory is read-only."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create the site's config and keys (ledger signing key, SuperNode key); private keys 0600."""
     if not data_dir.is_dir():
         fail(f"data directory {data_dir} does not exist")
+    problem = cache_write_problem(data_dir, cache_dir)
+    if problem is not None:
+        fail(problem.replace("set cache_dir in site.toml", "pass --cache-dir"))
     if ca_file is not None:
         from fedrad.client.supernode import is_ca_certificate
 
@@ -248,6 +259,7 @@ def init(
             coordinator=coordinator,
             ca_file=ca_file,
             foundation_dir=foundation,
+            cache_dir=cache_dir,
         )
     except SiteConfigError as exc:
         fail(str(exc))

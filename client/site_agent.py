@@ -74,6 +74,7 @@ class SiteSpec:
     budget_epsilon: float | None = None  # the hospital's own cap, over its whole ledger
     budget_delta: float | None = None  # the largest delta the site's budget holds at
     threads: int = 0  # torch threads (0 = leave as the process has it)
+    cache_dir: Path | None = None  # where data_dir is prepared (default: inside it)
 
     def __post_init__(self) -> None:
         if (self.manifest is None) == (self.data_dir is None):
@@ -101,13 +102,14 @@ class SiteSpec:
             data_dir=config.data_dir,
             budget_epsilon=config.epsilon,
             budget_delta=config.delta,
+            cache_dir=config.cache_dir,
         )
 
     @staticmethod
     def from_node_config(node_config: Mapping[str, Any]) -> SiteSpec:
         """A deployed SuperNode's `--node-config`: site-id, data-dir, foundation-dir, and
-        optionally ledger, signing-key (default under <data-dir>/.fedrad-site/) and
-        epsilon-budget; or `site-config` (the site's own site.toml, which then names all of
+        optionally ledger, signing-key (default under <data-dir>/.fedrad-site/), cache-dir
+        and epsilon-budget; or `site-config` (the site's own site.toml, which then names all of
         them and the budget) with an optional foundation-dir."""
         if "site-config" in node_config:
             try:
@@ -124,6 +126,7 @@ class SiteSpec:
         data_dir = Path(str(node_config["data-dir"]))
         state = data_dir / ".fedrad-site"
         budget = node_config.get("epsilon-budget")
+        cache = node_config.get("cache-dir")
         return SiteSpec(
             site_id=str(node_config["site-id"]),
             foundation_dir=Path(str(node_config["foundation-dir"])),
@@ -131,6 +134,7 @@ class SiteSpec:
             key_path=Path(str(node_config.get("signing-key", state / "ledger_key.pem"))),
             data_dir=data_dir,
             budget_epsilon=None if budget is None else float(budget),  # type: ignore[arg-type]
+            cache_dir=None if cache is None else Path(str(cache)),
         )
 
 
@@ -175,7 +179,9 @@ def _manifest(spec: SiteSpec, image_size: int) -> Path:
     if spec.manifest is not None:
         return spec.manifest
     assert spec.data_dir is not None
-    return prepared_manifest(spec.data_dir, config=PreprocessConfig(image_size=image_size))
+    return prepared_manifest(
+        spec.data_dir, config=PreprocessConfig(image_size=image_size), cache_dir=spec.cache_dir
+    )
 
 
 def site_studies(spec: SiteSpec, image_size: int) -> tuple[SiteStudies, SiteStudies]:

@@ -51,6 +51,7 @@ class SiteConfig:
     coordinator: str | None = None  # SuperLink fleet address host:port
     ca_file: Path | None = None  # the federation CA that signed the SuperLink certificate
     foundation_dir: Path | None = None  # the federation's starting checkpoint, local copy
+    cache_dir: Path | None = None  # prepared (de-identified) data; default <data_dir>/.fedrad-cache
 
     def __post_init__(self) -> None:
         if not SITE_ID_PATTERN.match(self.site_id):
@@ -76,6 +77,7 @@ _KEYS: Final[dict[str, type | tuple[type, ...]]] = {
     "coordinator": str,
     "ca_file": str,
     "foundation_dir": str,
+    "cache_dir": str,
 }
 _REQUIRED: Final[tuple[str, ...]] = ("site_id", "data_dir", "epsilon", "delta")
 
@@ -127,6 +129,7 @@ def _parse_site_table(site: dict[str, Any], *, base: Path, where: str) -> SiteCo
         coordinator=site.get("coordinator"),
         ca_file=path_of("ca_file"),
         foundation_dir=path_of("foundation_dir"),
+        cache_dir=path_of("cache_dir"),
     )
 
 
@@ -165,6 +168,7 @@ def init_site(
     coordinator: str | None = None,
     ca_file: Path | None = None,
     foundation_dir: Path | None = None,
+    cache_dir: Path | None = None,
 ) -> SiteConfig:
     """Creates a site directory: config, keys and nothing else. Refuses to touch an existing
     one, so a re-run can never replace a key (a new ledger key would orphan the ledger)."""
@@ -190,6 +194,8 @@ def init_site(
         site["ca_file"] = str(Path(ca_file).expanduser().resolve())
     if foundation_dir is not None:
         site["foundation_dir"] = str(Path(foundation_dir).expanduser().resolve())
+    if cache_dir is not None:
+        site["cache_dir"] = str(Path(cache_dir).expanduser().resolve())
     # validated exactly as it will be read back, before anything is written
     config = _parse_site_table(site, base=directory, where="site settings")
     directory.mkdir(parents=True, exist_ok=True)

@@ -427,19 +427,41 @@ def cache_is_fresh(manifest: Path, data_dir: Path) -> bool:
     )
 
 
-def manifest_path(data_dir: Path, *, config: PreprocessConfig) -> Path:
-    """Where the site's default cache keeps the manifest for this preprocessing."""
-    return default_cache_dir(data_dir) / config.fingerprint() / "manifest.json"
+def manifest_path(
+    data_dir: Path, *, config: PreprocessConfig, cache_dir: Path | None = None
+) -> Path:
+    """Where the site's cache (by default inside its data directory) keeps the manifest for
+    this preprocessing."""
+    cache = cache_dir if cache_dir is not None else default_cache_dir(data_dir)
+    return cache / config.fingerprint() / "manifest.json"
 
 
-def prepared_manifest(data_dir: Path, *, config: PreprocessConfig, workers: int = 0) -> Path:
-    """The site's manifest in its default cache, (re)built when missing or stale."""
-    manifest = manifest_path(data_dir, config=config)
+def prepared_manifest(
+    data_dir: Path, *, config: PreprocessConfig, workers: int = 0, cache_dir: Path | None = None
+) -> Path:
+    """The site's manifest in its cache, (re)built when missing or stale."""
+    manifest = manifest_path(data_dir, config=config, cache_dir=cache_dir)
     if not cache_is_fresh(manifest, data_dir):
-        _, manifest = prepare_site(
-            data_dir, default_cache_dir(data_dir), config=config, workers=workers
-        )
+        cache = cache_dir if cache_dir is not None else default_cache_dir(data_dir)
+        _, manifest = prepare_site(data_dir, cache, config=config, workers=workers)
     return manifest
+
+
+def cache_write_problem(data_dir: Path, cache_dir: Path | None = None) -> str | None:
+    """Why the prepared-data cache cannot be created (a read-only export, say), or None. A
+    cache that already exists is not judged: one prepared elsewhere may be read-only."""
+    cache = cache_dir if cache_dir is not None else default_cache_dir(data_dir)
+    if cache.is_dir():
+        return None
+    existing = cache
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cache location {cache} is under a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        hint = "" if cache_dir is not None else "; set cache_dir in site.toml to a writable place"
+        return f"cannot write the prepared-data cache at {cache} ({existing} is read-only){hint}"
+    return None
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -19,6 +19,7 @@ from typing import Final
 from cryptography import x509
 
 from fedrad.client.site_config import SiteConfig, SiteConfigError, site_budget
+from fedrad.client.site_data import cache_write_problem
 from fedrad.common.flower_process import FlowerProcessError, flower_process_env, port_in_use
 from fedrad.common.ledger import LedgerError
 
@@ -76,6 +77,10 @@ def site_preflight(
     problems: list[str] = []
     if not config.data_dir.is_dir():
         problems.append(f"data directory {config.data_dir} does not exist")
+    else:
+        reason = cache_write_problem(config.data_dir, config.cache_dir)
+        if reason is not None:
+            problems.append(reason)
     if config.coordinator is None:
         problems.append("site.toml has no coordinator address (coordinator = 'HOST:PORT')")
     if config.ca_file is None:

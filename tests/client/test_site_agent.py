@@ -140,3 +140,22 @@ def test_a_deployed_site_names_itself_in_its_node_config(tmp_path: Path) -> None
     assert spec.ledger_path == tmp_path / "data" / ".fedrad-site" / "ledger.jsonl"
     with pytest.raises(SiteRefusalError, match="data-dir, foundation-dir"):
         SiteSpec.from_node_config({"site-id": "x"})
+
+
+def test_a_site_prepares_its_export_into_its_cache_dir(tmp_path: Path) -> None:
+    from fedrad.simulations.synth import generate_cohort
+
+    generate_cohort(tmp_path / "cohort", sites=1, studies_per_site=8, seed=1, workers=1)
+    data = tmp_path / "cohort" / "site_1"
+    spec = SiteSpec(
+        site_id="site_1",
+        foundation_dir=tmp_path / "foundation",
+        ledger_path=tmp_path / "ledger.jsonl",
+        key_path=tmp_path / "key.pem",
+        data_dir=data,
+        cache_dir=tmp_path / "prepared",
+    )
+    train, held = site_agent.site_studies(spec, 32)
+    assert len(train) + len(held) > 0
+    assert list((tmp_path / "prepared").glob("*/manifest.json"))
+    assert not (data / ".fedrad-cache").exists()  # nothing written into the export

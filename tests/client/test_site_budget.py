@@ -197,8 +197,26 @@ def test_a_deployed_site_takes_everything_from_its_site_config(tmp_path: Path) -
     )
     assert (spec.site_id, spec.budget_epsilon, spec.budget_delta) == ("st_anna", 3.0, 1e-5)
     assert spec.ledger_path == config.ledger and spec.data_dir == data.resolve()
+    assert spec.cache_dir is None  # prepared inside the data directory
     with pytest.raises(SiteRefusalError, match="no site config"):
         SiteSpec.from_node_config({"site-config": str(tmp_path / "nope.toml")})
+
+
+def test_a_site_with_a_read_only_export_prepares_its_data_elsewhere(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "site.toml").write_text(
+        f"[site]\nsite_id='a'\ndata_dir='{data}'\nepsilon=1.0\ndelta=1e-5\ncache_dir='prepared'\n"
+    )
+    config = load_site_config(tmp_path / "site" / "site.toml")
+    assert config.cache_dir == tmp_path / "site" / "prepared"  # relative to site.toml
+    spec = SiteSpec.from_site_config(config, tmp_path / "foundation")
+    assert spec.cache_dir == config.cache_dir
+    node = SiteSpec.from_node_config(
+        {"site-id": "a", "data-dir": str(data), "foundation-dir": "/f", "cache-dir": "/c"}
+    )
+    assert node.cache_dir == Path("/c")
 
 
 # -- fedrad-site init / budget ---------------------------------------------------------------

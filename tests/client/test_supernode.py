@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -210,3 +211,26 @@ def test_start_refuses_with_one_line(tmp_path: Path, federation: Path) -> None:
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no coordinator address" in lines[0]
+
+
+def test_a_read_only_data_directory_needs_a_cache_dir(
+    tmp_path: Path, federation: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PACS export mounted read-only: preflight says so and how to fix it, before joining."""
+    config = _site(tmp_path, federation)
+    writable = tmp_path / "cache-home"
+    writable.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p) == config.data_dir else real_access(p, mode)
+    )
+    problems = site_preflight(config, port=_free_port())
+    assert problems == [
+        f"cannot write the prepared-data cache at {config.data_dir / '.fedrad-cache'} "
+        f"({config.data_dir} is read-only); set cache_dir in site.toml to a writable place"
+    ]
+    moved = dataclasses.replace(config, cache_dir=writable / "prepared")
+    assert site_preflight(moved, port=_free_port()) == []
+    # an existing cache (prepared elsewhere, perhaps read-only itself) is not judged
+    (config.data_dir / ".fedrad-cache").mkdir()
+    assert site_preflight(config, port=_free_port()) == []
