@@ -39,6 +39,16 @@ RADIOGRAPH_MODALITIES: Final[frozenset[str]] = frozenset({"CR", "DX", "DR", "RG"
 
 GRAYSCALE: Final[frozenset[str]] = frozenset({"MONOCHROME1", "MONOCHROME2"})
 
+COLOUR: Final[frozenset[str]] = frozenset(
+    {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422"}
+)
+"""Colour encodings pydicom decodes to RGB. A radiograph exported as colour (a secondary
+capture, a teaching-file export) is accepted when its picture is grey, as its luminance."""
+
+GREY_TOLERANCE: Final[float] = 0.02
+"""How far the channels of a grey picture may differ, as a fraction of the pixel range, at the
+99th percentile: lossy chroma subsampling leaves about 1% on a grey image."""
+
 MIN_SIDE: Final[int] = 32
 """Images smaller than this carry too little to resize into the model input honestly."""
 
@@ -143,10 +153,11 @@ def check_image_header(ds: Dataset, *, modalities: frozenset[str]) -> None:
         frames = int(frames_raw or 1)
     except (TypeError, ValueError) as exc:
         raise UnusableError("malformed header (NumberOfFrames is not a number)") from exc
-    if photometric not in GRAYSCALE:
+    if photometric not in GRAYSCALE | COLOUR:
         shown = photometric or "missing"
         raise UnusableError(
-            f"unsupported photometric interpretation {shown} (expects MONOCHROME1/MONOCHROME2)"
+            f"unsupported photometric interpretation {shown} "
+            "(expects MONOCHROME1/MONOCHROME2, or a grey picture stored as RGB/YBR)"
         )
     if frames > 1:
         raise UnusableError(
@@ -187,8 +198,28 @@ def decode_pixels(dicom: DicomFile) -> np.ndarray:
     return arr
 
 
+def grey_from_colour(arr: np.ndarray) -> np.ndarray:
+    """Luminance (ITU-R BT.601) of an RGB picture whose channels agree; a colour picture (an
+    ultrasound with Doppler, a photograph) is refused: the model reads radiographs."""
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise UnusableError(f"colour pixel array of shape {arr.shape} (expects rows x columns x 3)")
+    rgb = arr.astype(np.float32)
+    full = float(np.iinfo(arr.dtype).max) if np.issubdtype(arr.dtype, np.integer) else 1.0
+    spread = float(np.percentile(np.ptp(rgb, axis=-1), 99))
+    if spread > GREY_TOLERANCE * full:
+        raise UnusableError(
+            f"colour image (channels differ by {spread / full:.0%} of the range; "
+            "a radiograph stored as colour must be grey)"
+        )
+    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
 def to_display(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Modality LUT applied and MONOCHROME1 inverted, so brighter always means denser tissue."""
+    """Modality LUT applied and MONOCHROME1 inverted, so brighter always means denser tissue;
+    a grey picture stored as colour becomes its luminance first."""
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric in COLOUR:
+        arr = grey_from_colour(arr)
     if arr.ndim != 2:
         raise UnusableError(f"pixel array has {arr.ndim} dimensions (expects a 2-D image)")
     if min(arr.shape) < MIN_SIDE:
@@ -205,7 +236,6 @@ def to_display(arr: np.ndarray, ds: Dataset) -> np.ndarray:
         raise UnusableError("pixel values are not finite")
     if float(values.max()) == float(values.min()):
         raise UnusableError("blank image (all pixels equal)")
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if photometric == "MONOCHROME1":
         values = values.max() - values + values.min()
     return values

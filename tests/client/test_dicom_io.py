@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
@@ -62,7 +63,7 @@ def test_missing_pixel_data_is_rejected(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "reason"),
     [
-        ("SC_rgb.dcm", "photometric interpretation RGB"),
+        ("OT-PAL-8-face.dcm", "photometric interpretation PALETTE COLOR"),
         ("CT_small.dcm", "modality CT is not a projection radiograph"),
         ("rtdose.dcm", "multi-frame"),
         ("MR_truncated.dcm", "could not be decoded"),
@@ -79,3 +80,40 @@ def test_real_chest_radiograph_decodes(name: str) -> None:
     image = load_radiograph(Path(get_testdata_file(name)))
     assert image.pixels.ndim == 2 and image.pixels.shape[0] > 1000
     assert np.isfinite(image.pixels).all()
+
+
+def test_a_colour_picture_is_refused_even_where_its_modality_is_accepted() -> None:
+    with pytest.raises(UnusableError, match=r"colour image \(channels differ by 100%"):
+        load_radiograph(Path(get_testdata_file("SC_rgb.dcm")), modalities=frozenset({"OT"}))
+    with pytest.raises(UnusableError, match="colour image"):
+        load_radiograph(Path(get_testdata_file("US1_J2KR.dcm")), modalities=frozenset({"US"}))
+
+
+@pytest.mark.parametrize("photometric", ["RGB", "YBR_FULL"])
+def test_a_radiograph_exported_as_colour_reads_as_its_grey_picture(
+    tmp_path: Path, photometric: str
+) -> None:
+    """A chest radiograph saved as an 8-bit colour secondary capture (teaching files do this)."""
+    from pydicom.pixels import convert_color_space
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    grey = load_radiograph(Path(get_testdata_file("RG1_UNCR.dcm"))).pixels
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    low, high = np.percentile(grey, [0.5, 99.5])
+    eight = np.clip((grey - low) / (high - low) * 255, 0, 255).astype(np.uint8)
+    rgb = np.repeat(eight[..., None], 3, axis=-1)
+    pixels = rgb if photometric == "RGB" else convert_color_space(rgb, "RGB", "YBR_FULL")
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PhotometricInterpretation = photometric
+    ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    for tag in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        if tag in ds:
+            delattr(ds, tag)
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    path = tmp_path / "colour.dcm"
+    ds.save_as(path, enforce_file_format=True)
+
+    image = load_radiograph(path).pixels
+    assert image.shape == grey.shape and image.dtype == np.float32
+    assert np.corrcoef(image.ravel(), eight.ravel().astype(np.float32))[0, 1] > 0.999
