@@ -30,7 +30,6 @@ from fedrad.client.site_data import (
     cache_write_problem,
     default_cache_dir,
     prepare_site,
-    read_reports,
     scan_site,
 )
 from fedrad.client.supernode import (
@@ -175,33 +174,60 @@ def prepare(
 
 @app.command()
 def label(
-    reports_csv: Annotated[
-        Path, typer.Argument(help="A report export with accession_number, report.")
-    ],
+    reports: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A CSV with a report column (the site's reports.csv, or any export), a text "
+            "file holding one report, or a directory of report text files (.txt)."
+        ),
+    ] = None,
+    text: Annotated[
+        str | None, typer.Option("--text", help="Label this one report instead of a file.")
+    ] = None,
+    column: Annotated[
+        str | None,
+        typer.Option(help="The CSV's report column (default: report, report_text, text, ...)."),
+    ] = None,
+    id_column: Annotated[
+        str | None,
+        typer.Option(
+            help="The CSV's identifier column (default: accession_number, study_id, "
+            "report_id, id; else the line number)."
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Label each report: 1 present, 0 absent or negated, -1 uncertain, per finding."""
-    if not reports_csv.exists():
-        fail(f"no such file: {reports_csv}")
-    if reports_csv.is_dir():
-        fail(f"expected a CSV file, got a directory: {reports_csv}")
-    try:
-        rows = read_reports(reports_csv)
-    except SiteDataError as exc:
-        fail(str(exc))
+    from fedrad.client.report_sources import LabelInput, ReportSourceError, read_label_input
+
+    if (reports is None) == (text is None):
+        fail("give a reports file or directory, or --text 'REPORT', not both")
+    if text is not None:
+        source = LabelInput("text", [("text", text)])
+    else:
+        try:
+            source = read_label_input(reports, column=column, id_column=id_column)  # type: ignore[arg-type]
+        except ReportSourceError as exc:
+            fail(str(exc))
     out: dict[str, dict[str, int]] = {}
-    for row in rows:
-        if not row.accession:
-            typer.echo(f"warning: line {row.line} has no accession_number; skipped", err=True)
+    for ident, report in source.reports:
+        if not report.strip():
+            typer.echo(f"warning: {ident}: empty report; skipped", err=True)
             continue
-        out[row.accession] = label_report(row.report).labels
+        key, n = ident, 1
+        while key in out:
+            n += 1
+            key = f"{ident}#{n}"
+        out[key] = label_report(report).labels
+    if not out:
+        fail("no report to label")
     if json_out:
         emit_json(out)
         return
     writer = csv.writer(typer.get_text_stream("stdout"))
-    writer.writerow(["accession_number", *FINDINGS])
-    for accession, labels in out.items():
-        writer.writerow([accession, *(labels[f] for f in FINDINGS)])
+    writer.writerow([source.id_name, *FINDINGS])
+    for ident, labels in out.items():
+        writer.writerow([ident, *(labels[f] for f in FINDINGS)])
 
 
 ConfigOpt = Annotated[

@@ -95,7 +95,46 @@ def test_label_bad_input(tmp_path: Path) -> None:
     assert _run("label", str(tmp_path / "none.csv")).exit_code == 2
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     result = _run("label", str(tmp_path / "bad.csv"))
-    assert result.exit_code == 2 and "missing column" in result.stderr
+    assert result.exit_code == 2 and "no report column" in result.stderr
+    assert "--column" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (
+        "no column 'mrn'"
+        in _run("label", str(tmp_path / "bad.csv"), "--column", "b", "--id-column", "mrn").stderr
+    )
+    assert "not both" in _run("label", str(tmp_path / "bad.csv"), "--text", "x").stderr
+    assert _run("label").exit_code == 2
+    (tmp_path / "empty").mkdir()
+    assert "no report text files" in _run("label", str(tmp_path / "empty")).stderr
+    (tmp_path / "blank.csv").write_text("report\n\n   \n")
+    assert "no report to label" in _run("label", str(tmp_path / "blank.csv")).stderr
+
+
+def test_label_reads_report_prose_in_the_shapes_it_comes_in(tmp_path: Path) -> None:
+    """Any export's report column, one report per text file, a MIMIC-CXR-style folder."""
+    (tmp_path / "export.csv").write_text(
+        "Study_ID,Report_Text\nS1,Large right pneumothorax.\nS1,No pneumothorax.\n,Cardiomegaly.\n"
+    )
+    data = json.loads(_run("label", str(tmp_path / "export.csv"), "--json").stdout)
+    assert list(data) == ["S1", "S1#2", "line 4"]
+    assert (data["S1"]["pneumothorax"], data["S1#2"]["pneumothorax"]) == (1, 0)
+    assert data["line 4"]["cardiomegaly"] == 1
+    plain = _run("label", str(tmp_path / "export.csv"), "--column", "report_text")
+    assert plain.stdout.splitlines()[0].startswith("study_id,nodule")
+
+    folder = tmp_path / "files" / "p10" / "p10000032"
+    folder.mkdir(parents=True)
+    (folder / "s50414267.txt").write_text(
+        "FINAL REPORT\nFINDINGS: There is no focal consolidation, pleural effusion or "
+        "pneumothorax.\nIMPRESSION: No acute cardiopulmonary process.\n"
+    )
+    (folder / "s53189527.txt").write_text("IMPRESSION: Moderate left pleural effusion.\n")
+    data = json.loads(_run("label", str(tmp_path / "files"), "--json").stdout)
+    assert data["p10/p10000032/s53189527"]["pleural_effusion"] == 1
+    assert set(data["p10/p10000032/s50414267"].values()) == {0}
+    one = json.loads(_run("label", str(folder / "s53189527.txt"), "--json").stdout)
+    assert one == {"s53189527": data["p10/p10000032/s53189527"]}
+    inline = json.loads(_run("label", "--text", "Possible small nodule.", "--json").stdout)
+    assert inline["text"]["nodule"] == -1
 
 
 def test_prepare_writes_manifest(tmp_path: Path) -> None:
