@@ -75,10 +75,22 @@ def _read_directory(root: Path) -> LabelInput:
     )
 
 
-def _pick(columns: dict[str, str], asked: str | None, candidates: tuple[str, ...]) -> str | None:
+def column_key(header: str) -> str:
+    """How headers compare: `Report Text`, `report-text` and `report_text` are one column."""
+    return header.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def header_keys(fieldnames: list[str] | None) -> dict[str, str]:
+    """column_key -> the header as the file spells it."""
+    return {column_key(c): c for c in (fieldnames or []) if c}
+
+
+def pick_column(
+    columns: dict[str, str], asked: str | None, candidates: tuple[str, ...]
+) -> str | None:
     """The actual header for a column asked by name, or the first usual name present."""
     if asked is not None:
-        return columns.get(asked.strip().lower())
+        return columns.get(column_key(asked))
     return next((columns[c] for c in candidates if c in columns), None)
 
 
@@ -86,15 +98,15 @@ def _read_csv(path: Path, *, column: str | None, id_column: str | None) -> Label
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
-            columns = {c.strip().lower(): c for c in (reader.fieldnames or []) if c}
-            text_col = _pick(columns, column, REPORT_COLUMNS)
+            columns = header_keys(reader.fieldnames)
+            text_col = pick_column(columns, column, REPORT_COLUMNS)
             if text_col is None:
                 wanted = repr(column) if column else f"one of {', '.join(REPORT_COLUMNS)}"
                 found = ", ".join(columns.values()) or "none"
                 raise ReportSourceError(
                     f"{path}: no report column {wanted} (columns: {found}); name it with --column"
                 )
-            id_col = _pick(columns, id_column, ID_COLUMNS)
+            id_col = pick_column(columns, id_column, ID_COLUMNS)
             if id_column is not None and id_col is None:
                 raise ReportSourceError(f"{path}: no column {id_column!r}")
             reports = []
@@ -107,4 +119,4 @@ def _read_csv(path: Path, *, column: str | None, id_column: str | None) -> Label
         raise ReportSourceError(f"{path}: malformed CSV ({exc})") from exc
     except OSError as exc:
         raise ReportSourceError(f"{path}: cannot be read ({exc.strerror})") from exc
-    return LabelInput(id_col.strip().lower() if id_col else "line", reports)
+    return LabelInput(column_key(id_col) if id_col else "line", reports)

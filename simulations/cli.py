@@ -390,22 +390,40 @@ def bench_labeler(
     radlabels: Annotated[
         bool, typer.Option(help="Also score the 1,000 radlabels reports (real prose).")
     ] = True,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="Your own reference labels: a CSV with a report column and a 1/0/-1 column "
+            "per finding it labels (e.g. 'Pleural Effusion'; blank = 0)."
+        ),
+    ] = None,
+    column: Annotated[
+        str | None, typer.Option(help="The report column of --labels (default: report, text...).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the full JSON.")] = False,
 ) -> None:
-    """Labeler accuracy: on a cohort's ground truth and on radlabels' independent labels."""
-    from fedrad.simulations.labeler_bench import run_cohort_bench, run_radlabels_bench
+    """Labeler accuracy: on a cohort's ground truth, on radlabels' independent labels, and on
+    your own labelled reports."""
+    from fedrad.simulations.labeler_bench import (
+        LabelledReportsError,
+        run_cohort_bench,
+        run_labelled_bench,
+        run_radlabels_bench,
+    )
 
-    if data is None and not radlabels:
-        fail("nothing to measure: give --data COHORT and/or --radlabels")
+    if data is None and not radlabels and labels is None:
+        fail("nothing to measure: give --data COHORT, --labels CSV and/or --radlabels")
     result: dict[str, object] = {}
     try:
         if data is not None:
             if not data.is_dir():
                 fail(f"not a directory: {data}")
             result["cohort"] = run_cohort_bench(data)
+        if labels is not None:
+            result["labels"] = run_labelled_bench(labels, column=column)
         if radlabels:
             result["radlabels"] = run_radlabels_bench()
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, LabelledReportsError) as exc:
         fail(str(exc))
     if json_out:
         emit_json(result)
@@ -418,7 +436,7 @@ def bench_labeler(
                 ("vs image truth", block["vs_image_truth"]),
             ]
             if name == "cohort"
-            else [("vs radlabels", block)]
+            else [(f"vs {'your labels' if name == 'labels' else 'radlabels'}", block)]
         )
         for title, scores in views:
             typer.echo(f"{name} {title}: {_labeler_line(scores)}")

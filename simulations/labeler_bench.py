@@ -180,12 +180,15 @@ def _ratio(num: int, den: int) -> float:
     return num / den if den else 0.0
 
 
-def evaluate(pred: list[ReportLabels], truth: list[dict[str, int]]) -> dict[str, object]:
-    """Per finding: 3-class accuracy and positive (1 vs rest) precision / recall / F1; macro."""
+def evaluate(
+    pred: list[ReportLabels], truth: list[dict[str, int]], findings: Sequence[str] = FINDINGS
+) -> dict[str, object]:
+    """Per finding: 3-class accuracy and positive (1 vs rest) precision / recall / F1; macro
+    over `findings` (those the reference labels)."""
     if len(pred) != len(truth):
         raise ValueError(f"{len(pred)} predictions for {len(truth)} reference label sets")
     per_finding: dict[str, dict[str, float | int]] = {}
-    for finding in FINDINGS:
+    for finding in findings:
         p = [r.labels[finding] for r in pred]
         t = [row.get(finding, ABSENT) for row in truth]
         correct = sum(a == b for a, b in zip(p, t, strict=True))
@@ -203,10 +206,84 @@ def evaluate(pred: list[ReportLabels], truth: list[dict[str, int]]) -> dict[str,
             "n_predicted_positive": tp + fp,
         }
     macro = {
-        key: sum(float(per_finding[f][key]) for f in FINDINGS) / len(FINDINGS)
+        key: sum(float(per_finding[f][key]) for f in findings) / len(findings)
         for key in ("accuracy", "precision", "recall", "f1")
     }
     return {"n": len(truth), "per_finding": per_finding, "macro": macro}
+
+
+class LabelledReportsError(Exception):
+    """A reference-label file that cannot be scored; the message says why in one line."""
+
+
+_REFERENCE_VALUES: Final[dict[str, int]] = {
+    "1": PRESENT,
+    "1.0": PRESENT,
+    "0": ABSENT,
+    "0.0": ABSENT,
+    "": ABSENT,  # CheXpert's convention: not mentioned
+    "-1": UNCERTAIN,
+    "-1.0": UNCERTAIN,
+}
+
+
+def load_labelled_reports(
+    path: Path, *, column: str | None = None
+) -> tuple[list[tuple[str, dict[str, int]]], tuple[str, ...]]:
+    """(report, reference labels) rows of a CSV with a report column and one column per
+    finding it labels (named as ours, any case, spaces for underscores: `Pleural Effusion`),
+    valued 1 / 0 / -1 (blank = 0); and which of our findings it labels."""
+    import csv
+
+    from fedrad.client.report_sources import REPORT_COLUMNS, header_keys, pick_column
+
+    try:
+        with Path(path).open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = header_keys(reader.fieldnames)
+            text_col = pick_column(columns, column, REPORT_COLUMNS)
+            if text_col is None:
+                raise LabelledReportsError(
+                    f"{path}: no report column ({column or ', '.join(REPORT_COLUMNS)}); "
+                    "name it with --column"
+                )
+            labelled = {f: columns[f] for f in FINDINGS if f in columns and columns[f] != text_col}
+            if not labelled:
+                raise LabelledReportsError(
+                    f"{path}: no reference column for any of {', '.join(FINDINGS)}"
+                )
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                labels = {}
+                for finding, header in labelled.items():
+                    value = (row.get(header) or "").strip()
+                    if value not in _REFERENCE_VALUES:
+                        raise LabelledReportsError(
+                            f"{path}: line {line}, {header} = {value!r} (expects 1, 0, -1 or blank)"
+                        )
+                    labels[finding] = _REFERENCE_VALUES[value]
+                rows.append((row.get(text_col) or "", labels))
+    except FileNotFoundError as exc:
+        raise LabelledReportsError(f"no such file: {path}") from exc
+    except UnicodeDecodeError as exc:
+        raise LabelledReportsError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+    except (csv.Error, OSError) as exc:
+        raise LabelledReportsError(f"{path}: cannot be read as CSV ({exc})") from exc
+    if not rows:
+        raise LabelledReportsError(f"{path}: no rows")
+    return rows, tuple(labelled)
+
+
+def run_labelled_bench(path: Path, *, column: str | None = None) -> dict[str, object]:
+    """The labeler against a user's own reference labels, over the findings they label."""
+    rows, findings = load_labelled_reports(path, column=column)
+    started = time.perf_counter()
+    pred = label_reports([text for text, _ in rows])
+    elapsed = time.perf_counter() - started
+    result = evaluate(pred, [labels for _, labels in rows], findings)
+    result["reports_per_s"] = len(rows) / elapsed if elapsed > 0 else float("inf")
+    result["findings"] = list(findings)
+    return result
 
 
 def run_radlabels_bench(

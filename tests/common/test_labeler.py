@@ -343,3 +343,45 @@ def test_radlabels_macro_f1_floor() -> None:
     assert result["n"] == 1000
     macro = result["macro"]
     assert macro["f1"] >= RADLABELS_MACRO_F1_FLOOR, result["per_finding"]  # type: ignore[index]
+
+
+def test_your_own_labelled_reports_are_scored_on_the_findings_they_label(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedrad.simulations.cli import app as sim_app
+
+    labelled = tmp_path / "labelled.csv"
+    labelled.write_text(
+        "Report Text,Pleural Effusion,Pneumothorax,Edema\n"
+        '"Small left pleural effusion. No pneumothorax.",1,0,1\n'
+        '"No effusion. Possible tiny apical pneumothorax.",0,-1,\n'
+        '"Clear lungs.",,,0\n'
+        '"Moderate right effusion.",0,,\n'  # the reference disagrees: one false positive
+    )
+    runner = CliRunner()
+    result = runner.invoke(
+        sim_app,
+        ["bench", "labeler", "--labels", str(labelled), "--no-radlabels", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)["labels"]
+    assert scored["n"] == 4 and scored["findings"] == ["pleural_effusion", "pneumothorax"]
+    effusion = scored["per_finding"]["pleural_effusion"]
+    assert (effusion["accuracy"], effusion["precision"], effusion["recall"]) == (0.75, 0.5, 1.0)
+    assert scored["per_finding"]["pneumothorax"]["accuracy"] == 1.0
+    assert "nodule" not in scored["per_finding"]  # not labelled: not scored as absent
+
+    text = runner.invoke(sim_app, ["bench", "labeler", "--labels", str(labelled), "--no-radlabels"])
+    assert text.stdout.startswith("labels vs your labels: n=4 macro accuracy 0.875")
+
+    for content, reason in (
+        ("Report,Edema\nx,1\n", "no reference column"),
+        ("Findings,Pneumothorax\nx,yes\n", "line 2, Pneumothorax = 'yes'"),
+        ("Pneumothorax\n1\n", "no report column"),
+        ("Report,Pneumothorax\n", "no rows"),
+    ):
+        labelled.write_text(content)
+        bad = runner.invoke(
+            sim_app, ["bench", "labeler", "--labels", str(labelled), "--no-radlabels"]
+        )
+        assert bad.exit_code == 2 and reason in bad.stderr, bad.output
