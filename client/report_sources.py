@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from fedrad.client.site_data import csv_read_errors
+
 REPORT_COLUMNS: Final[tuple[str, ...]] = (
     "report",
     "report_text",
@@ -95,28 +97,24 @@ def pick_column(
 
 
 def _read_csv(path: Path, *, column: str | None, id_column: str | None) -> LabelInput:
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = header_keys(reader.fieldnames)
-            text_col = pick_column(columns, column, REPORT_COLUMNS)
-            if text_col is None:
-                wanted = repr(column) if column else f"one of {', '.join(REPORT_COLUMNS)}"
-                found = ", ".join(columns.values()) or "none"
-                raise ReportSourceError(
-                    f"{path}: no report column {wanted} (columns: {found}); name it with --column"
-                )
-            id_col = pick_column(columns, id_column, ID_COLUMNS)
-            if id_column is not None and id_col is None:
-                raise ReportSourceError(f"{path}: no column {id_column!r}")
-            reports = []
-            for line_no, row in enumerate(reader, start=2):
-                ident = (row.get(id_col) or "").strip() if id_col else ""
-                reports.append((ident or f"line {line_no}", row.get(text_col) or ""))
-    except UnicodeDecodeError as exc:
-        raise ReportSourceError(f"{path}: not UTF-8 text ({exc.reason})") from exc
-    except csv.Error as exc:
-        raise ReportSourceError(f"{path}: malformed CSV ({exc})") from exc
-    except OSError as exc:
-        raise ReportSourceError(f"{path}: cannot be read ({exc.strerror})") from exc
+    with (
+        csv_read_errors(path, ReportSourceError),
+        path.open(newline="", encoding="utf-8-sig") as handle,
+    ):
+        reader = csv.DictReader(handle)
+        columns = header_keys(reader.fieldnames)
+        text_col = pick_column(columns, column, REPORT_COLUMNS)
+        if text_col is None:
+            wanted = repr(column) if column else f"one of {', '.join(REPORT_COLUMNS)}"
+            found = ", ".join(columns.values()) or "none"
+            raise ReportSourceError(
+                f"{path}: no report column {wanted} (columns: {found}); name it with --column"
+            )
+        id_col = pick_column(columns, id_column, ID_COLUMNS)
+        if id_column is not None and id_col is None:
+            raise ReportSourceError(f"{path}: no column {id_column!r}")
+        reports = []
+        for line_no, row in enumerate(reader, start=2):
+            ident = (row.get(id_col) or "").strip() if id_col else ""
+            reports.append((ident or f"line {line_no}", row.get(text_col) or ""))
     return LabelInput(column_key(id_col) if id_col else "line", reports)

@@ -15,6 +15,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Final
@@ -130,35 +131,44 @@ def iter_site_files(data_dir: Path) -> Iterator[Path]:
             yield Path(root) / name
 
 
+@contextmanager
+def csv_read_errors(path: Path, error: type[Exception]) -> Iterator[None]:
+    """What reading a text CSV can raise, as `error` with a one-line reason."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text ({exc.reason})") from exc
+    except csv.Error as exc:
+        raise error(f"{path}: malformed CSV ({exc})") from exc
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror})") from exc
+
+
 def read_reports(path: Path) -> list[ReportRow]:
     """Parses the report export; SiteDataError (fatal) if it cannot be read as required."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = {c.strip().lower() for c in (reader.fieldnames or [])}
-            missing = {"accession_number", "report"} - columns
-            if missing:
-                raise SiteDataError(
-                    f"{path}: missing column(s) {', '.join(sorted(missing))} "
-                    "(needs accession_number, report)"
+    with (
+        csv_read_errors(path, SiteDataError),
+        path.open(newline="", encoding="utf-8-sig") as handle,
+    ):
+        reader = csv.DictReader(handle)
+        columns = {c.strip().lower() for c in (reader.fieldnames or [])}
+        missing = {"accession_number", "report"} - columns
+        if missing:
+            raise SiteDataError(
+                f"{path}: missing column(s) {', '.join(sorted(missing))} "
+                "(needs accession_number, report)"
+            )
+        rows = []
+        for line_no, row in enumerate(reader, start=2):
+            norm = {(k or "").strip().lower(): (v or "") for k, v in row.items() if k}
+            rows.append(
+                ReportRow(
+                    accession=norm.get("accession_number", "").strip(),
+                    report=norm.get("report", ""),
+                    indication=norm.get("indication", "").strip(),
+                    line=line_no,
                 )
-            rows = []
-            for line_no, row in enumerate(reader, start=2):
-                norm = {(k or "").strip().lower(): (v or "") for k, v in row.items() if k}
-                rows.append(
-                    ReportRow(
-                        accession=norm.get("accession_number", "").strip(),
-                        report=norm.get("report", ""),
-                        indication=norm.get("indication", "").strip(),
-                        line=line_no,
-                    )
-                )
-    except UnicodeDecodeError as exc:
-        raise SiteDataError(f"{path}: not UTF-8 text ({exc.reason})") from exc
-    except csv.Error as exc:
-        raise SiteDataError(f"{path}: malformed CSV ({exc})") from exc
-    except OSError as exc:
-        raise SiteDataError(f"{path}: cannot be read ({exc.strerror})") from exc
+            )
     return rows
 
 

@@ -236,39 +236,38 @@ def load_labelled_reports(
     import csv
 
     from fedrad.client.report_sources import REPORT_COLUMNS, header_keys, pick_column
+    from fedrad.client.site_data import csv_read_errors
 
-    try:
-        with Path(path).open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = header_keys(reader.fieldnames)
-            text_col = pick_column(columns, column, REPORT_COLUMNS)
-            if text_col is None:
-                raise LabelledReportsError(
-                    f"{path}: no report column ({column or ', '.join(REPORT_COLUMNS)}); "
-                    "name it with --column"
-                )
-            labelled = {f: columns[f] for f in FINDINGS if f in columns and columns[f] != text_col}
-            if not labelled:
-                raise LabelledReportsError(
-                    f"{path}: no reference column for any of {', '.join(FINDINGS)}"
-                )
-            rows = []
-            for line, row in enumerate(reader, start=2):
-                labels = {}
-                for finding, header in labelled.items():
-                    value = (row.get(header) or "").strip()
-                    if value not in _REFERENCE_VALUES:
-                        raise LabelledReportsError(
-                            f"{path}: line {line}, {header} = {value!r} (expects 1, 0, -1 or blank)"
-                        )
-                    labels[finding] = _REFERENCE_VALUES[value]
-                rows.append((row.get(text_col) or "", labels))
-    except FileNotFoundError as exc:
-        raise LabelledReportsError(f"no such file: {path}") from exc
-    except UnicodeDecodeError as exc:
-        raise LabelledReportsError(f"{path}: not UTF-8 text ({exc.reason})") from exc
-    except (csv.Error, OSError) as exc:
-        raise LabelledReportsError(f"{path}: cannot be read as CSV ({exc})") from exc
+    if not Path(path).is_file():
+        raise LabelledReportsError(f"no such file: {path}")
+    with (
+        csv_read_errors(path, LabelledReportsError),
+        Path(path).open(newline="", encoding="utf-8-sig") as handle,
+    ):
+        reader = csv.DictReader(handle)
+        columns = header_keys(reader.fieldnames)
+        text_col = pick_column(columns, column, REPORT_COLUMNS)
+        if text_col is None:
+            raise LabelledReportsError(
+                f"{path}: no report column ({column or ', '.join(REPORT_COLUMNS)}); "
+                "name it with --column"
+            )
+        labelled = {f: columns[f] for f in FINDINGS if f in columns and columns[f] != text_col}
+        if not labelled:
+            raise LabelledReportsError(
+                f"{path}: no reference column for any of {', '.join(FINDINGS)}"
+            )
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            labels = {}
+            for finding, header in labelled.items():
+                value = (row.get(header) or "").strip()
+                if value not in _REFERENCE_VALUES:
+                    raise LabelledReportsError(
+                        f"{path}: line {line}, {header} = {value!r} (expects 1, 0, -1 or blank)"
+                    )
+                labels[finding] = _REFERENCE_VALUES[value]
+            rows.append((row.get(text_col) or "", labels))
     if not rows:
         raise LabelledReportsError(f"{path}: no rows")
     return rows, tuple(labelled)
