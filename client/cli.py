@@ -478,7 +478,14 @@ def report(
         fail(f"{scan}: {exc}")
     result = answer_scan(model, image, indication=indication, question=ask, num_beams=beams)
     if json_out:
-        emit_json({"report": result.report, "findings": result.findings, "answer": result.answer})
+        emit_json(
+            {
+                "report": result.report,
+                "findings": result.findings,
+                "answer": result.answer,
+                "notes": list(result.notes),
+            }
+        )
         return
     typer.echo(result.report)
     typer.echo("")
@@ -486,6 +493,8 @@ def report(
         typer.echo(f"  {finding:<18} {prob:.3f}")
     if result.answer is not None:
         typer.echo(f"\nQ: {ask}\nA: {result.answer}")
+    for note in result.notes:
+        typer.echo(f"note: {note}")
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fedrad.client.consistency import answer_notes, report_notes
 from fedrad.client.dataset import encode_context, encode_prompt
 from fedrad.client.deid import PseudonymKey, deidentify_dataset
 from fedrad.client.dicom_io import RADIOGRAPH_MODALITIES, decode_radiograph, read_dicom, to_display
@@ -26,6 +27,7 @@ class ScanAnswer:
     report: str
     findings: dict[str, float]
     answer: str | None
+    notes: tuple[str, ...] = ()  # where the report or answer disagrees with the finding head
 
 
 def scan_tensor(
@@ -60,11 +62,10 @@ def answer_scan(
         image, [prompt], max_new_tokens=model.config.max_target_tokens, num_beams=num_beams
     )[0]
     answer = None
+    shown = {f: round(p, 4) for f, p in findings.items()}  # notes quote what is shown
+    notes = report_notes(report, shown)
     if question is not None:
         q_prompt, _ = encode_prompt(tok, indication, qa_prompt(suggested, question), limit)
         answer = model.generate(image, [q_prompt], max_new_tokens=16, num_beams=num_beams)[0]
-    return ScanAnswer(
-        report=report,
-        findings={f: round(p, 4) for f, p in findings.items()},
-        answer=answer,
-    )
+        notes += answer_notes(question, answer, shown)
+    return ScanAnswer(report=report, findings=shown, answer=answer, notes=tuple(notes))

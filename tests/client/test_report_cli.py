@@ -11,6 +11,7 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from fedrad.client.cli import app
+from fedrad.client.consistency import answer_notes, report_notes
 from fedrad.common.checkpoint import save_checkpoint
 from fedrad.common.findings import FINDINGS
 from tests.conftest import write_radiograph
@@ -40,10 +41,13 @@ def test_report_json_contract(checkpoint: Path, tmp_path: Path, scan: str) -> No
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"report", "findings", "answer"}
+    assert set(data) == {"report", "findings", "answer", "notes"}
     assert set(data["findings"]) == set(FINDINGS)
     assert all(0.0 <= p <= 1.0 for p in data["findings"].values())
     assert isinstance(data["report"], str) and isinstance(data["answer"], str)
+    assert data["notes"] == report_notes(data["report"], data["findings"]) + answer_notes(
+        "Is there a pleural effusion?", data["answer"], data["findings"]
+    )
 
 
 def test_report_without_question_has_null_answer(checkpoint: Path, tmp_path: Path) -> None:

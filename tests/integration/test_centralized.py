@@ -65,4 +65,4 @@ def test_run_directory_contract(
     scan = next(p for p in (cohort / "site_1").rglob("*") if p.is_file() and "dicom" in p.parts)
     result = CliRunner().invoke(site_app, ["report", str(scan), "--model", str(ckpt), "--json"])
     assert result.exit_code == 0, result.output
-    assert set(json.loads(result.stdout)) == {"report", "findings", "answer"}
+    assert set(json.loads(result.stdout)) == {"report", "findings", "answer", "notes"}

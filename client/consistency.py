@@ -1,0 +1,47 @@
+"""Cross-checks between the model's three outputs for one scan, shown beside them.
+
+The report and the answer are generated text; the finding probabilities come from the
+classifier head. A small or DP-trained language model can write a report that leaves out what
+the head sees, or answer "no" where the head says 0.99. Nothing is overwritten: the reader gets
+each disagreement as a note, found by running the site's own report labeler over the text.
+"""
+
+from __future__ import annotations
+
+from fedrad.common.findings import DISPLAY_NAMES, FINDINGS, PRESENT, UNCERTAIN
+from fedrad.common.labeler import label_report
+from fedrad.common.tasks import POSSIBLE_THRESHOLD, SUGGEST_THRESHOLD, normalise_answer
+
+PRESENCE_ANSWERS = {"yes": PRESENT, "no": 0, "possibly": UNCERTAIN}
+
+
+def report_notes(report: str, findings: dict[str, float]) -> list[str]:
+    """Findings the head suggests that the report does not state, and the reverse."""
+    stated = label_report(report).labels
+    notes = []
+    for finding in FINDINGS:
+        name, p = DISPLAY_NAMES[finding], findings[finding]
+        if p >= SUGGEST_THRESHOLD and stated[finding] == 0:
+            notes.append(f"the report does not state {name}; the finding head gives {p:.3f}")
+        elif stated[finding] == PRESENT and p < POSSIBLE_THRESHOLD:
+            notes.append(f"the report states {name}; the finding head gives only {p:.3f}")
+    return notes
+
+
+def answer_notes(question: str, answer: str, findings: dict[str, float]) -> list[str]:
+    """A yes / no / possibly answer about one finding, against the head's probability."""
+    said = PRESENCE_ANSWERS.get(normalise_answer(answer))
+    if normalise_answer(answer).startswith("there is no "):  # how side and size answers say no
+        said = 0
+    asked = [f for f, label in label_report(question).labels.items() if label != 0]
+    if said is None or len(asked) != 1:
+        return []  # not a presence question about one finding: nothing to compare
+    finding = asked[0]
+    p = findings[finding]
+    head = PRESENT if p >= SUGGEST_THRESHOLD else (UNCERTAIN if p >= POSSIBLE_THRESHOLD else 0)
+    if said == head or UNCERTAIN in (said, head):
+        return []
+    return [
+        f"the answer '{normalise_answer(answer)}' disagrees with the finding head "
+        f"({DISPLAY_NAMES[finding]} {p:.3f})"
+    ]
