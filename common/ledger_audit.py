@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import dataclasses
 import hashlib
 import json
@@ -101,6 +102,7 @@ class LedgerAudit:
     budget: float | None = None
     head_hash: str | None = None  # SHA-256 of the last complete line: anchor it
     findings: list[Finding] = field(default_factory=list)
+    read_past: list[str] = field(default_factory=list)  # an editor's re-save, not content
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: an unbounded epsilon is null (with `unbounded` true), never Infinity."""
@@ -286,8 +288,12 @@ def audit_ledger(
     except OSError as exc:
         return _finish(result, [Finding("missing", f"cannot read: {exc.strerror}")])
 
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+        result.read_past.append("a byte-order mark")
     raw_lines = data.split(b"\n")
     torn = raw_lines.pop()
+    lines = _content_lines(raw_lines, result.read_past)
     if torn:
         findings.append(
             Finding(
@@ -296,7 +302,7 @@ def audit_ledger(
                 "newline, an interrupted write); the lines before it were audited",
             )
         )
-    if not raw_lines:
+    if not lines:
         findings.append(Finding("empty", "no complete entries"))
         return _finish(result, findings)
 
@@ -308,7 +314,7 @@ def audit_ledger(
     claim_problems: list[tuple[Finding, bool]] = []  # (finding, line's signature verified)
     # the last well-formed entry: (claimed, delta, RDP, PLD); later bad lines compose nothing
     last_claim: tuple[float | None, float, float, float | None] | None = None
-    for number, line in enumerate(raw_lines, start=1):
+    for index, (number, line) in enumerate(lines):
         where = f"line {number}"
         expected_prev = GENESIS_HASH if prev_line is None else hashlib.sha256(prev_line).hexdigest()
         prev_line = line
@@ -338,8 +344,8 @@ def audit_ledger(
             findings.append(
                 Finding(
                     "broken chain",
-                    f"{where}: prev_hash does not match line {number - 1}"
-                    if number > 1
+                    f"{where}: prev_hash does not match line {lines[index - 1][0]}"
+                    if index > 0
                     else f"{where}: the first entry does not start the chain (lines before it "
                     "were removed)",
                 )
@@ -395,7 +401,7 @@ def audit_ledger(
             claim_problems.append((claim, verified))
         last_claim = (claimed, delta, rdp_eps, pld_eps)
     result.key_ids = signed_by
-    result.head_hash = hashlib.sha256(raw_lines[-1]).hexdigest()
+    result.head_hash = hashlib.sha256(lines[-1][1]).hexdigest()
     # A signed line whose claim disagrees with its own parameters was written that way; but
     # when lines were reordered or deleted, every later cumulative claim shifts: the chain
     # finding says why, and those mismatches are its consequence, reported as a count.
@@ -410,7 +416,7 @@ def audit_ledger(
             )
         )
     if anchor is not None:
-        findings.extend(_check_anchor(raw_lines, anchor))
+        findings.extend(_check_anchor([line for _, line in lines], anchor))
     if last_claim is not None:
         claimed, delta, rdp_eps, pld_eps = last_claim
         result.delta = delta
@@ -454,6 +460,21 @@ def with_budget(audit: LedgerAudit, budget: float | None) -> LedgerAudit:
     return _finish(dataclasses.replace(audit, budget=budget, findings=[]), findings)
 
 
+def _content_lines(raw_lines: list[bytes], read_past: list[str]) -> list[tuple[int, bytes]]:
+    """(file line number, line) of the entries, past what an editor's re-save adds: CRLF line
+    endings and blank lines. Neither can hide an edit: entries, signatures and the chain are
+    over the entry bytes, which these leave as written."""
+    crlf = sum(line.endswith(b"\r") for line in raw_lines)
+    if crlf:
+        read_past.append("CRLF line endings")
+    stripped = [line.removesuffix(b"\r") for line in raw_lines]
+    lines = [(n, line) for n, line in enumerate(stripped, start=1) if line.strip()]
+    if len(lines) < len(stripped):
+        blank = len(stripped) - len(lines)
+        read_past.append(f"{blank} blank line{'s' if blank > 1 else ''}")
+    return lines
+
+
 def _check_anchor(lines: list[bytes], anchor: Anchor) -> list[Finding]:
     if anchor.entries > len(lines):
         return [
@@ -479,6 +500,8 @@ def _finish(result: LedgerAudit, findings: list[Finding]) -> LedgerAudit:
     if not findings:
         result.status = "ok"
         result.reason = f"{result.entries} entries verified, epsilon recomputed"
+        if result.read_past:
+            result.reason += f" (read past {', '.join(result.read_past)}: formatting only)"
         if result.key_source == "beside the ledger":
             result.reason += " (key read beside the ledger: pass --public-key to check it)"
         return result

@@ -403,3 +403,30 @@ def test_a_public_key_file_that_is_no_ed25519_key_is_one_line(
     result = CliRunner().invoke(ledger_app, [str(_ledger(tmp_path)), "--public-key", str(key)])
     assert result.exit_code == 2, result.output
     assert reason in result.output and "Traceback" not in result.output
+
+
+def test_an_editor_re_save_is_read_past_but_an_edit_under_it_is_not(tmp_path: Path) -> None:
+    """CRLF endings, a byte-order mark and blank lines change no entry byte: still ok, said."""
+    path = _ledger(tmp_path)
+    lines = _lines(path)
+    resaved = tmp_path / "resaved.jsonl"
+    resaved.write_bytes(
+        b"\xef\xbb\xbf"
+        + "".join(lines[:2]).replace("\n", "\r\n").encode()
+        + b"\r\n"
+        + "".join(lines[2:]).replace("\n", "\r\n").encode()
+        + b"\r\n\r\n"
+    )
+    result = audit_ledger(resaved, _keys(tmp_path))
+    assert (result.status, result.entries) == ("ok", 4)
+    assert result.read_past == ["a byte-order mark", "CRLF line endings", "3 blank lines"]
+    assert "read past a byte-order mark, CRLF line endings, 3 blank lines" in result.reason
+    assert result.head_hash == audit_ledger(path, _keys(tmp_path)).head_hash
+    assert result.recomputed_rdp == audit_ledger(path, _keys(tmp_path)).recomputed_rdp
+
+    # a deleted entry under the same re-save is still a broken chain, named by file line
+    del lines[1]
+    resaved.write_bytes("\n".join(lines).replace("\n\n", "\n\n\n").replace("\n", "\r\n").encode())
+    broken = audit_ledger(resaved, _keys(tmp_path))
+    assert broken.status == "broken chain"
+    assert broken.reason.startswith("line 4: prev_hash does not match line 1")  # file lines
