@@ -28,9 +28,9 @@ from fedrad.client.site_config import (
 from fedrad.client.site_data import (
     SiteDataError,
     cache_write_problem,
-    default_cache_dir,
     prepare_site,
     scan_site,
+    site_cache_dir,
 )
 from fedrad.client.supernode import (
     CONNECTED_MARK,
@@ -145,7 +145,7 @@ def prepare(
         config = PreprocessConfig(image_size=image_size)
     except ValueError as exc:
         fail(str(exc))
-    cache = cache_dir or default_cache_dir(data_dir)
+    cache = site_cache_dir(data_dir, cache_dir)
     try:
         with progress_bar("preparing") as bar:
             scan, manifest = prepare_site(
@@ -266,9 +266,9 @@ def init(
     """Create the site's config and keys (ledger signing key, SuperNode key); private keys 0600."""
     if not data_dir.is_dir():
         fail(f"data directory {data_dir} does not exist")
-    problem = cache_write_problem(data_dir, cache_dir)
+    problem = cache_write_problem(data_dir, cache_dir, fix="pass --cache-dir")
     if problem is not None:
-        fail(problem.replace("set cache_dir in site.toml", "pass --cache-dir"))
+        fail(problem)
     if ca_file is not None:
         from fedrad.client.supernode import is_ca_certificate
 

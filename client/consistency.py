@@ -10,38 +10,37 @@ from __future__ import annotations
 
 from fedrad.common.findings import DISPLAY_NAMES, FINDINGS, PRESENT, UNCERTAIN
 from fedrad.common.labeler import label_report
-from fedrad.common.tasks import POSSIBLE_THRESHOLD, SUGGEST_THRESHOLD, normalise_answer
+from fedrad.common.tasks import normalise_answer, suggestions
 
 PRESENCE_ANSWERS = {"yes": PRESENT, "no": 0, "possibly": UNCERTAIN}
 
 
 def report_notes(report: str, findings: dict[str, float]) -> list[str]:
-    """Findings the head suggests that the report does not state, and the reverse."""
-    stated = label_report(report).labels
+    """Findings the head suggests that the report does not state, and findings the report
+    states that the head does not even call possible (`tasks.suggestions` draws both lines)."""
+    stated, head = label_report(report).labels, suggestions(findings)
     notes = []
     for finding in FINDINGS:
         name, p = DISPLAY_NAMES[finding], findings[finding]
-        if p >= SUGGEST_THRESHOLD and stated[finding] == 0:
+        if head[finding] == PRESENT and stated[finding] == 0:
             notes.append(f"the report does not state {name}; the finding head gives {p:.3f}")
-        elif stated[finding] == PRESENT and p < POSSIBLE_THRESHOLD:
+        elif stated[finding] == PRESENT and head[finding] == 0:
             notes.append(f"the report states {name}; the finding head gives only {p:.3f}")
     return notes
 
 
 def answer_notes(question: str, answer: str, findings: dict[str, float]) -> list[str]:
     """A yes / no / possibly answer about one finding, against the head's probability."""
-    said = PRESENCE_ANSWERS.get(normalise_answer(answer))
-    if normalise_answer(answer).startswith("there is no "):  # how side and size answers say no
-        said = 0
+    said_text = normalise_answer(answer)
+    said = 0 if said_text.startswith("there is no ") else PRESENCE_ANSWERS.get(said_text)
     asked = [f for f, label in label_report(question).labels.items() if label != 0]
     if said is None or len(asked) != 1:
         return []  # not a presence question about one finding: nothing to compare
     finding = asked[0]
-    p = findings[finding]
-    head = PRESENT if p >= SUGGEST_THRESHOLD else (UNCERTAIN if p >= POSSIBLE_THRESHOLD else 0)
+    head = suggestions(findings)[finding]
     if said == head or UNCERTAIN in (said, head):
         return []
     return [
-        f"the answer '{normalise_answer(answer)}' disagrees with the finding head "
-        f"({DISPLAY_NAMES[finding]} {p:.3f})"
+        f"the answer '{said_text}' disagrees with the finding head "
+        f"({DISPLAY_NAMES[finding]} {findings[finding]:.3f})"
     ]

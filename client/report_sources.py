@@ -6,11 +6,13 @@ report) is `site_data.read_reports`; this reader is only for `fedrad-site label`
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from fedrad.client.site_data import csv_read_errors
+from fedrad.client.site_data import text_read_errors
 
 REPORT_COLUMNS: Final[tuple[str, ...]] = (
     "report",
@@ -54,12 +56,8 @@ def read_label_input(
 
 
 def _read_text(path: Path) -> str:
-    try:
+    with text_read_errors(path, ReportSourceError):
         return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ReportSourceError(f"{path}: not UTF-8 text ({exc.reason})") from exc
-    except OSError as exc:
-        raise ReportSourceError(f"{path}: cannot be read ({exc.strerror})") from exc
 
 
 def _read_directory(root: Path) -> LabelInput:
@@ -96,20 +94,27 @@ def pick_column(
     return next((columns[c] for c in candidates if c in columns), None)
 
 
-def _read_csv(path: Path, *, column: str | None, id_column: str | None) -> LabelInput:
-    with (
-        csv_read_errors(path, ReportSourceError),
-        path.open(newline="", encoding="utf-8-sig") as handle,
-    ):
+@contextmanager
+def report_csv(
+    path: Path, *, column: str | None, error: type[Exception]
+) -> Iterator[tuple[csv.DictReader[str], dict[str, str], str]]:
+    """An open CSV of reports: its reader, its headers by `column_key`, and the report column
+    (`column`, or the first usual name); `error` with a one-line reason when it has none."""
+    with text_read_errors(path, error), path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = header_keys(reader.fieldnames)
         text_col = pick_column(columns, column, REPORT_COLUMNS)
         if text_col is None:
             wanted = repr(column) if column else f"one of {', '.join(REPORT_COLUMNS)}"
             found = ", ".join(columns.values()) or "none"
-            raise ReportSourceError(
+            raise error(
                 f"{path}: no report column {wanted} (columns: {found}); name it with --column"
             )
+        yield reader, columns, text_col
+
+
+def _read_csv(path: Path, *, column: str | None, id_column: str | None) -> LabelInput:
+    with report_csv(path, column=column, error=ReportSourceError) as (reader, columns, text_col):
         id_col = pick_column(columns, id_column, ID_COLUMNS)
         if id_column is not None and id_col is None:
             raise ReportSourceError(f"{path}: no column {id_column!r}")

@@ -132,8 +132,8 @@ def iter_site_files(data_dir: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def csv_read_errors(path: Path, error: type[Exception]) -> Iterator[None]:
-    """What reading a text CSV can raise, as `error` with a one-line reason."""
+def text_read_errors(path: Path, error: type[Exception]) -> Iterator[None]:
+    """What reading a text file or CSV can raise, as `error` with a one-line reason."""
     try:
         yield
     except UnicodeDecodeError as exc:
@@ -147,7 +147,7 @@ def csv_read_errors(path: Path, error: type[Exception]) -> Iterator[None]:
 def read_reports(path: Path) -> list[ReportRow]:
     """Parses the report export; SiteDataError (fatal) if it cannot be read as required."""
     with (
-        csv_read_errors(path, SiteDataError),
+        text_read_errors(path, SiteDataError),
         path.open(newline="", encoding="utf-8-sig") as handle,
     ):
         reader = csv.DictReader(handle)
@@ -365,6 +365,11 @@ def default_cache_dir(data_dir: Path) -> Path:
     return data_dir / CACHE_DIRNAME
 
 
+def site_cache_dir(data_dir: Path, cache_dir: Path | None = None) -> Path:
+    """Where a site's prepared data lives: the cache it named, else inside its data directory."""
+    return cache_dir if cache_dir is not None else default_cache_dir(data_dir)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -442,8 +447,7 @@ def manifest_path(
 ) -> Path:
     """Where the site's cache (by default inside its data directory) keeps the manifest for
     this preprocessing."""
-    cache = cache_dir if cache_dir is not None else default_cache_dir(data_dir)
-    return cache / config.fingerprint() / "manifest.json"
+    return site_cache_dir(data_dir, cache_dir) / config.fingerprint() / "manifest.json"
 
 
 def prepared_manifest(
@@ -452,15 +456,18 @@ def prepared_manifest(
     """The site's manifest in its cache, (re)built when missing or stale."""
     manifest = manifest_path(data_dir, config=config, cache_dir=cache_dir)
     if not cache_is_fresh(manifest, data_dir):
-        cache = cache_dir if cache_dir is not None else default_cache_dir(data_dir)
+        cache = site_cache_dir(data_dir, cache_dir)
         _, manifest = prepare_site(data_dir, cache, config=config, workers=workers)
     return manifest
 
 
-def cache_write_problem(data_dir: Path, cache_dir: Path | None = None) -> str | None:
-    """Why the prepared-data cache cannot be created (a read-only export, say), or None. A
-    cache that already exists is not judged: one prepared elsewhere may be read-only."""
-    cache = cache_dir if cache_dir is not None else default_cache_dir(data_dir)
+def cache_write_problem(
+    data_dir: Path, cache_dir: Path | None = None, *, fix: str = "set cache_dir in site.toml"
+) -> str | None:
+    """Why the prepared-data cache cannot be created (a read-only export, say), or None; `fix`
+    says how to name another place. A cache that already exists is not judged: one prepared
+    elsewhere may be read-only."""
+    cache = site_cache_dir(data_dir, cache_dir)
     if cache.is_dir():
         return None
     existing = cache
@@ -469,7 +476,7 @@ def cache_write_problem(data_dir: Path, cache_dir: Path | None = None) -> str | 
     if not existing.is_dir():
         return f"cache location {cache} is under a file, not a directory"
     if not os.access(existing, os.W_OK | os.X_OK):
-        hint = "" if cache_dir is not None else "; set cache_dir in site.toml to a writable place"
+        hint = "" if cache_dir is not None else f"; {fix} to a writable place"
         return f"cannot write the prepared-data cache at {cache} ({existing} is read-only){hint}"
     return None
 

@@ -1,8 +1,10 @@
 """fedrad's on-disk cache of things rebuilt from public material (foundation models, the
-dequantized copy of a GGUF base): one root, and publishing that concurrent builders cannot tear."""
+dequantized copy of a GGUF base): one root, and directories written aside and published whole,
+which checkpoints use too."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -17,17 +19,25 @@ def cache_root() -> Path:
 
 
 @contextmanager
-def publish_once(directory: Path) -> Iterator[Path]:
-    """A temporary sibling published as `directory` once fully written; when a concurrent
-    builder published first, theirs is kept and ours dropped."""
+def staged_directory(directory: Path, *, replace: bool) -> Iterator[Path]:
+    """A temporary sibling that becomes `directory` only once fully written, so a crash never
+    leaves half of one. An existing `directory` is replaced (`replace`), or kept and ours
+    dropped: when concurrent builders fill a cache, the first to publish wins."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
         yield tmp
+        if directory.exists() and not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if directory.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
+
+
+def publish_once(directory: Path) -> contextlib.AbstractContextManager[Path]:
+    """A cache entry written aside and published whole; a concurrent builder's entry is kept."""
+    return staged_directory(directory, replace=False)

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from fedrad.common.base_lm import BaseLMError, load_base, load_base_tokenizer
+from fedrad.common.cache import staged_directory
 from fedrad.common.language_model import add_lora, build_from_config
 from fedrad.common.model_config import ModelConfig
 from fedrad.common.radiology_model import RadiologyModel
@@ -87,7 +85,7 @@ def save_checkpoint(
 ) -> Path:
     """Writes to a temporary sibling and renames: a crash never leaves half a checkpoint."""
     directory = Path(directory)
-    with _staged(directory) as tmp:
+    with staged_directory(directory, replace=True) as tmp:
         (tmp / "config.json").write_text(model.config.to_json())
         base = model.lm.get_base_model()
         (tmp / "lm_config.json").write_text(base.config.to_json_string())
@@ -107,22 +105,6 @@ def save_checkpoint(
         }
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     return directory
-
-
-@contextmanager
-def _staged(directory: Path) -> Iterator[Path]:
-    """A temporary sibling that replaces `directory` only once fully written: a crash never
-    leaves half a checkpoint."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
-        yield tmp
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:
@@ -199,7 +181,7 @@ def write_checkpoint_from(
         if name not in state or tuple(state[name].shape) != tuple(np.shape(value)):
             raise CheckpointError(f"array {name} does not fit {source}")
         state[name] = torch.from_numpy(np.ascontiguousarray(value)).to(state[name].dtype)
-    with _staged(directory) as tmp:
+    with staged_directory(directory, replace=True) as tmp:
         for item in source.iterdir():
             if item.is_file() and item.name not in ("model.safetensors", "metadata.json"):
                 shutil.copy2(item, tmp / item.name)

@@ -464,8 +464,7 @@ def _content_lines(raw_lines: list[bytes], read_past: list[str]) -> list[tuple[i
     """(file line number, line) of the entries, past what an editor's re-save adds: CRLF line
     endings and blank lines. Neither can hide an edit: entries, signatures and the chain are
     over the entry bytes, which these leave as written."""
-    crlf = sum(line.endswith(b"\r") for line in raw_lines)
-    if crlf:
+    if any(line.endswith(b"\r") for line in raw_lines):
         read_past.append("CRLF line endings")
     stripped = [line.removesuffix(b"\r") for line in raw_lines]
     lines = [(n, line) for n, line in enumerate(stripped, start=1) if line.strip()]

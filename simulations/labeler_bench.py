@@ -233,25 +233,15 @@ def load_labelled_reports(
     """(report, reference labels) rows of a CSV with a report column and one column per
     finding it labels (named as ours, any case, spaces for underscores: `Pleural Effusion`),
     valued 1 / 0 / -1 (blank = 0); and which of our findings it labels."""
-    import csv
-
-    from fedrad.client.report_sources import REPORT_COLUMNS, header_keys, pick_column
-    from fedrad.client.site_data import csv_read_errors
+    from fedrad.client.report_sources import report_csv
 
     if not Path(path).is_file():
         raise LabelledReportsError(f"no such file: {path}")
-    with (
-        csv_read_errors(path, LabelledReportsError),
-        Path(path).open(newline="", encoding="utf-8-sig") as handle,
+    with report_csv(Path(path), column=column, error=LabelledReportsError) as (
+        reader,
+        columns,
+        text_col,
     ):
-        reader = csv.DictReader(handle)
-        columns = header_keys(reader.fieldnames)
-        text_col = pick_column(columns, column, REPORT_COLUMNS)
-        if text_col is None:
-            raise LabelledReportsError(
-                f"{path}: no report column ({column or ', '.join(REPORT_COLUMNS)}); "
-                "name it with --column"
-            )
         labelled = {f: columns[f] for f in FINDINGS if f in columns and columns[f] != text_col}
         if not labelled:
             raise LabelledReportsError(
@@ -273,33 +263,34 @@ def load_labelled_reports(
     return rows, tuple(labelled)
 
 
+def score_labeler(
+    corpus: list[tuple[str, dict[str, int]]], findings: Sequence[str] = FINDINGS
+) -> dict[str, object]:
+    """Label (report, reference) pairs and score them; adds throughput (reports per second,
+    one core)."""
+    texts = [text for text, _ in corpus]
+    started = time.perf_counter()
+    pred = label_reports(texts)
+    elapsed = time.perf_counter() - started
+    result = evaluate(pred, [labels for _, labels in corpus], findings)
+    result["reports_per_s"] = len(texts) / elapsed if elapsed > 0 else float("inf")
+    return result
+
+
 def run_labelled_bench(path: Path, *, column: str | None = None) -> dict[str, object]:
     """The labeler against a user's own reference labels, over the findings they label."""
     rows, findings = load_labelled_reports(path, column=column)
-    started = time.perf_counter()
-    pred = label_reports([text for text, _ in rows])
-    elapsed = time.perf_counter() - started
-    result = evaluate(pred, [labels for _, labels in rows], findings)
-    result["reports_per_s"] = len(rows) / elapsed if elapsed > 0 else float("inf")
-    result["findings"] = list(findings)
-    return result
+    return score_labeler(rows, findings) | {"findings": list(findings)}
 
 
 def run_radlabels_bench(
     samples_dir: Path | None = None, *, drop_ignored_sections: bool = True
 ) -> dict[str, object]:
-    """Label the corpus and score it; adds throughput (reports per second, one core)."""
+    """The labeler against radlabels' independent labels of its 1,000 reports."""
     corpus = load_radlabels(
         samples_dir or radlabels_samples_dir(), drop_ignored_sections=drop_ignored_sections
     )
-    texts = [text for text, _ in corpus]
-    started = time.perf_counter()
-    pred = label_reports(texts)
-    elapsed = time.perf_counter() - started
-    result = evaluate(pred, [labels for _, labels in corpus])
-    result["reports_per_s"] = len(texts) / elapsed if elapsed > 0 else float("inf")
-    result["drop_ignored_sections"] = drop_ignored_sections
-    return result
+    return score_labeler(corpus) | {"drop_ignored_sections": drop_ignored_sections}
 
 
 def load_cohort_reports(cohort_dir: Path) -> list[tuple[str, dict[str, int], dict[str, int]]]:
