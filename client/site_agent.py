@@ -8,7 +8,10 @@ sites share a worker process and must not each hold their own copy.
 Privacy: the noise multiplier is calibrated so that what the ledger already holds plus every
 remaining planned step (rounds left x local steps) stays within the site's target epsilon. On
 a fresh run that is the classic "calibrate once for the whole schedule"; after a resume or a
-repeated round it is still within budget. A round that cannot fit is refused.
+repeated round it is still within budget. A round that cannot fit is refused. The site's own
+policy (site.toml [policy]) caps a run's epsilon the same way and refuses rounds below its
+noise floor or above its per-round epsilon. Every such refusal comes before any training step
+and is recorded in the ledger as a refusal entry that spends nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,6 +36,7 @@ from fedrad.client.evaluate import EvalConfig, evaluate
 from fedrad.client.preprocess import PreprocessConfig
 from fedrad.client.site_config import SiteConfig, SiteConfigError, load_site_config
 from fedrad.client.site_data import prepared_manifest
+from fedrad.client.site_policy import SitePolicy, check_round, record_refusal
 from fedrad.client.train import DPConfig, TrainConfig, train_local
 from fedrad.common.accounting import (
     MechanismStep,
@@ -75,6 +79,7 @@ class SiteSpec:
     budget_delta: float | None = None  # the largest delta the site's budget holds at
     threads: int = 0  # torch threads (0 = leave as the process has it)
     cache_dir: Path | None = None  # where data_dir is prepared (default: inside it)
+    policy: SitePolicy = field(default_factory=SitePolicy)  # what the site takes part in
 
     def __post_init__(self) -> None:
         if (self.manifest is None) == (self.data_dir is None):
@@ -103,6 +108,7 @@ class SiteSpec:
             budget_epsilon=config.epsilon,
             budget_delta=config.delta,
             cache_dir=config.cache_dir,
+            policy=config.policy,
         )
 
     @staticmethod
@@ -354,15 +360,21 @@ def check_round_against_budget(spec: SiteSpec, plan: RoundConfig) -> None:
         )
 
 
-def train_site(
-    spec: SiteSpec, global_arrays: Mapping[str, np.ndarray], plan: RoundConfig
-) -> SiteUpdate:
-    """One local round: calibrate, train under DP-SGD, append the ledger, return the update."""
-    model = cached_model(spec.foundation_dir)
-    train, _ = site_studies(spec, model.config.image_size)
-    load_global(model, global_arrays)
-    ledger = Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path))
-    n = len(train)
+@dataclass(frozen=True)
+class Admission:
+    """A round the site has agreed to: how it trains and what it may spend."""
+
+    dp: DPConfig
+    sample_rate: float  # Poisson sampling rate the noise was calibrated for
+    target: float  # cumulative epsilon the round must stay within (plan capped by budget)
+
+
+def admit_round(spec: SiteSpec, plan: RoundConfig, ledger: Ledger, n_train: int) -> Admission:
+    """The privacy decisions of a round, all before any training step, in this order: delta
+    below 1/N; the budget's plain refusals; the noise, calibrated to the plan's target capped
+    by the site's budget (whole ledger) and by its policy's max_epsilon_per_run (this run's
+    entries); then the policy's round rules. Raises SiteRefusalError with a one-line reason."""
+    n = n_train
     if plan.dp and plan.delta >= 1 / n:
         # delta is the chance the guarantee fails outright; at 1/N that is one record's worth
         raise SiteRefusalError(
@@ -372,28 +384,94 @@ def train_site(
     remaining_steps = (plan.planned_rounds - plan.server_round + 1) * plan.local_steps
     check_round_against_budget(spec, plan)
     target = plan.target_epsilon
+    if not plan.dp:
+        reason = check_round(spec.policy, noise_multiplier=None, round_epsilon=0, run_epsilon=0)
+        if reason is not None:
+            raise SiteRefusalError(reason)
+        return Admission(DPConfig(enabled=False), sample_rate, target)
     if spec.budget_epsilon is not None and spec.budget_epsilon < target:
         logger.info("site budget %.3g caps the planned epsilon %.3g", spec.budget_epsilon, target)
         target = spec.budget_epsilon
-    if plan.dp:
-        noise = calibrate_remaining(
-            ledger.history(),
-            sample_rate=sample_rate,
-            steps=remaining_steps,
-            target_epsilon=target,
-            delta=plan.delta,
-            accountant=plan.accountant,
-        )
-        dp = DPConfig(
-            enabled=True,
-            target_epsilon=None,
-            noise_multiplier=noise,
-            delta=plan.delta,
-            max_grad_norm=plan.max_grad_norm,
-            accountant=plan.accountant,  # type: ignore[arg-type]
-        )
-    else:
-        dp = DPConfig(enabled=False)
+    noise = calibrate_remaining(
+        ledger.history(),
+        sample_rate=sample_rate,
+        steps=remaining_steps,
+        target_epsilon=target,
+        delta=plan.delta,
+        accountant=plan.accountant,
+    )
+    policy = spec.policy
+    run_history = ledger.history(plan.run_id)
+    if policy.max_epsilon_per_run is not None:
+        # The run's own entries and its remaining schedule within the policy's cap: more noise
+        # where the plan asks for more than the site takes in one run (every bound holds at
+        # the larger sigma, since epsilon only falls as the noise grows).
+        try:
+            run_noise = calibrate_remaining(
+                run_history,
+                sample_rate=sample_rate,
+                steps=remaining_steps,
+                target_epsilon=policy.max_epsilon_per_run,
+                delta=plan.delta,
+                accountant=plan.accountant,
+            )
+        except SiteRefusalError:
+            raise SiteRefusalError(
+                f"site policy: this run cannot stay within this site's max_epsilon_per_run "
+                f"{policy.max_epsilon_per_run:.3g} (its remaining {remaining_steps} steps at "
+                f"any noise up to {MAX_NOISE:g})"
+            ) from None
+        if run_noise > noise:
+            logger.info(
+                "site policy max_epsilon_per_run %.3g raises the noise from %.3f to %.3f",
+                policy.max_epsilon_per_run,
+                noise,
+                run_noise,
+            )
+            noise = run_noise
+    this_round = MechanismStep(noise, sample_rate, plan.local_steps)
+    acct: Any = plan.accountant
+
+    def epsilon(steps: list[MechanismStep]) -> float:
+        return cumulative_epsilon(steps, delta=plan.delta, accountant=acct)
+
+    reason = check_round(  # each epsilon only where the policy caps it (Opacus takes ~0.1 s)
+        policy,
+        noise_multiplier=noise,
+        round_epsilon=0.0 if policy.max_epsilon_per_round is None else epsilon([this_round]),
+        run_epsilon=0.0
+        if policy.max_epsilon_per_run is None
+        else epsilon([*run_history, this_round]),
+    )
+    if reason is not None:
+        raise SiteRefusalError(reason)
+    dp = DPConfig(
+        enabled=True,
+        target_epsilon=None,
+        noise_multiplier=noise,
+        delta=plan.delta,
+        max_grad_norm=plan.max_grad_norm,
+        accountant=plan.accountant,  # type: ignore[arg-type]
+    )
+    return Admission(dp, sample_rate, target)
+
+
+def train_site(
+    spec: SiteSpec, global_arrays: Mapping[str, np.ndarray], plan: RoundConfig
+) -> SiteUpdate:
+    """One local round: admit it (budget, policy), train under DP-SGD, append the ledger,
+    return the update. A round refused for privacy reasons is recorded in the ledger as a
+    refusal (spending nothing) and logged before the refusal is raised."""
+    model = cached_model(spec.foundation_dir)
+    train, _ = site_studies(spec, model.config.image_size)
+    load_global(model, global_arrays)
+    ledger = Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path))
+    n = len(train)
+    try:
+        admitted = admit_round(spec, plan, ledger, n)
+    except SiteRefusalError as exc:
+        record_refusal(spec, plan.run_id, plan.server_round, str(exc))
+        raise
     seed = _site_seed(spec.site_id, plan.seed, plan.server_round)
     examples = TrainingExamples(train, model.tokenizer, model.config, seed=seed)
     with proximal_term(model, plan.proximal_mu):
@@ -407,7 +485,7 @@ def train_site(
                 seed=seed,
                 threads=spec.threads,
             ),
-            dp,
+            admitted.dp,
         )
     entry = ledger.append(  # what actually ran, recorded before any check can stop the reply
         site_id=spec.site_id,
@@ -420,9 +498,9 @@ def train_site(
         delta=plan.delta,
         accountant=plan.accountant,  # type: ignore[arg-type]
     )
-    if not math.isclose(result.sample_rate, sample_rate):
+    if not math.isclose(result.sample_rate, admitted.sample_rate):
         raise SiteRefusalError("sample rate differs from the calibrated one")  # fail closed
-    epsilon = entry["epsilon"]
+    epsilon, target = entry["epsilon"], admitted.target
     if plan.dp and (epsilon is None or epsilon > target * (1 + 1e-6)):
         # The ledger's own recomputation disagrees with the calibration: the spend is on
         # record, but the update does not leave (fail closed).

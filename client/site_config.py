@@ -4,15 +4,18 @@
 the Ed25519 ledger signing key (PKCS#8 PEM) and the SuperNode authentication key (ECDSA P-384,
 OpenSSH format, as Flower's `--auth-supernode-private-key` reads it). Private keys are created
 0600 with O_EXCL and never overwritten; only the `.pub` halves are meant to leave the host.
+An optional `[policy]` table says what the site takes part in (`client/site_policy.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -20,6 +23,13 @@ import tomli_w
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedrad.client.site_policy import (
+    SHA256_HEX,
+    SitePolicy,
+    SitePolicyError,
+    policy_from_table,
+    policy_to_table,
+)
 from fedrad.common.accounting import AccountantName
 from fedrad.common.fl_protocol import SITE_ID_PATTERN
 from fedrad.common.ledger import Ledger, load_or_create_signing_key, public_key_path
@@ -31,6 +41,9 @@ DEFAULT_DELTA: Final[float] = 1e-5
 DEFAULT_LEDGER: Final[str] = "ledger.jsonl"
 DEFAULT_LEDGER_KEY: Final[str] = "keys/ledger_key.pem"
 DEFAULT_NODE_KEY: Final[str] = "keys/node_key"
+HEADER: Final[str] = (
+    "# fedrad site configuration: owned by this hospital, never sent to the coordinator.\n"
+)
 
 
 class SiteConfigError(Exception):
@@ -52,6 +65,8 @@ class SiteConfig:
     ca_file: Path | None = None  # the federation CA that signed the SuperLink certificate
     foundation_dir: Path | None = None  # the federation's starting checkpoint, local copy
     cache_dir: Path | None = None  # prepared (de-identified) data; default <data_dir>/.fedrad-cache
+    # what the site takes part in ([policy]); the default takes part in any plan
+    policy: SitePolicy = field(default_factory=SitePolicy)
 
     def __post_init__(self) -> None:
         if not SITE_ID_PATTERN.match(self.site_id):
@@ -93,14 +108,31 @@ def load_site_config(path: Path) -> SiteConfig:
         ) from exc
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise SiteConfigError(f"{path}: not a readable TOML file ({exc!s:.80})") from exc
+    return _parse_config(raw, base=path.parent, where=str(path))
+
+
+def _parse_config(raw: dict[str, Any], *, base: Path, where: str) -> SiteConfig:
+    """The whole file: exactly one [site] table and optionally a [policy] table."""
     site = raw.get("site")
-    if not isinstance(site, dict) or set(raw) != {"site"}:
-        raise SiteConfigError(f"{path}: expected exactly one [site] table")
-    return _parse_site_table(site, base=path.parent, where=str(path))
+    if not isinstance(site, dict):
+        raise SiteConfigError(f"{where}: expected exactly one [site] table")
+    unknown = sorted(set(raw) - {"site", "policy"})
+    if unknown:
+        raise SiteConfigError(
+            f"{where}: unknown table or key(s) {', '.join(unknown)} (expected exactly one "
+            "[site] table and optionally [policy])"
+        )
+    policy = raw.get("policy", {})
+    if not isinstance(policy, dict):
+        raise SiteConfigError(f"{where}: policy must be a [policy] table")
+    return _parse_site_table(site, base=base, where=where, policy=policy)
 
 
-def _parse_site_table(site: dict[str, Any], *, base: Path, where: str) -> SiteConfig:
-    """The [site] table as a SiteConfig; relative paths are relative to `base`."""
+def _parse_site_table(
+    site: dict[str, Any], *, base: Path, where: str, policy: dict[str, Any] | None = None
+) -> SiteConfig:
+    """The [site] table (and [policy], if any) as a SiteConfig; relative paths are relative
+    to `base`."""
     unknown = sorted(set(site) - set(_KEYS))
     if unknown:
         raise SiteConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
@@ -118,6 +150,10 @@ def _parse_site_table(site: dict[str, Any], *, base: Path, where: str) -> SiteCo
         p = Path(str(value)).expanduser()
         return p if p.is_absolute() else (base / p)
 
+    try:
+        site_policy = policy_from_table(policy or {}, where=where)
+    except SitePolicyError as exc:
+        raise SiteConfigError(str(exc)) from exc
     return SiteConfig(
         site_id=site["site_id"],
         data_dir=path_of("data_dir"),  # type: ignore[arg-type]
@@ -130,6 +166,7 @@ def _parse_site_table(site: dict[str, Any], *, base: Path, where: str) -> SiteCo
         ca_file=path_of("ca_file"),
         foundation_dir=path_of("foundation_dir"),
         cache_dir=path_of("cache_dir"),
+        policy=site_policy,
     )
 
 
@@ -169,9 +206,18 @@ def init_site(
     ca_file: Path | None = None,
     foundation_dir: Path | None = None,
     cache_dir: Path | None = None,
+    max_epsilon_per_run: float | None = None,
+    max_epsilon_per_round: float | None = None,
+    min_noise_multiplier: float | None = None,
+    require_secagg: bool = False,
+    strategies: tuple[str, ...] | list[str] | None = None,
+    allow_central_dp: bool = True,
+    approved_apps: tuple[str, ...] | list[str] = (),
 ) -> SiteConfig:
     """Creates a site directory: config, keys and nothing else. Refuses to touch an existing
-    one, so a re-run can never replace a key (a new ledger key would orphan the ledger)."""
+    one, so a re-run can never replace a key (a new ledger key would orphan the ledger).
+    The policy keywords become a [policy] table, written only when one differs from the
+    permissive default."""
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if config_path.exists():
@@ -196,18 +242,98 @@ def init_site(
         site["foundation_dir"] = str(Path(foundation_dir).expanduser().resolve())
     if cache_dir is not None:
         site["cache_dir"] = str(Path(cache_dir).expanduser().resolve())
+    try:
+        policy = policy_to_table(
+            SitePolicy(
+                max_epsilon_per_run=max_epsilon_per_run,
+                max_epsilon_per_round=max_epsilon_per_round,
+                min_noise_multiplier=min_noise_multiplier,
+                require_secagg=require_secagg,
+                strategies=None if strategies is None else tuple(strategies),
+                allow_central_dp=allow_central_dp,
+                approved_apps=tuple(approved_apps),
+            )
+        )
+    except SitePolicyError as exc:
+        raise SiteConfigError(str(exc)) from exc
+    document: dict[str, Any] = {"site": site, "policy": policy} if policy else {"site": site}
     # validated exactly as it will be read back, before anything is written
-    config = _parse_site_table(site, base=directory, where="site settings")
+    config = _parse_config(document, base=directory, where="site settings")
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     load_or_create_signing_key(config.ledger_key)
     _create_node_key(config.node_key)
-    config_path.write_text(
-        "# fedrad site configuration: owned by this hospital, never sent to the coordinator.\n"
-        + tomli_w.dumps({"site": site}),
-        encoding="utf-8",
-    )
+    config_path.write_text(HEADER + tomli_w.dumps(document), encoding="utf-8")
     return load_site_config(config_path)
+
+
+def add_approved_app(config_path: Path, sha256: str) -> bool:
+    """Adds a Flower app bundle's SHA-256 to [policy].approved_apps; False when it is there
+    already. The file is re-read and rewritten atomically (a temporary file, then
+    os.replace) under a lock on its directory, keeping its header comment; the result is
+    validated as load_site_config reads it before it replaces the old file."""
+    digest = sha256.strip().lower()
+    if not SHA256_HEX.match(digest):
+        raise SiteConfigError(f"{sha256[:70]!r} is not a SHA-256 hex digest (64 characters 0-9a-f)")
+    path = Path(config_path).expanduser().resolve()
+    try:
+        lock = os.open(path.parent, os.O_RDONLY)
+    except FileNotFoundError as exc:
+        raise SiteConfigError(
+            f"no site config at {path} (create one with fedrad-site init)"
+        ) from exc
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two approvals at once must not lose one
+        config = load_site_config(path)  # the file as it is must be valid to be edited
+        if digest in config.policy.approved_apps:
+            return False
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
+        policy = dict(raw.get("policy", {}))
+        policy["approved_apps"] = [*config.policy.approved_apps, digest]
+        raw["policy"] = policy
+        header = "".join(_header_lines(text)) or HEADER
+        new_text = header + tomli_w.dumps(raw)
+        _parse_config(tomllib.loads(new_text), base=path.parent, where=str(path))
+        _replace_file(path, new_text.encode("utf-8"))
+    finally:
+        os.close(lock)  # releases the lock
+    load_site_config(path)
+    return True
+
+
+def _header_lines(text: str) -> list[str]:
+    """The comment lines the file begins with (what init wrote, or the site's own)."""
+    lines: list[str] = []
+    for line in text.splitlines(keepends=True):
+        if not line.lstrip().startswith("#"):
+            break
+        lines.append(line if line.endswith("\n") else line + "\n")
+    return lines
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Writes beside `path` and renames over it: a reader sees the old file or the new one,
+    never half of one. The mode of the old file is kept."""
+    mode = path.stat().st_mode & 0o777
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def shareable_files(config: SiteConfig) -> list[Path]:
@@ -223,7 +349,7 @@ def site_budget(config: SiteConfig) -> dict[str, Any]:
             f"ledger key {config.ledger_key} is missing: the ledger cannot be verified"
         )
     ledger = Ledger(config.ledger, load_or_create_signing_key(config.ledger_key))
-    entries = ledger.entries()
+    entries = ledger.entries()  # privacy entries only: refusals spend nothing
     accountant: AccountantName = (
         "prv" if entries and all(e["accountant"] == "prv" for e in entries) else "rdp"
     )
@@ -242,4 +368,5 @@ def site_budget(config: SiteConfig) -> dict[str, Any]:
         "exhausted": unbounded or spent >= config.epsilon,
         "rounds": len(entries),
         "runs": len({e["run_id"] for e in entries}),
+        "refusals": len(ledger.refusals()),
     }

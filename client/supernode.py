@@ -1,17 +1,20 @@
-"""A site joins the federation: preflight checks and the Flower 1.41 `flower-supernode` command
-line, built from the site's own site.toml. Pure functions, tested without Flower; `fedrad-site
-start` runs the command in the foreground.
+"""A site joins the federation: preflight checks and the Flower 1.41 `flower-supernode` and
+runner command lines, built from the site's own site.toml. Pure functions, tested without
+Flower; `fedrad-site start` runs both commands in the foreground.
 
 The SuperNode authenticates with the site's node key (registered at the coordinator), trusts
 only the federation CA in `ca_file` (a SuperLink whose certificate that CA did not sign fails
-the TLS handshake), and hands the ClientApp `--node-config "site-config=... foundation-dir=..."`:
-everything the ClientApp reads (data, ledger, keys, budget) comes from the site's own config,
-never from the coordinator.
+the TLS handshake), runs with process isolation so that Flower itself executes nothing, and
+hands the ClientApp `--node-config "site-config=... foundation-dir=..."`: everything the
+ClientApp reads (data, ledger, keys, budget, policy) comes from the site's own config, never
+from the coordinator. fedrad's runner (`client/app_runner.py`) claims the SuperNode's tasks
+with a secret written fresh at every start and runs only bundles the site approved.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
@@ -20,7 +23,12 @@ from cryptography import x509
 
 from fedrad.client.site_config import SiteConfig, SiteConfigError, site_budget
 from fedrad.client.site_data import cache_write_problem
-from fedrad.common.flower_process import FlowerProcessError, flower_process_env, port_in_use
+from fedrad.common.flower_process import (
+    FlowerProcessError,
+    flower_process_env,
+    port_in_use,
+    write_fresh_secret,
+)
 from fedrad.common.ledger import LedgerError
 
 DEFAULT_RUNTIME_PORT: Final[int] = 9094  # flower-supernode's own default for its local API
@@ -96,6 +104,11 @@ def site_preflight(
         problems.append(
             f"node key {key} is readable by others (mode {key.stat().st_mode & 0o777:o}); chmod 600"
         )
+    if not config.policy.approved_apps:
+        problems.append(
+            "this site has approved no app bundle, so it would refuse every run: "
+            "fedrad-site approve --release (this fedrad's own) or fedrad-site approve FAB"
+        )
     chosen = foundation or config.foundation_dir
     if chosen is None:
         problems.append("no foundation checkpoint: set foundation_dir in site.toml or --foundation")
@@ -159,11 +172,14 @@ def supernode_command(
     *,
     config_path: Path,
     foundation: Path,
+    secret_file: Path,
     port: int = DEFAULT_RUNTIME_PORT,
     executable: str,
 ) -> list[str]:
     """`flower-supernode` for this site: TLS verified by ca_file, node authentication with
-    the site's key, its node config, and its local Runtime API on 127.0.0.1:`port`."""
+    the site's key, its node config, its local Runtime API on 127.0.0.1:`port`, and process
+    isolation: Flower starts no runner of its own; fedrad's (`app_runner`) claims each task
+    with the secret in `secret_file`."""
     if config.coordinator is None or config.ca_file is None:
         raise SupernodeError("site.toml needs coordinator and ca_file to join a federation")
     return [
@@ -180,6 +196,35 @@ def supernode_command(
         "127.0.0.1",
         "--port",
         str(port),
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(secret_file),
+    ]
+
+
+RUNNER_SECRET: Final[str] = "keys/runner.secret"  # under the site directory, 0600, per start
+
+
+def new_runner_secret(config_path: Path) -> Path:
+    """A fresh random secret for this start, 0600: only the site's runner may claim tasks."""
+    return write_fresh_secret(Path(config_path).expanduser().resolve().parent / RUNNER_SECRET)
+
+
+def runner_command(
+    config_path: Path, *, secret_file: Path, port: int = DEFAULT_RUNTIME_PORT
+) -> list[str]:
+    """fedrad's ClientApp runner in this Python, attached to the SuperNode's local API."""
+    return [
+        sys.executable,
+        "-m",
+        "fedrad.client.app_runner",
+        "--config",
+        str(Path(config_path).expanduser().resolve()),
+        "--runtime-api-address",
+        f"127.0.0.1:{port}",
+        "--secret-file",
+        str(secret_file),
     ]
 
 

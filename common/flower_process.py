@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import socket
 import sys
 from collections.abc import Mapping
@@ -57,6 +58,20 @@ def flower_process_env(
     if scripts not in path.split(os.pathsep):
         env["PATH"] = scripts + (os.pathsep + path if path else "")
     return env
+
+
+def write_fresh_secret(path: Path) -> Path:
+    """32 random bytes at `path`, 0600, replacing any earlier one: the secret a Flower runner
+    needs to claim tasks from its local Runtime API (new at every start, held by no one else)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, secrets.token_bytes(32))
+    finally:
+        os.close(fd)
+    return path
 
 
 def port_in_use(host: str, port: int) -> bool:

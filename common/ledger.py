@@ -14,6 +14,13 @@ ASCII only, newline-terminated):
 - ``signature``: base64 Ed25519 signature by the site key over the canonical JSON (as above,
   UTF-8) of the entry without ``signature``.
 
+A refusal (the site declined a round or run before spending anything) is a line of its own,
+signed and chained like the others, with exactly ``event`` (``"refusal"``), ``site_id``,
+``run_id``, ``round``, ``reason`` (one line), ``timestamp``, ``key_id``, ``prev_hash`` and
+``signature``. It spends nothing: it carries no mechanism field, and every epsilon skips it.
+Privacy entries have no ``event`` field, so ledgers written before refusals existed verify as
+they are.
+
 Entries are appended with one ``os.write`` of the whole line and an fsync under an exclusive
 lock; earlier lines are never rewritten. A torn last line (a crash mid-write) is reported with
 `TornLedgerError` and left for a person to inspect: the site refuses to train until then.
@@ -32,7 +39,7 @@ import logging
 import math
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -66,6 +73,21 @@ REQUIRED_FIELDS: Final[tuple[str, ...]] = (
     "signature",
 )
 EPSILON_TOLERANCE: Final[float] = 1e-6  # relative; the accountants are deterministic
+REFUSAL_EVENT: Final[str] = "refusal"
+REFUSAL_FIELDS: Final[tuple[str, ...]] = (
+    "event",
+    "site_id",
+    "run_id",
+    "round",
+    "reason",
+    "timestamp",
+    "key_id",
+    "prev_hash",
+    "signature",
+)
+# what a privacy entry spends with: a refusal carrying any of these is malformed
+SPEND_FIELDS: Final[frozenset[str]] = frozenset(REQUIRED_FIELDS) - frozenset(REFUSAL_FIELDS)
+MAX_REASON_CHARS: Final[int] = 300
 
 
 class LedgerError(Exception):
@@ -102,6 +124,22 @@ def _sign(entry: Mapping[str, Any], key: Ed25519PrivateKey) -> str:
 
 def _epsilon_value(epsilon: float) -> float | None:
     return None if math.isinf(epsilon) else epsilon
+
+
+def is_refusal(entry: Mapping[str, Any]) -> bool:
+    """Whether a ledger line is an event (a refusal) rather than a privacy spend."""
+    return "event" in entry
+
+
+def reason_problem(reason: object) -> str | None:
+    """Why `reason` cannot be a refusal's reason (one printable line, bounded), or None."""
+    if not isinstance(reason, str) or not reason.strip():
+        return "the reason must be a non-empty string"
+    if len(reason) > MAX_REASON_CHARS:
+        return f"the reason is longer than {MAX_REASON_CHARS} characters"
+    if not reason.isprintable():
+        return "the reason must be one printable line"
+    return None
 
 
 # -- keys ------------------------------------------------------------------------------------
@@ -225,26 +263,14 @@ def _check_entry(
     site_id: str | None,
     recompute: bool,
 ) -> list[str]:
-    """Problems with one entry; `history` is every earlier entry's mechanism step."""
+    """Problems with one entry; `history` is every earlier privacy entry's mechanism step."""
     where = f"line {number}"
+    if is_refusal(entry):
+        return _check_refusal(where, entry, prev_line, public_key, site_id)
     missing = [f for f in REQUIRED_FIELDS if f not in entry]
     if missing:
         return [f"{where}: missing {', '.join(missing)}"]
-    problems: list[str] = []
-    expected_prev = GENESIS_HASH if prev_line is None else line_hash(prev_line)
-    if entry["prev_hash"] != expected_prev:
-        problems.append(f"{where}: prev_hash does not match the previous line (chain broken)")
-    if public_key is not None:
-        unsigned = {k: v for k, v in entry.items() if k != "signature"}
-        try:
-            public_key.verify(
-                base64.b64decode(str(entry["signature"]), validate=True),
-                canonical_json(unsigned),
-            )
-        except (InvalidSignature, binascii.Error, ValueError):
-            problems.append(f"{where}: signature does not verify")
-    if site_id is not None and entry["site_id"] != site_id:
-        problems.append(f"{where}: site_id {entry['site_id']!r} differs from {site_id!r}")
+    problems = _check_signed(where, entry, prev_line, public_key, site_id)
     if entry["mechanism"] != MECHANISM:
         problems.append(f"{where}: unknown mechanism {entry['mechanism']!r}")
     if entry["accountant"] not in ACCOUNTANTS:
@@ -274,11 +300,70 @@ def _check_entry(
     return problems
 
 
+def _check_signed(
+    where: str,
+    entry: Mapping[str, Any],
+    prev_line: bytes | None,
+    public_key: Ed25519PublicKey | None,
+    site_id: str | None,
+) -> list[str]:
+    """Chain, signature and site: what every kind of entry must satisfy."""
+    problems: list[str] = []
+    expected_prev = GENESIS_HASH if prev_line is None else line_hash(prev_line)
+    if entry["prev_hash"] != expected_prev:
+        problems.append(f"{where}: prev_hash does not match the previous line (chain broken)")
+    if public_key is not None:
+        unsigned = {k: v for k, v in entry.items() if k != "signature"}
+        try:
+            public_key.verify(
+                base64.b64decode(str(entry["signature"]), validate=True),
+                canonical_json(unsigned),
+            )
+        except (InvalidSignature, binascii.Error, ValueError):
+            problems.append(f"{where}: signature does not verify")
+    if site_id is not None and entry["site_id"] != site_id:
+        problems.append(f"{where}: site_id {entry['site_id']!r} differs from {site_id!r}")
+    return problems
+
+
+def _check_refusal(
+    where: str,
+    entry: Mapping[str, Any],
+    prev_line: bytes | None,
+    public_key: Ed25519PublicKey | None,
+    site_id: str | None,
+) -> list[str]:
+    """A refusal has exactly its own fields: one that carries a spend field is malformed, so a
+    spend can never be recorded where every epsilon skips it."""
+    if entry["event"] != REFUSAL_EVENT:
+        return [f"{where}: unknown event {str(entry['event'])[:40]!r}"]
+    spend = sorted(SPEND_FIELDS & set(entry))
+    if spend:
+        return [f"{where}: a refusal carries spend field(s) {', '.join(spend)}"]
+    unknown = sorted(set(entry) - set(REFUSAL_FIELDS))
+    if unknown:
+        return [f"{where}: a refusal has unknown field(s) {', '.join(unknown)}"]
+    missing = [f for f in REFUSAL_FIELDS if f not in entry]
+    if missing:
+        return [f"{where}: missing {', '.join(missing)}"]
+    problems = _check_signed(where, entry, prev_line, public_key, site_id)
+    round_no = entry["round"]
+    if isinstance(round_no, bool) or not isinstance(round_no, int) or round_no < 0:
+        problems.append(f"{where}: a refusal's round must be a non-negative integer")
+    if not isinstance(entry["run_id"], str):
+        problems.append(f"{where}: a refusal's run_id must be a string")
+    bad_reason = reason_problem(entry["reason"])
+    if bad_reason is not None:
+        problems.append(f"{where}: {bad_reason}")
+    return problems
+
+
 def _verify_parsed(
     parsed: _Parsed, public_key: Ed25519PublicKey | None, *, recompute: bool = True
 ) -> tuple[list[str], list[MechanismStep]]:
-    """Problems and the mechanism history. `recompute=False` skips recomputing each recorded
-    epsilon (quadratic in the number of entries); signatures and the chain are always checked."""
+    """Problems and the mechanism history (privacy entries only: refusals spend nothing).
+    `recompute=False` skips recomputing each recorded epsilon (quadratic in the number of
+    entries); signatures and the chain are always checked."""
     problems = list(parsed.problems)
     history: list[MechanismStep] = []
     site_id: str | None = None
@@ -289,8 +374,9 @@ def _verify_parsed(
                 number, entry, line, prev, public_key, history, site_id, recompute
             )
             site_id = site_id if site_id is not None else entry.get("site_id")
-            with contextlib.suppress(KeyError, TypeError, ValueError):  # reported above
-                history.append(_history_step(entry))
+            if not is_refusal(entry):
+                with contextlib.suppress(KeyError, TypeError, ValueError):  # reported above
+                    history.append(_history_step(entry))
         prev = line
     if parsed.torn is not None:
         problems.append(
@@ -302,7 +388,8 @@ def _verify_parsed(
 
 def verify_ledger(path: Path, public_key: Ed25519PublicKey) -> list[str]:
     """Every problem found (empty list = the ledger verifies): signatures, chain, one site,
-    known mechanism and accountant, and each epsilon recomputed from the raw parameters."""
+    known mechanism and accountant, each epsilon recomputed from the raw parameters, and
+    refusals that spend nothing."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -346,19 +433,28 @@ class Ledger:
                 f"ledger {self.path} does not verify with this site's key: {problems[0]}"
                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
             )
-        self._entries = parsed.entries
+        self._entries = parsed.entries  # every line: privacy entries and refusals
         self._history = history
         self._last_line = parsed.lines[-1] if parsed.lines else None
 
     def entries(self) -> list[dict[str, Any]]:
-        return [dict(e) for e in self._entries]
+        """The privacy entries (one per round that spent), in order; refusals are apart."""
+        return [dict(e) for e in self._entries if not is_refusal(e)]
 
-    def history(self) -> list[MechanismStep]:
-        """Opacus accountant history shape, one step per entry: what the site has spent."""
-        return list(self._history)
+    def refusals(self) -> list[dict[str, Any]]:
+        """The refusal entries, in order: rounds and runs the site declined, spending nothing."""
+        return [dict(e) for e in self._entries if is_refusal(e)]
+
+    def history(self, run_id: str | None = None) -> list[MechanismStep]:
+        """Opacus accountant history shape, one step per privacy entry: what the site has
+        spent, over every run or (`run_id`) in one run."""
+        if run_id is None:
+            return list(self._history)
+        return [_history_step(e) for e in self.entries() if e["run_id"] == run_id]
 
     def spent(self, delta: float, accountant: AccountantName = "rdp") -> float:
-        """Cumulative epsilon at `delta` over every entry (inf after a round without noise)."""
+        """Cumulative epsilon at `delta` over every privacy entry (inf after a round without
+        noise); refusals spend nothing."""
         return cumulative_epsilon(self._history, delta=delta, accountant=accountant)
 
     def append(
@@ -374,12 +470,71 @@ class Ledger:
         delta: float,
         accountant: AccountantName,
     ) -> dict[str, Any]:
-        """Appends one round's spend and returns the entry written (with cumulative epsilon)."""
+        """Appends one round's spend and returns the entry written (with cumulative epsilon
+        over every earlier privacy entry)."""
         if accountant not in ACCOUNTANTS:
             raise LedgerError(f"unknown accountant {accountant!r}")
         if not 0 < delta < 1:
             raise LedgerError(f"delta must be in (0, 1), got {delta}")
         step = MechanismStep(float(noise_multiplier), float(sample_rate), int(steps))
+        epsilons: list[float] = []
+
+        def build() -> dict[str, Any]:
+            epsilon = cumulative_epsilon([*self._history, step], delta=delta, accountant=accountant)
+            epsilons.append(epsilon)
+            return {
+                "site_id": site_id,
+                "run_id": run_id,
+                "round": int(round),
+                "mechanism": MECHANISM,
+                "sample_rate": float(sample_rate),
+                "noise_multiplier": float(noise_multiplier),
+                "steps": int(steps),
+                "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
+                "delta": float(delta),
+                "accountant": accountant,
+                "epsilon": _epsilon_value(epsilon),
+            }
+
+        entry = self._append_signed(site_id, build)
+        self._history.append(step)
+        epsilon = epsilons[-1]
+        logger.info(
+            "ledger: site %s round %d spent %d steps at sigma %.3f, q %.4f; cumulative epsilon %s",
+            site_id,
+            round,
+            steps,
+            noise_multiplier,
+            sample_rate,
+            "unbounded" if math.isinf(epsilon) else f"{epsilon:.3f}",
+        )
+        return dict(entry)
+
+    def append_refusal(
+        self, *, site_id: str, run_id: str, round: int, reason: str
+    ) -> dict[str, Any]:
+        """Appends a refusal: signed and chained like a spend, so that what the site declined
+        is on the same tamper-evident record, but spending nothing (no mechanism fields)."""
+        problem = reason_problem(reason)
+        if problem is not None:
+            raise LedgerError(f"refusal not recorded: {problem}")
+        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+            raise LedgerError(f"refusal not recorded: round must be >= 0, got {round!r}")
+        entry = self._append_signed(
+            site_id,
+            lambda: {
+                "event": REFUSAL_EVENT,
+                "site_id": site_id,
+                "run_id": str(run_id),
+                "round": round,
+                "reason": reason,
+            },
+        )
+        return dict(entry)
+
+    def _append_signed(self, site_id: str, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Writes `build()` plus timestamp, key id, chain and signature as one line, under an
+        exclusive lock and after re-reading the file (`build` sees the current history)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -392,25 +547,12 @@ class Ledger:
                     f"ledger {self.path} belongs to site {self._entries[-1]['site_id']!r}, "
                     f"not {site_id!r}"
                 )
-            epsilon = cumulative_epsilon([*self._history, step], delta=delta, accountant=accountant)
-            entry: dict[str, Any] = {
-                "site_id": site_id,
-                "run_id": run_id,
-                "round": int(round),
-                "mechanism": MECHANISM,
-                "sample_rate": float(sample_rate),
-                "noise_multiplier": float(noise_multiplier),
-                "steps": int(steps),
-                "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
-                "delta": float(delta),
-                "accountant": accountant,
-                "epsilon": _epsilon_value(epsilon),
-                "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-                "key_id": self._key_id,
-                "prev_hash": GENESIS_HASH
-                if self._last_line is None
-                else line_hash(self._last_line),
-            }
+            entry = build()
+            entry["timestamp"] = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+            entry["key_id"] = self._key_id
+            entry["prev_hash"] = (
+                GENESIS_HASH if self._last_line is None else line_hash(self._last_line)
+            )
             entry["signature"] = _sign(entry, self._key)
             line = canonical_json(entry)
             data = line + b"\n"
@@ -425,18 +567,8 @@ class Ledger:
         if created:
             _fsync_dir(self.path.parent)
         self._entries.append(entry)
-        self._history.append(step)
         self._last_line = line
-        logger.info(
-            "ledger: site %s round %d spent %d steps at sigma %.3f, q %.4f; cumulative epsilon %s",
-            site_id,
-            round,
-            steps,
-            noise_multiplier,
-            sample_rate,
-            "unbounded" if math.isinf(epsilon) else f"{epsilon:.3f}",
-        )
-        return dict(entry)
+        return entry
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -5,7 +5,9 @@ is recomputed from the raw mechanism parameters with Google's `dp_accounting` (i
 accountant and its PLD accountant), not with Opacus, which the sites use to claim. The two
 RDP implementations compute the same bound and agree to machine precision; the site's PRV
 claims are compared with the PLD accountant, a different tight method, within a stated
-tolerance. Nothing here writes to a ledger.
+tolerance. Refusal entries (a site declining a round: signed and chained, spending nothing)
+are verified like the others, counted, and left out of every epsilon. Nothing here writes to a
+ledger.
 """
 
 from __future__ import annotations
@@ -75,6 +77,20 @@ FIELDS: Final[tuple[str, ...]] = (
     "prev_hash",
     "signature",
 )
+REFUSAL_EVENT: Final[str] = "refusal"
+REFUSAL_FIELDS: Final[tuple[str, ...]] = (
+    "event",
+    "site_id",
+    "run_id",
+    "round",
+    "reason",
+    "timestamp",
+    "prev_hash",
+    "signature",
+)
+# what a privacy entry spends with; a refusal carrying any of them is malformed
+SPEND_FIELDS: Final[frozenset[str]] = frozenset(FIELDS) - frozenset(REFUSAL_FIELDS)
+MAX_REASON_CHARS: Final[int] = 300
 
 
 @dataclass(frozen=True)
@@ -91,7 +107,8 @@ class LedgerAudit:
     status: Status
     reason: str
     site_id: str | None = None
-    entries: int = 0
+    entries: int = 0  # well-formed entries, refusals included
+    refusals: int = 0  # of them, refusals: signed and chained, composing nothing
     key_ids: list[str] = field(default_factory=list)  # keys that signed the entries
     key_source: str | None = None  # "given" (--public-key) or "beside the ledger"
     delta: float | None = None
@@ -261,6 +278,37 @@ def _mechanism(entry: Mapping[str, Any]) -> tuple[float, float, int, float]:
     return q, sigma, steps, delta
 
 
+def refusal_problem(entry: Mapping[str, Any]) -> str | None:
+    """Why an entry with an `event` field is not a well-formed refusal, or None. A refusal
+    has exactly its own fields: one carrying a spend field could hide a spend from every
+    epsilon, so it is malformed, whatever its signature says."""
+    if entry["event"] != REFUSAL_EVENT:
+        return "unknown event"
+    spend = sorted(SPEND_FIELDS & set(entry))
+    if spend:
+        return f"a refusal carries spend field(s) {', '.join(spend)}"
+    unknown = sorted(set(entry) - set(REFUSAL_FIELDS) - {"key_id"})
+    if unknown:
+        return f"a refusal has unknown field(s) {', '.join(unknown)}"
+    missing = [f for f in REFUSAL_FIELDS if f not in entry]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    round_no = entry["round"]
+    if isinstance(round_no, bool) or not isinstance(round_no, int) or round_no < 0:
+        return "invalid round"
+    if not isinstance(entry["run_id"], str):
+        return "invalid run_id"
+    reason = entry["reason"]
+    if (
+        not isinstance(reason, str)
+        or not reason.strip()
+        or len(reason) > MAX_REASON_CHARS
+        or not reason.isprintable()
+    ):
+        return "invalid reason (one printable line expected)"
+    return None
+
+
 def audit_ledger(
     path: Path,
     public_keys: Mapping[str, Ed25519PublicKey],
@@ -327,10 +375,17 @@ def audit_ledger(
         if not isinstance(entry, dict):
             findings.append(Finding("malformed", f"{where}: not a JSON object"))
             continue
-        missing = [f for f in FIELDS if f not in entry]
-        if missing:
-            findings.append(Finding("malformed", f"{where}: missing {', '.join(missing)}"))
-            continue
+        refusal = "event" in entry
+        if refusal:
+            problem = refusal_problem(entry)
+            if problem is not None:
+                findings.append(Finding("malformed", f"{where}: {problem}"))
+                continue
+        else:
+            missing = [f for f in FIELDS if f not in entry]
+            if missing:
+                findings.append(Finding("malformed", f"{where}: missing {', '.join(missing)}"))
+                continue
         result.entries += 1
         site = entry["site_id"]
         if result.site_id is None:
@@ -376,6 +431,9 @@ def audit_ledger(
                     findings.append(
                         Finding("tampered", f"{where}: signature does not verify (edited entry)")
                     )
+        if refusal:
+            result.refusals += 1  # verified above; it composes nothing
+            continue
         if entry["mechanism"] not in MECHANISMS:
             findings.append(Finding("malformed", f"{where}: unknown mechanism"))
             continue
@@ -499,6 +557,8 @@ def _finish(result: LedgerAudit, findings: list[Finding]) -> LedgerAudit:
     if not findings:
         result.status = "ok"
         result.reason = f"{result.entries} entries verified, epsilon recomputed"
+        if result.refusals:
+            result.reason += f" ({result.refusals} of them refusals, spending nothing)"
         if result.read_past:
             result.reason += f" (read past {', '.join(result.read_past)}: formatting only)"
         if result.key_source == "beside the ledger":

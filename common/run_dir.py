@@ -64,6 +64,26 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
+FAILED_ROUNDS = "failed_rounds.jsonl"
+
+
+def append_failed_round(run_dir: Path, round_no: int, failures: list[str]) -> None:
+    """A round that could not be committed, with each site's one-line reason (a refusal is on
+    the coordinator's record as well as in the site's ledger)."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with (Path(run_dir) / FAILED_ROUNDS).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"round": round_no, "failures": failures}) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_failed_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / FAILED_ROUNDS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():

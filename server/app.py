@@ -16,8 +16,10 @@ only the sum of the sites' masked updates. Everything around it (participation, 
 checkpoint, metrics line, resume) is this one loop either way. Each round step waits a
 bounded time for its sites (`server/participation.py`): a site that died does not stall it.
 
-`app` reads its plan from the run config (`flwr run`); `simulation_server_app(plan)` closes
-over a plan built in Python (run_simulation has no run config).
+`app` reads its plan from the run config (`flwr run`) and needs the coordinator's site
+registry (`site-registry`): a deployed run takes each reply's site id from it, by the node the
+request went to, never from the reply. `simulation_server_app(plan)` closes over a plan built
+in Python (run_simulation has no run config); its in-process sites may name themselves.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,10 +37,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedrad.common.fl_protocol import SITE_ID_FIELD, SITE_KEY
+from fedrad.common.run_dir import append_failed_round
 from fedrad.server.participation import (
     FederationError,
     Participation,
     RoundGrid,
+    SiteRegistry,
     wait_for_sites,
 )
 from fedrad.server.rounds import (
@@ -61,15 +66,28 @@ logger = logging.getLogger(__name__)
 OnRound = Callable[[dict[str, Any]], None]
 RoundValues = Mapping[str, int | float | str | bool]
 
-__all__ = ["FederationError", "app", "run_server", "simulation_server_app", "wait_for_sites"]
+__all__ = [
+    "FederationError",
+    "app",
+    "deployed_plan",
+    "run_server",
+    "simulation_server_app",
+    "wait_for_sites",
+]
 
 
-def _site_metrics(replies: list[Message]) -> dict[str, dict[str, float]]:
+def _site_metrics(replies: list[Message], grid: RoundGrid) -> dict[str, dict[str, float]]:
+    """Each site's figures, under the id the grid gives the reply's node (the registry's in a
+    deployment; what the reply claims in a simulation)."""
     out: dict[str, dict[str, float]] = {}
     for reply in replies:
-        if reply.has_error() or SITE_KEY not in reply.content.config_records:
+        if reply.has_error() or not reply.content.metric_records:
             continue
-        site = str(reply.content.config_records[SITE_KEY][SITE_ID_FIELD])
+        named = reply.content.config_records.get(SITE_KEY)
+        claimed = None if named is None else named.get(SITE_ID_FIELD)
+        site = grid.site_id(grid.node_of(reply), claimed)
+        if site is None:
+            continue
         metrics = next(iter(reply.content.metric_records.values()))
         out[site] = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
     return out
@@ -132,8 +150,8 @@ class PlainRounds:
         return TrainOutcome(
             arrays=None if new_arrays is None else {k: v.numpy() for k, v in new_arrays.items()},
             metrics=dict(metrics or {}),  # type: ignore[arg-type]
-            per_site=_site_metrics(replies),
-            failures=[grid.problems[n] for n in grid.node_ids if n in grid.problems],
+            per_site=_site_metrics(replies, grid),
+            failures=grid.failures(),
             updates=len(updates),
             update_bytes=max(grid.sent_bytes.values(), default=0),
         )
@@ -146,11 +164,10 @@ class PlainRounds:
         messages = self.strategy.configure_evaluate(round_no, record, ConfigRecord(config), grid)
         replies = grid.send_and_receive(messages, timeout=self.plan.round_timeout_s)
         metrics = self.strategy.aggregate_evaluate(round_no, replies)
-        failures = [f"evaluate: {grid.problems[n]}" for n in grid.node_ids if n in grid.problems]
         return EvalOutcome(
             dict(metrics or {}),  # type: ignore[arg-type]
-            failures,
-            per_site=_site_metrics(replies),
+            [f"evaluate: {line}" for line in grid.failures()],
+            per_site=_site_metrics(replies, grid),
         )
 
 
@@ -165,9 +182,23 @@ def round_driver(plan: ServerPlan, state: dict[str, np.ndarray]) -> RoundDriver:
     return PlainRounds(plan, state)
 
 
+def load_registry(plan: ServerPlan) -> SiteRegistry | None:
+    """The plan's site registry, checked against its sites; None in a simulation."""
+    if plan.site_registry is None:
+        return None
+    registry = SiteRegistry.load(Path(plan.site_registry))
+    if len(registry) < plan.num_sites:
+        raise FederationError(
+            f"{registry.source} lists {len(registry)} sites, fewer than num-sites {plan.num_sites}"
+        )
+    logger.info("site ids from %s (%d sites)", registry.source, len(registry))
+    return registry
+
+
 def run_server(grid: Grid, plan: ServerPlan, *, on_round: OnRound | None = None) -> int:
     """Runs the remaining rounds of the plan; returns the last committed round."""
     started = time.perf_counter()
+    registry = load_registry(plan)
     book = RunBook(plan.run_dir, plan.foundation_dir)
     point = book.resume_point()
     if point.completed >= plan.rounds:
@@ -183,9 +214,12 @@ def run_server(grid: Grid, plan: ServerPlan, *, on_round: OnRound | None = None)
         )
         ledger.check_covers(point.completed)
     arrays: dict[str, np.ndarray] = dict(point.arrays)
-    wait_for_sites(grid, plan.num_sites, plan.connect_timeout_s)
+    wait_for_sites(grid, plan.num_sites, plan.connect_timeout_s, registry)
     sites = Participation(
-        num_sites=plan.num_sites, min_sites=plan.required_sites, timeout_s=plan.connect_timeout_s
+        num_sites=plan.num_sites,
+        min_sites=plan.required_sites,
+        timeout_s=plan.connect_timeout_s,
+        registry=registry,
     )
     for round_no in range(point.completed + 1, plan.rounds + 1):
         round_start = time.perf_counter()
@@ -196,6 +230,7 @@ def run_server(grid: Grid, plan: ServerPlan, *, on_round: OnRound | None = None)
             logger.warning("round %d: a site sent no update: %s", round_no, reason)
         if outcome.arrays is None:
             reasons = "; ".join(outcome.failures) or "no replies"
+            append_failed_round(plan.run_dir, round_no, outcome.failures or ["no replies"])
             raise FederationError(f"round {round_no}: no usable update ({reasons})")
         central_epsilon = None
         if ledger is not None and plan.central_noise_multiplier is not None:
@@ -252,10 +287,19 @@ def log_to_run_stream() -> None:
         logger_.setLevel(logging.INFO)
 
 
+def deployed_plan(run_config: Mapping[str, Any]) -> ServerPlan:
+    """The deployed ServerApp's plan. Its sites are other parties: without the registry each
+    site's figures (epsilon, metrics) would go under whatever id its replies claim."""
+    plan = ServerPlan.from_run_config(dict(run_config))
+    if plan.site_registry is None:
+        raise FederationError("a deployed run needs site-registry (fedrad-coordinator run sets it)")
+    return plan
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     log_to_run_stream()
-    run_server(grid, ServerPlan.from_run_config(dict(context.run_config)))
+    run_server(grid, deployed_plan(context.run_config))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -25,23 +27,35 @@ from fedrad.common.cli_support import (
     setup_logging,
 )
 from fedrad.common.flower_process import FlowerProcessError, flower_executable
-from fedrad.common.run_dir import plot_run, read_metrics, write_config, write_summary
+from fedrad.common.run_dir import (
+    plot_run,
+    read_failed_rounds,
+    read_metrics,
+    write_config,
+    write_summary,
+)
 from fedrad.server.deploy import (
     DATABASE,
     DEFAULT_HOST,
     DEFAULT_PORT,
     LOG_FILE,
+    NODES_FILE,
     STATE_FILE,
+    SUPEREXEC_LOG,
+    SUPEREXEC_SECRET,
     DeployError,
     RunStatus,
     RunValue,
     SuperLinkState,
+    accepts_connections,
     admit_sites,
     build_run_config,
     control_address,
-    default_connect_host,
+    default_superlink_port,
     flower_environment,
     follow_command,
+    loopback_name,
+    new_superexec_secret,
     nodes_command,
     parse_nodes_reply,
     parse_runs_reply,
@@ -49,34 +63,57 @@ from fedrad.server.deploy import (
     parse_submit_reply,
     preflight_run,
     preflight_start,
+    proxy_tls_name,
     read_nodes,
+    read_state,
     run_flwr,
     runs_command,
-    stage_app,
+    stage_release_app,
+    stop_group,
+    stop_pids,
     stop_process,
     submit_command,
+    superexec_command,
     superlink_command,
     superlink_reachable,
     wait_until_ready,
+    write_run_config,
     write_state,
+)
+from fedrad.server.fleet_proxy import (
+    PROXY_DIR,
+    ProxyError,
+    find_nginx,
+    nginx_command,
+    nginx_config,
+)
+from fedrad.server.fleet_proxy import (
+    check_config as check_proxy_config,
+)
+from fedrad.server.fleet_proxy import (
+    write_config as write_proxy_config,
 )
 from fedrad.server.pki import (
     CA_CERT,
     CA_KEY,
+    CA_PASSPHRASE_ENV,
     DEFAULT_CA_DAYS,
     DEFAULT_SERVER_DAYS,
+    SERVER_CERT,
+    SERVER_KEY,
     SITES_FILE,
     FederationSummary,
     PkiError,
     add_site,
+    ca_key_is_encrypted,
     check_federation,
     describe_federation,
     flwr_environment,
     flwr_register_command,
     init_federation,
     list_sites,
+    read_passphrase_file,
     renew_server_certificate,
-    split_address,
     write_flwr_connection,
 )
 
@@ -137,6 +174,47 @@ def _warn_if_local_only(summary: FederationSummary) -> None:
         )
 
 
+CaPassphraseFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca-passphrase-file",
+        metavar="FILE",
+        help=f"File whose first line is the CA key's passphrase (else ${CA_PASSPHRASE_ENV}).",
+    ),
+]
+EncryptCaKeyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--encrypt-ca-key",
+        help="Keep ca.key encrypted with a passphrase (--ca-passphrase-file, "
+        f"${CA_PASSPHRASE_ENV}, or asked for on the terminal).",
+    ),
+]
+
+
+def _can_prompt() -> bool:
+    """Whether a person is there to type a passphrase (tests replace this)."""
+    return sys.stdin.isatty()
+
+
+def _ca_passphrase(passphrase_file: Path | None) -> bytes | None:
+    """The CA key passphrase from --ca-passphrase-file, else $FEDRAD_CA_PASSPHRASE; None when
+    neither is given. Never a command-line value: it would show in the process list."""
+    if passphrase_file is not None:
+        try:
+            return read_passphrase_file(passphrase_file)
+        except PkiError as exc:
+            fail(str(exc))
+        except OSError as exc:
+            fail(f"cannot read passphrase file {passphrase_file}: {exc.strerror}")
+    value = os.environ.get(CA_PASSPHRASE_ENV)
+    if value is None:
+        return None
+    if not value:
+        fail(f"{CA_PASSPHRASE_ENV} is set but empty: an empty passphrase is refused")
+    return value.encode("utf-8")
+
+
 @app.command()
 def init(
     directory: Annotated[
@@ -154,11 +232,32 @@ def init(
     name: Annotated[str, typer.Option(help="The federation's name in certificates.")] = (
         "fedrad federation"
     ),
+    encrypt_ca_key: EncryptCaKeyOpt = False,
+    ca_passphrase_file: CaPassphraseFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create the federation CA and the SuperLink's TLS certificate; private keys 0600."""
     if (directory / CA_CERT).exists() or (directory / CA_KEY).exists():
         fail(f"{directory} already holds a federation CA; a CA is created once")
+    passphrase = None
+    if encrypt_ca_key or ca_passphrase_file is not None:  # a passphrase file implies the flag
+        passphrase = _ca_passphrase(ca_passphrase_file)
+        if passphrase is None:
+            if not _can_prompt():
+                fail(
+                    "--encrypt-ca-key needs a passphrase and there is no terminal to ask on: "
+                    f"give --ca-passphrase-file FILE or {CA_PASSPHRASE_ENV}"
+                )
+            text = typer.prompt(
+                "Passphrase for the CA key", hide_input=True, confirmation_prompt=True
+            )
+            passphrase = text.encode("utf-8")
+    elif os.environ.get(CA_PASSPHRASE_ENV):
+        typer.echo(
+            f"warning: {CA_PASSPHRASE_ENV} is set but --encrypt-ca-key is not: "
+            "ca.key is written unencrypted",
+            err=True,
+        )
     try:
         summary = init_federation(
             directory,
@@ -168,6 +267,7 @@ def init(
             server_days=days,
             algorithm=key_type.value,
             name=name,
+            ca_passphrase=passphrase,
         )
     except PkiError as exc:
         fail(str(exc))
@@ -175,11 +275,17 @@ def init(
         fail(f"cannot write to {directory}: {exc.strerror}")
     _warn_if_local_only(summary)
     if as_json:
-        emit_json(summary.as_dict())
+        emit_json({**summary.as_dict(), "ca_key_encrypted": passphrase is not None})
         return
     typer.echo(f"federation initialised in {directory}")
     _print_summary(summary)
-    typer.echo(f"  private keys (0600, never leave this host): {', '.join(summary.private_keys)}")
+    typer.echo(f"  SuperLink key (0600, never leaves this host): {summary.server_key}")
+    state = "encrypted with your passphrase" if passphrase is not None else "NOT encrypted"
+    typer.echo(f"  CA key (0600): {directory / CA_KEY}, {state}")
+    typer.echo(
+        f"move {directory / CA_KEY} off the SuperLink host (offline storage): "
+        "only renew-cert needs it"
+    )
     typer.echo(f"hand {summary.ca_certificate} to every site (fedrad-site init --ca-file);")
     typer.echo("sites check its fingerprint with you by phone before trusting it")
 
@@ -190,12 +296,22 @@ def renew_cert(
     host: HostOpt = None,
     days: DaysOpt = DEFAULT_SERVER_DAYS,
     loopback: LoopbackOpt = True,
+    ca_passphrase_file: CaPassphraseFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Issue a new SuperLink certificate (new hosts or dates) from the same CA."""
+    """Issue a new SuperLink certificate (new hosts or dates) from the same CA; the one command
+    that needs the CA key (and its passphrase, when it is encrypted)."""
+    passphrase = _ca_passphrase(ca_passphrase_file)
+    if passphrase is None and _can_prompt() and ca_key_is_encrypted(directory):
+        text = typer.prompt(f"Passphrase for {directory / CA_KEY}", hide_input=True)
+        passphrase = text.encode("utf-8")
     try:
         summary = renew_server_certificate(
-            directory, hosts=host or [], include_loopback=loopback, days=days
+            directory,
+            hosts=host or [],
+            include_loopback=loopback,
+            days=days,
+            ca_passphrase=passphrase,
         )
     except PkiError as exc:
         fail(str(exc))
@@ -242,53 +358,115 @@ def check_cert(
 def start(
     directory: DirOpt = Path("."),
     host: Annotated[
-        str, typer.Option(help="Address the SuperLink binds (0.0.0.0: every interface).")
+        str, typer.Option(help="Address the sites reach (the Fleet proxy; 0.0.0.0: every one).")
     ] = DEFAULT_HOST,
-    port: Annotated[
-        int, typer.Option(help="Port of the SuperLink (Fleet, Control and Runtime APIs).")
-    ] = DEFAULT_PORT,
+    port: Annotated[int, typer.Option(help="Port the sites reach (the Fleet proxy).")] = (
+        DEFAULT_PORT
+    ),
+    superlink_port: Annotated[
+        int | None,
+        typer.Option(help="The SuperLink's own port, on 127.0.0.1 only (default: PORT + 1)."),
+    ] = None,
     detach: Annotated[
-        bool, typer.Option(help="Leave the SuperLink running in the background and return.")
+        bool, typer.Option(help="Leave the federation running in the background and return.")
     ] = False,
     startup_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the SuperLink to accept connections.")
     ] = 60.0,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run Flower's SuperLink with TLS and node authentication, and admit every registered site.
+    """Run the federation: Flower's SuperLink on loopback with TLS and node authentication,
+    its ServerApp runner, and the Fleet proxy (nginx) that alone faces the sites; then admit
+    every registered site.
 
-    Stays in the foreground streaming the SuperLink's log (also appended to DIR/superlink.log);
-    Ctrl-C stops it. Registrations and runs persist in DIR/superlink.db across restarts.
+    Sites reach HOST:PORT, where only Flower's Fleet API is served; submitting, listing and
+    stopping runs and registering nodes work from this host only (`run`, `status`). Stays in
+    the foreground streaming the SuperLink's log (also in DIR/superlink.log); Ctrl-C stops all
+    three. If one of them dies, the others are stopped too.
     """
     setup_logging(verbose)
-    problems = preflight_start(directory, host=host, port=port)
+    inner = default_superlink_port(port) if superlink_port is None else superlink_port
+    problems = preflight_start(directory, host=host, port=port, superlink_port=inner)
     if problems:
         fail("; ".join(problems))
+    directory = directory.resolve()
     try:
-        address = control_address(default_connect_host(directory, host), port)
+        address = control_address(loopback_name(directory), inner)
         write_flwr_connection(directory, address=address)
-        command = superlink_command(
-            directory, host=host, port=port, executable=flower_executable("flower-superlink")
+        nginx = find_nginx()
+        proxy_config = write_proxy_config(
+            directory,
+            nginx_config(
+                directory,
+                host=host,
+                port=port,
+                upstream_port=inner,
+                upstream_name=proxy_tls_name(directory),
+                certificate=directory / SERVER_CERT,
+                key=directory / SERVER_KEY,
+                ca=directory / CA_CERT,
+            ),
         )
-    except (DeployError, PkiError, FlowerProcessError) as exc:
+        check_proxy_config(nginx, proxy_config)
+        secret = new_superexec_secret(directory)
+        command = superlink_command(
+            directory,
+            port=inner,
+            executable=flower_executable("flower-superlink"),
+            secret_file=secret,
+        )
+        superexec = flower_executable("flower-superexec")
+    except (DeployError, PkiError, FlowerProcessError, ProxyError) as exc:
         fail(str(exc))
-    log_path = directory.resolve() / LOG_FILE
+    except OSError as exc:
+        fail(f"cannot write to {directory}: {exc.strerror}")
+    env = flower_environment(directory)
+    log_path = directory / LOG_FILE
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
     with log_path.open("ab") as log:
-        process = subprocess.Popen(
+        link = subprocess.Popen(
             command,
-            env=flower_environment(directory),
+            env=env,
             stdout=log if detach else subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            # Foreground: same process group, so Ctrl-C or a kill of the group stops both.
+            # Foreground: same process group, so Ctrl-C or a kill of the group stops all.
             start_new_session=detach,
         )
-    relay = None if detach else _relay(process, log_path)
+    children.append(("flower-superlink", link))
+    relay = None if detach else _relay(link, log_path)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     state_written = False
     try:
-        connect, _ = split_address(address)
-        wait_until_ready(process, connect.strip("[]"), port, timeout=startup_timeout)
+        wait_until_ready(link, "127.0.0.1", inner, timeout=startup_timeout)
+        with (directory / SUPEREXEC_LOG).open("ab") as log:
+            runner = subprocess.Popen(
+                superexec_command(
+                    directory,
+                    address=address,
+                    executable=superexec,
+                    secret_file=secret,
+                    parent_pid=link.pid,
+                ),
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=detach,
+            )
+        children.append(("the ServerApp runner (flower-superexec)", runner))
+        proxy = subprocess.Popen(
+            nginx_command(nginx, proxy_config),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            # its own group always: nginx's workers outlive a killed master unless the whole
+            # group is stopped (stop_group)
+            start_new_session=True,
+        )
+        children.append((PROXY_NAME, proxy))
+        wait_for_proxy(proxy, host, port, timeout=startup_timeout)
         admissions = admit_sites(directory)
         for admission in admissions:
             node = "" if admission.node_id is None else f" (node {admission.node_id})"
@@ -299,43 +477,106 @@ def start(
         write_state(
             directory,
             SuperLinkState(
-                pid=process.pid,
+                pid=link.pid,
                 host=host,
                 port=port,
                 address=address,
-                database=str(directory.resolve() / DATABASE),
+                database=str(directory / DATABASE),
                 log=str(log_path),
+                superlink_port=inner,
+                proxy_pid=proxy.pid,
+                superexec_pid=runner.pid,
             ),
         )
         state_written = True
         typer.echo(
-            f"SuperLink running (pid {process.pid}) on {host}:{port}; sites connect to "
+            f"SuperLink running (pid {link.pid}) on 127.0.0.1:{inner}; sites connect to the "
+            f"Fleet proxy at "
             f"{' or '.join(f'{h}:{port}' for h in describe_federation(directory).server_hosts)} "
-            f"trusting {directory / CA_CERT}",
+            f"trusting {directory / CA_CERT}; runs are submitted from this host only",
             err=True,
         )
         if detach:
-            typer.echo(f"it runs in the background: kill {process.pid} stops it", err=True)
+            typer.echo(
+                f"it runs in the background: fedrad-coordinator stop --dir {directory}", err=True
+            )
             return
         typer.echo("Ctrl-C stops it", err=True)
-        code = process.wait()
-        fail(f"flower-superlink exited with code {code}; its log is in {log_path}")
+        name, code = _first_exit(children)
+        raise DeployError(f"{name} exited with code {code}; stopping the federation")
     except KeyboardInterrupt:
-        stop_process(process)
+        _stop_all(children)
         typer.echo("SuperLink stopped", err=True)
-    except (DeployError, FlowerProcessError) as exc:
-        stop_process(process)
-        fail(f"{exc}; its log is in {log_path}")
+    except (DeployError, FlowerProcessError, ProxyError) as exc:
+        _stop_all(children)
+        fail(f"{exc}; logs: {log_path}, {directory / PROXY_DIR / 'error.log'}")
     finally:
         signal.signal(signal.SIGTERM, previous)
         if relay is not None:
             relay.join(timeout=5)
-        if state_written and not detach and process.poll() is not None:
-            (directory / STATE_FILE).unlink(missing_ok=True)
+        if not detach or not state_written:
+            _stop_all(children)
+            if state_written:
+                (directory / STATE_FILE).unlink(missing_ok=True)
+            secret.unlink(missing_ok=True)
+
+
+def wait_for_proxy(
+    process: subprocess.Popen[bytes], host: str, port: int, *, timeout: float
+) -> None:
+    """Returns once nginx accepts connections on the sites' address; ProxyError if it exits."""
+    target = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
+    deadline = time.monotonic() + timeout
+    while not accepts_connections(target, port, timeout=0.5):
+        if process.poll() is not None:
+            raise ProxyError(f"the Fleet proxy (nginx) exited with code {process.returncode}")
+        if time.monotonic() > deadline:
+            raise ProxyError(f"the Fleet proxy did not accept connections within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def _first_exit(children: list[tuple[str, subprocess.Popen[bytes]]]) -> tuple[str, int]:
+    """Waits until one of the federation's processes exits; its name and code."""
+    while True:
+        for name, child in children:
+            code = child.poll()
+            if code is not None:
+                return name, code
+        time.sleep(0.5)
+
+
+PROXY_NAME = "the Fleet proxy (nginx)"
+
+
+def _stop_all(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
+    """The proxy first (no new site traffic), then the runner, then the SuperLink."""
+    for name, child in reversed(children):
+        if name == PROXY_NAME:
+            stop_group(child.pid)
+            child.poll()
+        else:
+            stop_process(child, timeout=10)
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+@app.command()
+def stop(directory: DirOpt = Path(".")) -> None:
+    """Stop a federation started with --detach (the proxy, the runner, the SuperLink)."""
+    try:
+        state = read_state(directory)
+    except DeployError as exc:
+        fail(str(exc))
+    if state is None:
+        fail(f"no federation started from {directory} is recorded ({STATE_FILE} is absent)")
+    if state.proxy_pid is not None:
+        stop_group(state.proxy_pid)
+    stopped = stop_pids(state.pids())
+    (directory / STATE_FILE).unlink(missing_ok=True)
+    (directory / SUPEREXEC_SECRET).unlink(missing_ok=True)
+    typer.echo(f"stopped {stopped} process(es) of the federation in {directory}", err=True)
 
 
 def _relay(process: subprocess.Popen[bytes], log_path: Path) -> threading.Thread:
@@ -394,6 +635,39 @@ def add_site_command(
     typer.echo("to admit it to the running SuperLink (flower-superlink --enable-supernode-auth):")
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     typer.echo(f"  {exports} {shlex.join(command)}")
+
+
+@app.command("build-app")
+def build_app(
+    directory: DirOpt = Path("."),
+    as_json: JsonOpt = False,
+) -> None:
+    """Build the release's one app bundle (FAB): the bundle every run submits, and its sha256
+    for the sites to approve (each site can compute it itself: fedrad-site approve --release).
+    """
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedrad.common.release_app import fab_sha256, release_fab, release_version
+
+    try:
+        app_dir = stage_release_app(directory)
+    except (OSError, ValueError) as exc:
+        fail(f"cannot write the release app under {directory}: {exc}")
+    fab = release_fab()
+    if build_fab_from_disk(app_dir) != fab:  # what `flwr run` will send is what sites approve
+        fail(f"{app_dir} does not build the release bundle: remove the directory and retry")
+    out = app_dir.parent / f"{app_dir.name}.fab"
+    out.write_bytes(fab)
+    digest = fab_sha256(fab)
+    if as_json:
+        emit_json(
+            {"fab": str(out), "sha256": digest, "version": release_version(), "app": str(app_dir)}
+        )
+        return
+    typer.echo(f"fedrad {release_version()} app bundle: {out}")
+    typer.echo(f"  sha256 {digest}")
+    typer.echo("each site approves it once: fedrad-site approve --release (computed at the site)")
+    typer.echo(f"  or: fedrad-site approve {digest}")
 
 
 @app.command()
@@ -475,6 +749,7 @@ def run(
         "secagg-shares": secagg_shares,
         "secagg-threshold": secagg_threshold,
         "min-sites": min_sites,
+        "site-registry": str((directory / NODES_FILE).resolve()),
     }
     try:
         for text in setting or []:
@@ -500,9 +775,12 @@ def run(
     write_config(run_path, {"kind": "federated", "deployment": True, "run_config": config})
     try:
         flwr = flower_executable("flwr")
-        app_dir = stage_app(directory, config)
-        run_id = parse_submit_reply(run_flwr(directory, submit_command(app_dir, flwr=flwr)))
-    except (DeployError, FlowerProcessError) as exc:
+        app_dir = stage_release_app(directory)
+        settings = write_run_config(run_path, config)
+        run_id = parse_submit_reply(
+            run_flwr(directory, submit_command(app_dir, settings, flwr=flwr))
+        )
+    except (DeployError, FlowerProcessError, ValueError) as exc:
         fail(str(exc))
     typer.echo(
         f"run {run_id} submitted: {rounds} rounds, {config['num-sites']} sites"
@@ -544,6 +822,11 @@ def run(
         "rounds_committed": len(records),
         "elapsed_s": outcome.elapsed_s,
     }
+    failed = read_failed_rounds(run_path)
+    if failed and not outcome.completed:
+        result["failed_round"] = failed[-1]
+        for line in failed[-1]["failures"]:
+            typer.echo(f"round {failed[-1]['round']}: {line}", err=True)
     if as_json:
         emit_json(result)
     else:

@@ -1,5 +1,6 @@
-"""Deployment on the coordinator: the Flower 1.41 command lines for the SuperLink, site
-admission, run submission and status, their preflight checks, and the replies they parse.
+"""Deployment on the coordinator: the Flower 1.41 command lines for the SuperLink, its
+ServerApp runner, site admission, run submission and status, their preflight checks, and the
+replies they parse.
 
 Everything that decides something is a pure function (command lines, environments, run
 configs, parsers, preflight problems), tested without Flower; `fedrad-coordinator start`,
@@ -7,46 +8,53 @@ configs, parsers, preflight problems), tested without Flower; `fedrad-coordinato
 
 How Flower 1.41 is driven (read from its source and checked in a live run):
 
-- `flower-superlink` serves Fleet, Control and Runtime APIs over HTTPS on one `--host/--port`;
-  `--database DIR/superlink.db` keeps registrations and runs across restarts.
+- `flower-superlink` serves Fleet, Control and Runtime APIs over HTTPS on one listener: it
+  binds 127.0.0.1, and the sites reach the Fleet API through the proxy (`fleet_proxy.py`).
+  `--database DIR/superlink.db` keeps registrations and runs across restarts. With
+  `--isolation process` the ServerApp runner is a `flower-superexec` started here, and claiming
+  a task needs a secret written fresh at every start.
 - A registered site's key is admitted with `flwr supernode register KEY.pub CONNECTION`, run
   with `FLWR_HOME=DIR/flwr`; it exits 0 even when it fails, so its JSON reply decides.
   "Public key already in use" for a key from our own registry means that very key is admitted.
-- `flwr run APP CONNECTION --run-config k=v` only overrides keys that the app's pyproject
-  already declares in `[tool.flwr.app.config]`. The run config the ServerApp needs (timeouts,
-  delta, central DP, ...) is wider, and an installed fedrad has no project checkout, so each
-  run gets its own staged app directory, `DIR/apps/<run>/pyproject.toml`, whose
-  `[tool.flwr.app.config]` is exactly that run's config. The components name the installed
-  package (`fedrad.server.app:app`, `fedrad.client.app:app`): no source travels in the FAB.
-- A run with `secagg = true` names the SecAgg+ ClientApp (`SECURE_CLIENTAPP`) instead: the
-  component is chosen per run, so a site needs nothing new to take part.
+- Every run submits the release's one app (`common/release_app.py`, staged once in
+  `DIR/apps/fedrad-<version>/`), whose pyproject declares every setting; a run's values
+  travel as `flwr run --run-config RUN_DIR/run_config.toml`, so the bundle's sha256 is the one
+  the sites approved.
 - `flwr run --format json` answers with the run id; `flwr log RUN_ID --stream` follows it
   until it ends; `flwr ls --run-id RUN_ID --format json` then says how it ended.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Final, Literal
-
-import tomli_w
 
 from fedrad.common.flower_process import (
     FlowerProcessError,
     flower_executable,
     flower_process_env,
     port_in_use,
+    write_fresh_secret,
 )
+from fedrad.common.release_app import (
+    RunValue,
+    release_version,
+    run_config_toml,
+    write_release_app,
+)
+from fedrad.server.fleet_proxy import ProxyError, find_nginx
 from fedrad.server.pki import (
     CA_CERT,
     FLWR_CONNECTION,
@@ -72,12 +80,6 @@ LOG_FILE: Final[str] = "superlink.log"
 STATE_FILE: Final[str] = "superlink.json"  # pid, address: written by `start`
 NODES_FILE: Final[str] = "nodes.json"  # site id -> node id as the SuperLink assigned it
 APPS_DIR: Final[str] = "apps"
-APP_COMPONENTS: Final[dict[str, str]] = {
-    "serverapp": "fedrad.server.app:app",
-    "clientapp": "fedrad.client.app:app",
-}
-# With SecAgg+ the sites run the legacy-API ClientApp (where Flower's secaggplus_mod lives).
-SECURE_CLIENTAPP: Final[str] = "fedrad.client.secure_aggregation:app"
 _BIND_ALL: Final[frozenset[str]] = frozenset({"0.0.0.0", "::", ""})
 
 
@@ -132,11 +134,22 @@ def accepts_connections(host: str, port: int, *, timeout: float = 1.0) -> bool:
 # -- the SuperLink ---------------------------------------------------------------------------
 
 
+SUPEREXEC_SECRET: Final[str] = "superexec.secret"  # 0600, new at every start
+SUPEREXEC_LOG: Final[str] = "superexec.log"
+
+
+def default_superlink_port(port: int) -> int:
+    """The SuperLink's own loopback port when not given: the one after the proxy's."""
+    return port + 1 if port < 65535 else port - 1
+
+
 def superlink_command(
-    directory: Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, executable: str
+    directory: Path, *, port: int, executable: str, secret_file: Path
 ) -> list[str]:
-    """`flower-superlink` with TLS from the coordinator directory, node authentication, state
-    in `DIR/superlink.db`, and no dependency installation at run time."""
+    """`flower-superlink` on 127.0.0.1:`port` only (the Fleet proxy is the sites' door), with
+    TLS from the coordinator directory, node authentication, state in `DIR/superlink.db`, no
+    dependency installation at run time, and process isolation: the ServerApp runner is
+    `superexec_command`, and claiming a task needs the secret in `secret_file`."""
     check_port(port)
     directory = Path(directory).resolve()
     return [
@@ -145,21 +158,94 @@ def superlink_command(
         "--database",
         str(directory / DATABASE),
         "--host",
-        host,
+        "127.0.0.1",
         "--port",
         str(port),
         "--disable-runtime-dependency-installation",
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(secret_file),
     ]
 
 
-def preflight_start(directory: Path, *, host: str, port: int) -> list[str]:
+def superexec_command(
+    directory: Path, *, address: str, executable: str, secret_file: Path, parent_pid: int
+) -> list[str]:
+    """Flower's ServerApp runner, attached to the SuperLink's loopback Runtime API over TLS."""
+    directory = Path(directory).resolve()
+    return [
+        executable,
+        "--runtime-api-address",
+        address,
+        "--root-certificates",
+        str(directory / CA_CERT),
+        "--superexec-auth-secret-file",
+        str(secret_file),
+        "--parent-pid",
+        str(parent_pid),
+    ]
+
+
+def new_superexec_secret(directory: Path) -> Path:
+    """A fresh random secret for this start, 0600: only our runner may claim ServerApp tasks."""
+    return write_fresh_secret(Path(directory).resolve() / SUPEREXEC_SECRET)
+
+
+def proxy_tls_name(directory: Path) -> str:
+    """The name nginx verifies the SuperLink certificate by (it reaches 127.0.0.1 but checks a
+    DNS name: nginx does not match IP addresses): localhost, else the first DNS name."""
+    cert = load_certificate(Path(directory) / SERVER_CERT, "SuperLink certificate")
+    names = [h for h in certificate_hosts(cert) if not _is_ip(h)]
+    if not names:
+        raise DeployError(
+            "the SuperLink certificate names no DNS host, which the Fleet proxy verifies it "
+            f"by: fedrad-coordinator renew-cert --dir {directory} --loopback"
+        )
+    return "localhost" if "localhost" in names else names[0]
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def loopback_name(directory: Path) -> str:
+    """The loopback name the SuperLink certificate covers (the CLI and the proxy verify the
+    SuperLink by it), or a one-line DeployError naming the fix."""
+    cert = load_certificate(Path(directory) / SERVER_CERT, "SuperLink certificate")
+    hosts = certificate_hosts(cert)
+    for name in ("127.0.0.1", "localhost"):
+        if name in hosts:
+            return name
+    raise DeployError(
+        "the SuperLink certificate does not cover 127.0.0.1 or localhost, which the "
+        f"coordinator's own CLI and the Fleet proxy use: fedrad-coordinator renew-cert --dir "
+        f"{directory} --loopback"
+    )
+
+
+def preflight_start(
+    directory: Path, *, host: str, port: int, superlink_port: int | None = None
+) -> list[str]:
     """Every reason `start` would fail, one line each, before anything starts."""
     directory = Path(directory)
+    inner = default_superlink_port(port) if superlink_port is None else superlink_port
     try:
         check_port(port)
+        check_port(inner)
     except DeployError as exc:
         return [str(exc)]
+    if inner == port:
+        return [f"the SuperLink's own port {inner} is the proxy's port: pick another"]
     problems: list[str] = []
+    try:
+        find_nginx()
+    except ProxyError as exc:
+        problems.append(str(exc))
     try:
         state = read_state(directory)
     except DeployError as exc:
@@ -188,8 +274,19 @@ def preflight_start(directory: Path, *, host: str, port: int) -> list[str]:
     try:
         if port_in_use(host, port):
             problems.append(f"port {port} on {host or '0.0.0.0'} is already in use")
+        if port_in_use("127.0.0.1", inner):
+            problems.append(
+                f"port {inner} on 127.0.0.1 (the SuperLink's own) is already in use: pick "
+                "another with --superlink-port"
+            )
     except FlowerProcessError as exc:
         problems.append(str(exc))
+    if (directory / SERVER_CERT).is_file():
+        for check in (loopback_name, proxy_tls_name):
+            try:
+                check(directory)
+            except (DeployError, PkiError) as exc:
+                problems.append(str(exc))
     return problems
 
 
@@ -197,12 +294,18 @@ def preflight_start(directory: Path, *, host: str, port: int) -> list[str]:
 class SuperLinkState:
     """What `start` leaves in DIR/superlink.json for `run`, `status` and a later `start`."""
 
-    pid: int
-    host: str  # bind address
-    port: int
-    address: str  # what the coordinator's CLI connects to (HOST:PORT, TLS)
+    pid: int  # the SuperLink
+    host: str  # the Fleet proxy's bind address (what sites reach)
+    port: int  # the Fleet proxy's port
+    address: str  # what the coordinator's CLI connects to (127.0.0.1:PORT, TLS)
     database: str
     log: str
+    superlink_port: int | None = None  # the SuperLink's own, on 127.0.0.1
+    proxy_pid: int | None = None
+    superexec_pid: int | None = None
+
+    def pids(self) -> list[int]:
+        return [p for p in (self.proxy_pid, self.superexec_pid, self.pid) if p is not None]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -363,7 +466,6 @@ def record_nodes(directory: Path, admissions: Sequence[Admission]) -> dict[str, 
 
 # Run config keys the ServerApp reads (ServerPlan.from_run_config) that are paths.
 PATH_KEYS: Final[tuple[str, ...]] = ("run-dir", "foundation-dir")
-RunValue = int | float | str | bool
 
 
 def check_foundation(foundation: Path) -> list[str]:
@@ -433,53 +535,38 @@ def parse_setting(text: str) -> tuple[str, RunValue]:
     return key, value
 
 
-def app_components(run_config: Mapping[str, RunValue]) -> dict[str, str]:
-    """fedrad's installed ServerApp, and the ClientApp this run's sites must run."""
-    components = dict(APP_COMPONENTS)
-    if run_config.get("secagg") is True:
-        components["clientapp"] = SECURE_CLIENTAPP
-    return components
+def release_app_dir(directory: Path) -> Path:
+    """DIR/apps/fedrad-<version>: the release's one app, the same bundle for every run."""
+    return Path(directory).resolve() / APPS_DIR / f"fedrad-{release_version()}"
 
 
-def app_pyproject(run_config: Mapping[str, RunValue], *, version: str | None = None) -> str:
-    """The staged app's pyproject.toml: fedrad's installed ServerApp and ClientApp, with
-    `[tool.flwr.app.config]` exactly this run's config."""
-    if version is None:
-        try:
-            version = importlib_metadata.version("fedrad")
-        except importlib_metadata.PackageNotFoundError:
-            version = "0.0.0"
-    document = {
-        "project": {
-            "name": "fedrad",
-            "version": version,
-            "description": "fedrad federated run (staged by fedrad-coordinator run)",
-            "license": "Apache-2.0",
-        },
-        "tool": {
-            "flwr": {
-                "app": {
-                    "publisher": "fedrad",
-                    "components": app_components(run_config),
-                    "config": dict(run_config),
-                }
-            }
-        },
-    }
-    return "# Staged by fedrad-coordinator run: one Flower app per run.\n" + tomli_w.dumps(document)
+def stage_release_app(directory: Path) -> Path:
+    """Writes the release app directory (its pyproject only); returns it."""
+    return write_release_app(release_app_dir(directory))
 
 
-def stage_app(directory: Path, run_config: Mapping[str, RunValue]) -> Path:
-    """Writes DIR/apps/<run dir name>/pyproject.toml; returns the app directory."""
-    name = Path(str(run_config["run-dir"])).name
-    app_dir = Path(directory).resolve() / APPS_DIR / name
-    app_dir.mkdir(parents=True, exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(app_pyproject(run_config), encoding="utf-8")
-    return app_dir
+def write_run_config(run_dir: Path, run_config: Mapping[str, RunValue]) -> Path:
+    """RUN_DIR/run_config.toml: this run's settings, as `flwr run --run-config` reads them."""
+    try:
+        text = run_config_toml(run_config)
+    except ValueError as exc:
+        raise DeployError(str(exc)) from exc
+    path = Path(run_dir) / "run_config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
-def submit_command(app_dir: Path, *, flwr: str) -> list[str]:
-    return [flwr, "run", str(app_dir), FLWR_CONNECTION, "--format", "json"]
+def submit_command(app_dir: Path, run_config_file: Path, *, flwr: str) -> list[str]:
+    return [
+        flwr,
+        "run",
+        str(app_dir),
+        FLWR_CONNECTION,
+        "--run-config",
+        str(run_config_file),
+        "--format",
+        "json",
+    ]
 
 
 def follow_command(run_id: int, *, flwr: str) -> list[str]:
@@ -654,6 +741,41 @@ def wait_until_ready(
         if time.monotonic() > deadline:
             raise DeployError(f"flower-superlink did not accept connections within {timeout:.0f} s")
         time.sleep(0.25)
+
+
+def stop_group(leader: int, *, timeout: float = 10.0) -> None:
+    """SIGTERM to the process group `leader` leads (nginx and its workers), then SIGKILL."""
+    try:
+        os.killpg(leader, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):  # reap it if it is ours: no zombie
+            os.waitpid(leader, os.WNOHANG)
+        try:
+            os.killpg(leader, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(leader, signal.SIGKILL)
+
+
+def stop_pids(pids: Sequence[int], *, timeout: float = 20.0) -> int:
+    """SIGTERM to each live pid, then SIGKILL to any left after `timeout`; how many lived."""
+    alive = [pid for pid in pids if pid_alive(pid)]
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(pid) for pid in alive) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in alive:
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return len(alive)
 
 
 def stop_process(process: subprocess.Popen[Any], *, timeout: float = 20.0) -> int:

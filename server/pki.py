@@ -19,6 +19,11 @@ The LinkState is in memory unless `flower-superlink --database FILE` is given.
 
 Private keys are created 0600 with O_EXCL and never overwritten (the SuperLink key is replaced only
 by `renew_server_certificate`, atomically); nothing here copies a private key anywhere.
+
+The CA key may be kept encrypted with a passphrase (PKCS#8, `init_federation(ca_passphrase=...)`)
+or moved off the SuperLink host altogether: only `renew_server_certificate` reads it, so code on
+the coordinator host cannot mint certificates without it. Starting, checking and registering
+sites need `ca.pem` and the SuperLink's own key only.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ SERVER_KEY: Final[str] = "superlink.key"
 SITES_FILE: Final[str] = "sites.toml"
 SITE_KEYS_DIR: Final[str] = "site_keys"
 FLWR_HOME_DIR: Final[str] = "flwr"
+CA_PASSPHRASE_ENV: Final[str] = "FEDRAD_CA_PASSPHRASE"  # where the CLI also looks for it
 FLWR_CONNECTION: Final[str] = "fedrad"  # the connection name in $FLWR_HOME/config.toml
 # flower-superlink serves Fleet, Control and Runtime APIs on one HTTPS --host/--port (uvicorn);
 # 8000 is its default port. The coordinator's own CLI reaches it over loopback.
@@ -284,11 +290,16 @@ def issue_server_certificate(
 # -- files -------------------------------------------------------------------------------------
 
 
-def _key_pem(key: PrivateKey) -> bytes:
+def _key_pem(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
+    """PKCS#8 PEM; unencrypted unless a passphrase is given (the SuperLink key never is:
+    flower-superlink / uvicorn load it without one)."""
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.NoEncryption()
+        if passphrase is None
+        else serialization.BestAvailableEncryption(passphrase)
+    )
     return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),  # flower-superlink / uvicorn load it without a passphrase
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
 
 
@@ -338,6 +349,66 @@ def _load_private_key(path: Path) -> PrivateKey:
     return key
 
 
+def _is_encrypted_pem(data: bytes) -> bool:
+    return b"ENCRYPTED PRIVATE KEY" in data or b"Proc-Type: 4,ENCRYPTED" in data
+
+
+def ca_key_is_encrypted(directory: Path) -> bool | None:
+    """Whether `DIR/ca.key` is passphrase-protected; None when it is not on this host."""
+    try:
+        return _is_encrypted_pem((Path(directory) / CA_KEY).read_bytes())
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+
+
+def load_ca_key(directory: Path, ca_passphrase: bytes | None = None) -> PrivateKey:
+    """The federation CA's private key, decrypted with `ca_passphrase` when it is kept encrypted.
+    Only certificate issuing needs it, so it may be absent from the SuperLink host."""
+    path = Path(directory) / CA_KEY
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise PkiError(
+            f"the CA key {path} is not on this host: run renew-cert where the CA key is kept"
+        ) from exc
+    encrypted = _is_encrypted_pem(data)
+    if encrypted and ca_passphrase is None:
+        raise PkiError(
+            f"the CA key {path} is encrypted: give its passphrase "
+            f"(--ca-passphrase-file FILE or {CA_PASSPHRASE_ENV})"
+        )
+    if not encrypted and ca_passphrase is not None:
+        raise PkiError(
+            f"the CA key {path} is not encrypted: give no passphrase "
+            f"(unset {CA_PASSPHRASE_ENV}, drop --ca-passphrase-file)"
+        )
+    try:
+        key = serialization.load_pem_private_key(data, password=ca_passphrase)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        if encrypted:
+            raise PkiError(f"wrong passphrase for the CA key {path}") from exc
+        raise PkiError(f"{path} is not a PEM private key") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise PkiError(f"{path} holds a {type(key).__name__}, expected an EC or RSA key")
+    return key
+
+
+def read_passphrase_file(path: Path) -> bytes:
+    """The first line of `path` (trailing newline stripped) as a passphrase: a file keeps it out
+    of the process list and the shell history."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise PkiError(f"passphrase file {path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise PkiError(f"passphrase file {path} is a directory") from exc
+    passphrase = data.split(b"\n", 1)[0].removesuffix(b"\r")
+    if not passphrase:
+        raise PkiError(f"passphrase file {path} holds an empty passphrase on its first line")
+    return passphrase
+
+
 def _day(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC")
 
@@ -371,7 +442,7 @@ class FederationSummary:
     server_key: str
     server_hosts: list[str]
     server_expires: str
-    private_keys: list[str]  # 0600, never leave this host
+    private_keys: list[str]  # 0600, those on this host (ca.key may be kept elsewhere)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -390,7 +461,7 @@ def describe_federation(directory: Path) -> FederationSummary:
         server_key=str(directory / SERVER_KEY),
         server_hosts=certificate_hosts(server),
         server_expires=_day(server.not_valid_after_utc),
-        private_keys=[str(directory / CA_KEY), str(directory / SERVER_KEY)],
+        private_keys=[str(directory / n) for n in (CA_KEY, SERVER_KEY) if (directory / n).exists()],
     )
 
 
@@ -404,9 +475,11 @@ def init_federation(
     algorithm: KeyAlgorithm = "ec-p384",
     name: str = "fedrad federation",
     control_address: str = DEFAULT_CONTROL_ADDRESS,
+    ca_passphrase: bytes | None = None,
 ) -> FederationSummary:
     """Creates the federation CA and the SuperLink certificate in `directory`. Everything is
-    validated and built in memory first; an existing CA or key is never replaced."""
+    validated and built in memory first; an existing CA or key is never replaced. With
+    `ca_passphrase`, `ca.key` is written encrypted (PKCS#8) so it cannot sign without it."""
     directory = Path(directory)
     for existing in (CA_KEY, CA_CERT, SERVER_KEY, SERVER_CERT):
         if (directory / existing).exists():
@@ -419,6 +492,8 @@ def init_federation(
         raise PkiError("the federation name must not be empty")
     parsed = parse_hosts(hosts, include_loopback=include_loopback)
     split_address(control_address)
+    if ca_passphrase is not None and not ca_passphrase:
+        raise PkiError("the CA key passphrase must not be empty")
     ca_cert, ca_key = build_ca(name=name, days=ca_days, algorithm=algorithm)
     cert, key = issue_server_certificate(
         ca_cert, ca_key, parsed, days=server_days, algorithm=algorithm
@@ -426,7 +501,7 @@ def init_federation(
     if not directory.exists():
         directory.mkdir(parents=True)
         os.chmod(directory, 0o700)
-    _write_new(directory / CA_KEY, _key_pem(ca_key), 0o600)
+    _write_new(directory / CA_KEY, _key_pem(ca_key, ca_passphrase), 0o600)
     _write_new(directory / CA_CERT, _cert_pem(ca_cert), 0o644)
     _write_new(directory / SERVER_KEY, _key_pem(key), 0o600)
     _write_new(directory / SERVER_CERT, _cert_pem(cert), 0o644)
@@ -440,12 +515,14 @@ def renew_server_certificate(
     hosts: Iterable[str] = (),
     include_loopback: bool = True,
     days: int = DEFAULT_SERVER_DAYS,
+    ca_passphrase: bytes | None = None,
 ) -> FederationSummary:
     """A new SuperLink key and certificate (new host list, same CA); the old pair is replaced
-    atomically. Sites need nothing new: their `ca.pem` still verifies it."""
+    atomically. Sites need nothing new: their `ca.pem` still verifies it. The only operation that
+    needs the CA key (`ca_passphrase` when it is encrypted); nothing is written if it fails."""
     directory = Path(directory)
     ca_cert = load_certificate(directory / CA_CERT, "CA certificate")
-    ca_key = _load_private_key(directory / CA_KEY)
+    ca_key = load_ca_key(directory, ca_passphrase)
     if ca_key.public_key() != ca_cert.public_key():
         raise PkiError(f"{directory / CA_KEY} does not belong to {directory / CA_CERT}")
     algorithm: KeyAlgorithm = "rsa-3072" if isinstance(ca_key, rsa.RSAPrivateKey) else "ec-p384"

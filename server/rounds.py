@@ -33,6 +33,7 @@ from safetensors.numpy import save_file as save_numpy
 from fedrad.common.checkpoint import read_metadata, write_checkpoint_from
 from fedrad.common.fl_protocol import DEFAULT_LR, WEIGHT_KEY, RoundConfig
 from fedrad.common.ledger import Ledger, load_or_create_signing_key
+from fedrad.common.release_app import given_settings
 from fedrad.common.run_dir import append_metrics, read_metrics
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class ServerPlan:
     secagg_threshold: int | None = None  # shares that unmask (None: a majority, at least 2)
     secagg_clip: float | None = None  # range of an update value (None: AdamW's bound)
     secagg_max_weight: float = 100_000.0  # largest site weight (training studies)
+    site_registry: Path | None = None  # node id -> site id (deployment); None: replies name it
 
     def __post_init__(self) -> None:
         if self.num_sites < 1:
@@ -178,8 +180,11 @@ class ServerPlan:
         accountant, eval-reports, eval-questions, round-timeout, connect-timeout, and for
         central DP central-noise (turns it on), central-clip, central-delta, min-sites, and
         for SecAgg+ secagg (turns it on), secagg-shares, secagg-threshold, secagg-clip,
-        secagg-max-weight."""
+        secagg-max-weight, and site-registry (the coordinator's node id -> site id file).
+        A setting left at the release app's declared default counts as not given."""
+        run_config = given_settings(run_config)
         own = {
+            "site-registry",
             "run-dir",
             "foundation-dir",
             "num-sites",
@@ -228,6 +233,9 @@ class ServerPlan:
             server_lr=float(run_config.get("server-lr", 1e-2)),
             round_timeout_s=float(run_config.get("round-timeout", 3600.0)),
             connect_timeout_s=float(run_config.get("connect-timeout", 300.0)),
+            site_registry=(
+                Path(str(run_config["site-registry"])) if "site-registry" in run_config else None
+            ),
             **_central_settings(run_config),
             **_secagg_settings(run_config),
         )
@@ -508,4 +516,5 @@ def plan_summary(plan: ServerPlan) -> dict[str, Any]:
     data = asdict(plan)
     data["run_dir"] = str(plan.run_dir)
     data["foundation_dir"] = str(plan.foundation_dir)
+    data["site_registry"] = None if plan.site_registry is None else str(plan.site_registry)
     return data

@@ -8,7 +8,8 @@ Flower 1.41 has SecAgg+ only in its legacy API: the workflow drives a legacy `St
 workflow unmasked, the weighted mean of the sites' updates, which is all the coordinator ever
 sees of them. The new global model is the old one plus that mean (FedAvg; FedProx differs only
 at the sites). Per-site metrics (epsilon, loss) come in the clear beside the masked vectors, as
-without SecAgg+.
+without SecAgg+; they are recorded under the site id the round's grid gives the node (the
+coordinator's registry in a deployment), never the one they name.
 
 The ranges are set from what the sites send (`SecAggSettings.for_plan`): an update value is
 at most AdamW's bound for the round's local steps and learning rate (or the central clipping
@@ -242,7 +243,10 @@ class SecureRounds:
         results = one_round.results or []
         summed = {proxy.node_id for proxy, _ in results}  # type: ignore[attr-defined]
         failures = [
-            grid.problems.get(node, "left the SecAgg+ round before sending its masked update")
+            grid.named(
+                node,
+                grid.problems.get(node, "left the SecAgg+ round before sending its masked update"),
+            )
             for node in grid.node_ids
             if node not in summed
         ]
@@ -258,11 +262,12 @@ class SecureRounds:
             )
             for name, mean in zip(names, means, strict=True)
         }
-        per_site = {
-            str(res.metrics[SITE_ID_FIELD]): _numbers(res.metrics)
-            for _, res in results
-            if SITE_ID_FIELD in res.metrics
-        }
+        # The workflow keys results by a reply's source, which the RoundGrid has checked is the
+        # node the request went to.
+        per_site = _per_site(
+            grid,
+            [(proxy.node_id, res.metrics) for proxy, res in results],  # type: ignore[attr-defined]
+        )
         weights = [float(res.num_examples) for _, res in results]
         bound = mean_error_bound(
             weights,
@@ -311,20 +316,27 @@ class SecureRounds:
         ]
         replies = grid.send_and_receive(messages, timeout=self.plan.round_timeout_s)
         results = [
-            compat.recorddict_to_evaluateres(reply.content).metrics
+            (grid.node_of(reply), compat.recorddict_to_evaluateres(reply.content).metrics)
             for reply in replies
             if not reply.has_error()
         ]
-        reports = [_numbers(metrics) for metrics in results]
-        failures = [
-            f"evaluate: {grid.problems[node]}" for node in grid.node_ids if node in grid.problems
-        ]
-        per_site = {
-            str(metrics[SITE_ID_FIELD]): _numbers(metrics)
-            for metrics in results
-            if SITE_ID_FIELD in metrics
-        }
+        reports = [_numbers(metrics) for _, metrics in results]
+        failures = [f"evaluate: {line}" for line in grid.failures()]
+        per_site = _per_site(grid, results)
         return EvalOutcome(_weighted(reports) if reports else {}, failures, per_site=per_site)
+
+
+def _per_site(
+    grid: RoundGrid, results: list[tuple[int, Mapping[str, Scalar]]]
+) -> dict[str, dict[str, float]]:
+    """Each node's figures under the site id the grid gives it (the registry's when it has one;
+    the id the site names in its metrics otherwise)."""
+    out = {}
+    for node, metrics in results:
+        site = grid.site_id(node, metrics.get(SITE_ID_FIELD))
+        if site is not None:
+            out[site] = _numbers(metrics)
+    return out
 
 
 def _numbers(metrics: Mapping[str, Scalar]) -> dict[str, float]:

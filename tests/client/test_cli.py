@@ -153,3 +153,114 @@ def test_start_without_a_site_config_says_why_in_one_line(tmp_path: Path) -> Non
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no site config at"), result.stderr
+
+
+# -- fedrad-site approve -----------------------------------------------------------------------
+
+
+def _approving_site(tmp_path: Path) -> Path:
+    from fedrad.client.site_config import init_site
+
+    (tmp_path / "data").mkdir(exist_ok=True)
+    init_site(tmp_path / "site", site_id="st_anna", data_dir=tmp_path / "data")
+    return tmp_path / "site" / "site.toml"
+
+
+def _approved(config_path: Path) -> tuple[str, ...]:
+    from fedrad.client.site_config import load_site_config
+
+    return load_site_config(config_path).policy.approved_apps
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_approve_release_writes_this_release_s_sha_and_is_idempotent(tmp_path: Path) -> None:
+    from fedrad.common.release_app import fab_sha256, release_fab, release_version
+
+    config_path = _approving_site(tmp_path)
+    before = config_path.read_text()
+    digest = fab_sha256(release_fab())
+    result = _run("approve", "--release", "--config", str(config_path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == (
+        f"fedrad {release_version()} release bundle sha256 {digest} approved in {config_path}"
+    )
+    assert _approved(config_path) == (digest,)
+    text = config_path.read_text()
+    assert text.startswith(before.splitlines()[0])  # the header comment is kept
+    assert "[policy]" in text and f'"{digest}"' in text
+    again = _run("approve", "--release", "--config", str(config_path))
+    assert again.exit_code == 0, again.output
+    assert again.stdout.strip().endswith(f"{digest} was already approved in {config_path}")
+    assert _approved(config_path) == (digest,)
+    as_json = json.loads(
+        _run("approve", "--release", "--config", str(config_path), "--json").stdout
+    )
+    assert as_json["sha256"] == digest and as_json["approved"] is True
+    assert as_json["new"] is False
+
+
+def test_approve_a_fab_file(tmp_path: Path) -> None:
+    import hashlib
+
+    config_path = _approving_site(tmp_path)
+    fab = tmp_path / "other-app.fab"
+    fab.write_bytes(b"PK\x03\x04 some app bundle")
+    digest = hashlib.sha256(fab.read_bytes()).hexdigest()
+    result = _run("approve", str(fab), "--config", str(config_path), "--json")
+    assert result.exit_code == 0, result.output
+    reply = json.loads(result.stdout)
+    assert reply == {
+        "sha256": digest,
+        "approved": True,
+        "new": True,
+        "what": "app bundle other-app.fab",
+    }
+    assert _approved(config_path) == (digest,)
+
+
+def test_approve_a_raw_sha256_keeps_earlier_approvals(tmp_path: Path) -> None:
+    config_path = _approving_site(tmp_path)
+    first, second = "ab" * 32, "0123456789ABCDEF" * 4
+    assert _run("approve", first, "--config", str(config_path)).exit_code == 0
+    result = _run("approve", second, "--config", str(config_path))
+    assert result.exit_code == 0, result.output
+    assert second.lower() in result.stdout and "approved in" in result.stdout
+    assert _approved(config_path) == (first, second.lower())  # stored lowercase, in order
+
+
+@pytest.mark.parametrize("args", [(), ("--release", "ab" * 32)])
+def test_approve_needs_exactly_one_bundle(tmp_path: Path, args: tuple[str, ...]) -> None:
+    config_path = _approving_site(tmp_path)
+    before = config_path.read_text()
+    line = _one_line_error(_run("approve", *args, "--config", str(config_path)))
+    assert "give either a bundle (FAB file or sha256) or --release" in line
+    assert config_path.read_text() == before
+
+
+@pytest.mark.parametrize("bundle", ["missing.fab", "ab" * 31, "zz" * 32])
+def test_approve_refuses_what_is_neither_a_fab_nor_a_sha256(tmp_path: Path, bundle: str) -> None:
+    config_path = _approving_site(tmp_path)
+    before = config_path.read_text()
+    line = _one_line_error(_run("approve", str(tmp_path / bundle), "--config", str(config_path)))
+    assert "is neither a FAB file nor a sha256 (64 hex digits)" in line
+    line = _one_line_error(_run("approve", bundle, "--config", str(config_path)))
+    assert "is neither a FAB file nor a sha256" in line
+    assert config_path.read_text() == before
+
+
+def test_approve_without_a_site_config_says_why_in_one_line(tmp_path: Path) -> None:
+    line = _one_line_error(_run("approve", "ab" * 32, "--config", str(tmp_path / "site.toml")))
+    assert "no site config at" in line
+
+
+def test_approve_with_a_config_in_a_missing_folder_says_why_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "site.toml"
+    line = _one_line_error(_run("approve", "ab" * 32, "--config", str(missing)))
+    assert "no site config at" in line

@@ -83,7 +83,9 @@ def test_budget_and_plan_are_enforced(tmp_path: Path) -> None:
         train_site(capped, start, round_config(run_id="second-run", planned_rounds=1))
     with pytest.raises(ProtocolError, match="past the plan"):
         round_config(server_round=3, planned_rounds=2)
-    assert len(Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path)).entries()) == 1
+    ledger = Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path))
+    assert len(ledger.entries()) == 1  # the refused round spent nothing
+    assert [r["run_id"] for r in ledger.refusals()] == ["second-run"]
 
 
 def test_a_repeated_round_still_fits_the_budget() -> None:

@@ -111,7 +111,10 @@ def test_an_exhausted_budget_is_refused_before_training(tmp_path: Path) -> None:
     lowered = dataclasses.replace(spec, budget_epsilon=1.5)  # the hospital lowers its cap
     with pytest.raises(SiteRefusalError, match="budget exhausted"):
         train_site(lowered, start, round_config(run_id="third-run", planned_rounds=1))
-    assert Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path)).entries() == before
+    after = Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path))
+    assert after.entries() == before  # nothing spent; the refusal is on record
+    (refusal,) = after.refusals()
+    assert refusal["run_id"] == "third-run" and "budget exhausted" in refusal["reason"]
     clear_caches()
 
 
@@ -138,7 +141,11 @@ def test_a_delta_not_below_one_over_n_is_refused(tmp_path: Path) -> None:
     start = trainable_arrays(cached_model(foundation))
     with pytest.raises(SiteRefusalError, match="not below 1/N"):
         train_site(spec, start, round_config(delta=0.1))
-    assert not spec.ledger_path.exists()
+    ledger = Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path))
+    assert ledger.entries() == [] and ledger.spent(1e-5) == 0.0  # refused on record, nothing spent
+    assert [r["reason"] for r in ledger.refusals()] == [
+        "delta 0.1 is not below 1/N for this site's 14 training studies"
+    ]
     clear_caches()
 
 
@@ -260,7 +267,7 @@ def test_budget_cli_reports_spent_and_left(tmp_path: Path) -> None:
     assert shown.exit_code == 0, shown.output
     status = json.loads(shown.stdout)
     assert status == site_budget(config)
-    assert status["rounds"] == 2 and status["runs"] == 1
+    assert status["rounds"] == 2 and status["runs"] == 1 and status["refusals"] == 0
     assert status["spent_epsilon"] == pytest.approx(ledger.entries()[-1]["epsilon"])
     assert status["left_epsilon"] == pytest.approx(4.0 - status["spent_epsilon"])
     text = runner.invoke(site_cli, ["budget", "--config", str(config_path)])

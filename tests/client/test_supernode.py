@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +16,15 @@ from typer.testing import CliRunner
 
 from fedrad.client.cli import app
 from fedrad.client.site_agent import SiteSpec
-from fedrad.client.site_config import SiteConfig, init_site
+from fedrad.client.site_config import SiteConfig, add_approved_app, init_site, load_site_config
 from fedrad.client.supernode import (
+    RUNNER_SECRET,
     SupernodeError,
     is_ca_certificate,
+    new_runner_secret,
     node_config_arg,
     refusal_reason,
+    runner_command,
     site_node_config,
     site_preflight,
     supernode_command,
@@ -27,7 +32,10 @@ from fedrad.client.supernode import (
 )
 from fedrad.common.flower_process import FLOWER_ENV
 from fedrad.common.ledger import Ledger, load_or_create_signing_key
+from fedrad.common.release_app import fab_sha256
 from fedrad.server.pki import init_federation
+
+APPROVED = fab_sha256(b"the app bundle this site approved")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +68,7 @@ def _site(tmp_path: Path, federation: Path, **over: object) -> SiteConfig:
         coordinator="127.0.0.1:9092",
         ca_file=federation / "ca.pem",
         foundation_dir=_foundation(tmp_path),
+        approved_apps=(APPROVED,),
     )
     settings.update(over)
     return init_site(tmp_path / "site", **settings)  # type: ignore[arg-type]
@@ -68,6 +77,23 @@ def _site(tmp_path: Path, federation: Path, **over: object) -> SiteConfig:
 def test_a_fresh_site_passes_preflight(tmp_path: Path, federation: Path) -> None:
     config = _site(tmp_path, federation)
     assert site_preflight(config, port=_free_port()) == []
+
+
+def test_a_site_that_approved_no_app_is_refused_until_it_approves_one(
+    tmp_path: Path, federation: Path
+) -> None:
+    config = _site(tmp_path, federation, approved_apps=())
+    assert config.policy.approved_apps == ()
+    problems = site_preflight(config, port=_free_port())
+    assert problems == [
+        "this site has approved no app bundle, so it would refuse every run: "
+        "fedrad-site approve --release (this fedrad's own) or fedrad-site approve FAB"
+    ]
+    config_path = tmp_path / "site" / "site.toml"
+    assert add_approved_app(config_path, APPROVED) is True
+    approved = load_site_config(config_path)
+    assert approved.policy.approved_apps == (APPROVED,)
+    assert site_preflight(approved, port=_free_port()) == []
 
 
 def test_each_preflight_problem_is_one_line(tmp_path: Path, federation: Path) -> None:
@@ -128,8 +154,14 @@ def test_supernode_command_and_node_config(tmp_path: Path, federation: Path) -> 
     config = _site(tmp_path, federation)
     config_path = tmp_path / "site" / "site.toml"
     foundation = tmp_path / "foundation"
+    secret = tmp_path / "site" / "keys" / "runner.secret"
     command = supernode_command(
-        config, config_path=config_path, foundation=foundation, port=9400, executable="fsn"
+        config,
+        config_path=config_path,
+        foundation=foundation,
+        secret_file=secret,
+        port=9400,
+        executable="fsn",
     )
     assert command[0] == "fsn"
     value = dict(zip(command[1::2], command[2::2], strict=True))
@@ -138,6 +170,10 @@ def test_supernode_command_and_node_config(tmp_path: Path, federation: Path) -> 
     assert value["--auth-supernode-private-key"] == str(config.node_key)
     assert value["--host"] == "127.0.0.1" and value["--port"] == "9400"
     assert "--insecure" not in command
+    # Flower starts no ClientApp runner of its own: the site's runner claims each task
+    assert value["--isolation"] == "process"
+    assert value["--superexec-auth-secret-file"] == str(secret)
+    assert command.count("--isolation") == 1
     assert value["--node-config"] == (
         f"site-config='{config_path.resolve()}' foundation-dir='{foundation.resolve()}'"
     )
@@ -146,6 +182,7 @@ def test_supernode_command_and_node_config(tmp_path: Path, federation: Path) -> 
             _site(tmp_path / "b", federation, ca_file=None),
             config_path=config_path,
             foundation=foundation,
+            secret_file=secret,
             executable="fsn",
         )
 
@@ -169,6 +206,46 @@ def test_node_config_is_what_flower_parses_and_the_client_app_reads(
         node_config_arg({"site-config": "/tmp/o'brien/site.toml"})
     with pytest.raises(SupernodeError):
         node_config_arg({"bad key": "x"})
+
+
+def test_new_runner_secret_is_0600_and_new_at_every_start(tmp_path: Path, federation: Path) -> None:
+    _site(tmp_path, federation)
+    config_path = tmp_path / "site" / "site.toml"
+    first = new_runner_secret(config_path)
+    assert first == (tmp_path / "site").resolve() / RUNNER_SECRET
+    assert first == (tmp_path / "site" / "keys" / "runner.secret").resolve()
+    assert stat.S_IMODE(first.stat().st_mode) == 0o600
+    value = first.read_bytes()
+    assert len(value) >= 32
+    first.chmod(0o644)  # a secret left readable by an earlier start is replaced, not reused
+    second = new_runner_secret(config_path)
+    assert second == first
+    assert second.read_bytes() != value
+    assert stat.S_IMODE(second.stat().st_mode) == 0o600
+
+
+def test_new_runner_secret_makes_the_keys_folder(tmp_path: Path) -> None:
+    path = new_runner_secret(tmp_path / "elsewhere" / "site.toml")
+    assert path == (tmp_path / "elsewhere" / "keys" / "runner.secret").resolve()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_runner_command(tmp_path: Path) -> None:
+    config_path = tmp_path / "site" / "site.toml"
+    secret = tmp_path / "site" / "keys" / "runner.secret"
+    command = runner_command(config_path, secret_file=secret, port=9400)
+    assert command == [
+        sys.executable,
+        "-m",
+        "fedrad.client.app_runner",
+        "--config",
+        str(config_path.resolve()),
+        "--runtime-api-address",
+        "127.0.0.1:9400",
+        "--secret-file",
+        str(secret),
+    ]
+    assert runner_command(config_path, secret_file=secret)[6] == "127.0.0.1:9094"
 
 
 def test_supernode_environment(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from fedrad.common.ledger import (
     LedgerError,
     TornLedgerError,
     canonical_json,
+    key_id,
     load_or_create_signing_key,
     load_public_key,
     public_key_path,
@@ -175,3 +176,113 @@ def test_append_is_one_write_with_fsync(
     monkeypatch.setattr(os, "fsync", fsync)
     _append(ledger, "run", 2)
     assert calls == ["write", "fsync"]
+
+
+# -- refusals --------------------------------------------------------------------------------
+
+
+def _refuse(ledger: Ledger, run_id: str, round_no: int, reason: str = "site policy: no") -> dict:
+    return ledger.append_refusal(site_id="site_a", run_id=run_id, round=round_no, reason=reason)
+
+
+def test_refusals_are_signed_and_chained_but_spend_nothing(tmp_path: Path, key_path: Path) -> None:
+    key = load_or_create_signing_key(key_path)
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(path, key)
+    first = _append(ledger, "run-1", 1)
+    refusal = _refuse(ledger, "run-1", 2, "site policy: this round's epsilon 3 is above 1")
+    second = _append(ledger, "run-2", 1, noise_multiplier=2.0)
+    _refuse(ledger, "run-3", 0)
+
+    assert set(refusal) == {
+        "event",
+        "site_id",
+        "run_id",
+        "round",
+        "reason",
+        "timestamp",
+        "key_id",
+        "prev_hash",
+        "signature",
+    }
+    assert (
+        refusal["event"] == "refusal"
+        and refusal["prev_hash"] == hashlib.sha256(path.read_bytes().splitlines()[0]).hexdigest()
+    )
+    assert "event" not in first and "event" not in second  # privacy entries as before
+    reopened = Ledger(path, key)
+    assert [e["run_id"] for e in reopened.entries()] == ["run-1", "run-2"]
+    assert [(r["run_id"], r["round"]) for r in reopened.refusals()] == [("run-1", 2), ("run-3", 0)]
+    steps = [MechanismStep(1.1, 0.05, 40), MechanismStep(2.0, 0.05, 40)]
+    assert reopened.history() == steps
+    assert reopened.history("run-2") == steps[1:] and reopened.history("run-3") == []
+    assert reopened.spent(1e-5) == pytest.approx(cumulative_epsilon(steps, delta=1e-5))
+    assert second["epsilon"] == pytest.approx(cumulative_epsilon(steps, delta=1e-5))
+    assert verify_ledger(path, key.public_key()) == []
+
+
+@pytest.mark.parametrize(
+    ("reason", "words"),
+    [("", "non-empty"), ("two\nlines", "one printable line"), ("x" * 301, "longer than")],
+)
+def test_a_refusal_reason_is_one_bounded_line(
+    tmp_path: Path, key_path: Path, reason: str, words: str
+) -> None:
+    ledger = Ledger(tmp_path / "l.jsonl", load_or_create_signing_key(key_path))
+    with pytest.raises(LedgerError, match=words):
+        _refuse(ledger, "run", 1, reason)
+    assert not (tmp_path / "l.jsonl").exists()
+
+
+def _signed(key_path: Path, entry: dict) -> bytes:
+    key = load_or_create_signing_key(key_path)
+    entry = {**entry, "key_id": key_id(key.public_key())}
+    entry["signature"] = base64.b64encode(key.sign(canonical_json(entry))).decode()
+    return canonical_json(entry) + b"\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"steps": 40}, "carries spend field(s) steps"),
+        ({"epsilon": 0.0, "noise_multiplier": 1.0}, "spend field(s) epsilon, noise_multiplier"),
+        ({"event": "approval"}, "unknown event"),
+        ({"note": "x"}, "unknown field(s) note"),
+        ({"round": "1"}, "round must be"),
+    ],
+)
+def test_a_signed_refusal_that_is_not_one_is_malformed(
+    tmp_path: Path, key_path: Path, extra: dict, words: str
+) -> None:
+    """Correctly signed, yet refused: a spend must never hide where every epsilon skips it."""
+    base = {
+        "event": "refusal",
+        "site_id": "site_a",
+        "run_id": "run",
+        "round": 1,
+        "reason": "site policy: no",
+        "timestamp": "2026-01-01T00:00:00.000+00:00",
+        "prev_hash": GENESIS_HASH,
+    }
+    path = tmp_path / "ledger.jsonl"
+    path.write_bytes(_signed(key_path, {**base, **extra}))
+    problems = verify_ledger(path, load_or_create_signing_key(key_path).public_key())
+    assert any(words in p for p in problems), problems
+    with pytest.raises(LedgerError, match="does not verify"):
+        Ledger(path, load_or_create_signing_key(key_path))
+
+
+def test_an_edited_or_dropped_refusal_is_caught(tmp_path: Path, key_path: Path) -> None:
+    key = load_or_create_signing_key(key_path)
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(path, key)
+    _append(ledger, "run", 1)
+    _refuse(ledger, "run", 2)
+    _append(ledger, "run", 2)
+    lines = path.read_bytes().splitlines(keepends=True)
+    edited = json.loads(lines[1])
+    edited["reason"] = "site policy: something else"
+    path.write_bytes(lines[0] + canonical_json(edited) + b"\n" + lines[2])
+    assert any("line 2: signature" in p for p in verify_ledger(path, key.public_key()))
+    path.write_bytes(lines[0] + lines[2])
+    assert any("line 2: prev_hash" in p for p in verify_ledger(path, key.public_key()))

@@ -288,6 +288,76 @@ def test_a_signed_but_wrong_claim_is_tampered(tmp_path: Path) -> None:
     assert result.status == "tampered" and "epsilon recorded 0.01" in result.reason
 
 
+# -- refusals -------------------------------------------------------------------------------
+
+
+def _with_refusals(root: Path) -> Path:
+    """Four rounds as `_ledger` writes them, with refusals before, between and after."""
+    ledger = Ledger(root / "ledger.jsonl", load_or_create_signing_key(root / "ledger_key.pem"))
+
+    def refuse(round_no: int) -> None:
+        ledger.append_refusal(
+            site_id="site_a", run_id="run-1", round=round_no, reason="site policy: no"
+        )
+
+    refuse(0)
+    for r in range(1, 5):
+        ledger.append(site_id="site_a", run_id="run-1", round=r, **ROUND)  # type: ignore[arg-type]
+        if r in (2, 4):
+            refuse(r + 1)
+    return root / "ledger.jsonl"
+
+
+def test_refusals_verify_count_and_leave_every_epsilon_as_it_was(tmp_path: Path) -> None:
+    plain = audit_ledger(_ledger(tmp_path / "plain"), _keys(tmp_path / "plain"))
+    path = _with_refusals(tmp_path / "refusals")
+    result = audit_ledger(path, _keys(tmp_path / "refusals"), budget=10.0)
+    assert result.status == "ok", result.reason
+    assert (result.entries, result.refusals, plain.refusals) == (7, 3, 0)
+    assert "3 of them refusals" in result.reason
+    assert result.recomputed_rdp == plain.recomputed_rdp
+    assert result.recomputed_pld == plain.recomputed_pld
+    assert result.claimed_epsilon == plain.claimed_epsilon
+    assert result.to_dict()["refusals"] == 3
+
+
+@pytest.mark.parametrize(
+    ("damage", "status", "words"),
+    [
+        ("edited reason", "tampered", "line 4: signature does not verify"),
+        ("deleted refusal", "broken chain", "line 4: prev_hash"),
+        ("spend added", "malformed", "line 4: a refusal carries spend field(s) steps"),
+        ("unknown event", "malformed", "line 4: unknown event"),
+    ],
+)
+def test_a_damaged_refusal_is_caught(tmp_path: Path, damage: str, status: str, words: str) -> None:
+    from fedrad.common.ledger import _sign
+
+    path = _with_refusals(tmp_path)
+    lines = _lines(path)
+    refusal = json.loads(lines[3])
+    assert refusal["event"] == "refusal"
+    if damage == "deleted refusal":
+        del lines[3]
+    else:
+        if damage == "edited reason":
+            refusal["reason"] = "site policy: something milder"
+        else:
+            refusal.pop("signature")
+            if damage == "spend added":
+                refusal["steps"] = 10  # signed by the site's own key: still no spend allowed
+            else:
+                refusal["event"] = "approval"
+            refusal["signature"] = _sign(
+                refusal, load_or_create_signing_key(tmp_path / "ledger_key.pem")
+            )
+        lines[3] = json.dumps(refusal, sort_keys=True, separators=(",", ":")) + "\n"
+    path.write_text("".join(lines))
+    result = audit_ledger(path, _keys(tmp_path))
+    assert (result.status, damage) == (status, damage)
+    assert words in result.reason
+
+
 # -- the CLI ---------------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from fedrad.client.site_config import init_site
 from tests.integration.deployment_support import (
     SITES,
     Process,
+    approve_release,
     child_env,
     coordinator_json,
     coordinator_status,
@@ -59,6 +60,7 @@ def test_three_sites_over_tls_with_node_authentication(
         ca_file=coordinator / "ca.pem",
         foundation_dir=foundation,
     )
+    approve_release(tmp_path / "rogue" / "site.toml")
     assert "not registered" in refused(spawn, tmp_path / "rogue" / "site.toml", tmp_path / "a.log")
     assert not rogue.ledger.exists()
     # (b) a site trusting another CA refuses the SuperLink's certificate
@@ -72,6 +74,7 @@ def test_three_sites_over_tls_with_node_authentication(
         ca_file=other / "ca.pem",
         foundation_dir=foundation,
     )
+    approve_release(tmp_path / "wrong_ca" / "site.toml")
     refusal = refused(spawn, tmp_path / "wrong_ca" / "site.toml", tmp_path / "b.log")
     assert "not signed by this site's ca_file" in refusal
 
@@ -101,6 +104,7 @@ def test_three_sites_over_tls_with_node_authentication(
     status = coordinator_status(coordinator)
     assert [r["status"] for r in status["runs"]] == ["finished:completed"]
     print(f"\n2-round deployment: {time.monotonic() - started:.0f} s")
+    print(f"deployed rounds (3 sites): {[round(r['round_s'], 1) for r in records]} s")
 
     # (d) the coordinator restarts: registrations and runs persist in its database, and the
     # SuperNodes reconnect by themselves

@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,10 +66,14 @@ def test_secagg_over_tls_with_node_authentication_survives_a_killed_site(
     outcome = json.loads(done.stdout)
     assert outcome["status"] == "finished:completed" and outcome["rounds_committed"] == 2
     assert "SecAgg+" in done.stderr and "Secure aggregation completed" in done.stderr
-    staged = (coordinator / "apps" / "secagg" / "pyproject.toml").read_text()
-    assert "fedrad.client.secure_aggregation:app" in staged
+    # the release's one bundle, with secagg set for this run: each site's runner picked the
+    # SecAgg+ ClientApp from its allow-list
+    assert tomllib.loads((run_dir / "run_config.toml").read_text())["secagg"] is True
+    for node in nodes.values():
+        assert "fedrad.client.secure_aggregation:app" in node.text()
     records = _records(run_dir)
     assert [r["round"] for r in records] == [1, 2]
+    print(f"\nSecAgg+ rounds (3 sites): {[round(r['round_s'], 1) for r in records]} s")
     for record in records:
         assert set(record["epsilon"]) == set(SITES) and record["failures"] == []
         assert record["secagg"]["sites_summed"] == 3 and record["update_bytes"] > 0

@@ -262,7 +262,6 @@ def _run_config(**extra: object) -> dict[str, object]:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"central-noise": 0.0}, "central noise multiplier must be positive"),
         ({"central-noise": -1.0}, "central noise multiplier must be positive"),
         ({"central-noise": math.nan}, "central noise multiplier must be positive"),
         ({"central-noise": 1.0, "central-clip": 0.0}, "central clipping norm must be positive"),
@@ -271,7 +270,7 @@ def _run_config(**extra: object) -> dict[str, object]:
         ({"central-noise": 1.0, "central-delta": 1.0}, "central delta must be in (0, 1)"),
         ({"central-noise": "1.0"}, "'central-noise' must be a number, got str"),
         ({"central-noise": True}, "'central-noise' must be a number, got bool"),
-        ({"central-clip": 1.0}, "need central-noise"),
+        ({"central-clip": 2.0}, "need central-noise"),
         ({"central-noise": 1.0, "strategy": "fedadam"}, "fedadam"),
         ({"central-sigma": 1.0}, "unknown run config key(s): central-sigma"),
     ],
@@ -279,6 +278,14 @@ def _run_config(**extra: object) -> dict[str, object]:
 def test_bad_central_dp_run_config_is_refused(extra: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         ServerPlan.from_run_config(_run_config(**extra))
+
+
+def test_release_defaults_mean_not_set() -> None:
+    """The release app declares central-noise 0 (off) and central-clip 1.0 in every run's
+    config: those values are the same as leaving the keys out."""
+    plan = ServerPlan.from_run_config(_run_config(**{"central-noise": 0.0, "central-clip": 1.0}))
+    assert plan == ServerPlan.from_run_config(_run_config())
+    assert plan.central_noise_multiplier is None
 
 
 def test_central_dp_run_config_and_simulation_settings() -> None:

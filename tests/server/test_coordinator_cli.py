@@ -181,3 +181,128 @@ def test_help_lists_the_commands() -> None:
     assert result.exit_code == 0
     for name in ("init", "add-site", "check-cert", "renew-cert", "start", "run", "status"):
         assert name in result.stdout
+
+
+# -- the CA key: encrypted with a passphrase, or kept off this host -----------------------------
+
+
+@pytest.fixture
+def encrypted(tmp_path: Path) -> Path:
+    directory = tmp_path / "coord"
+    secret = tmp_path / "ca.pass"
+    secret.write_text("correct horse\n")
+    result = _run(
+        "init", str(directory), "--host", "coord.example.org", "--ca-passphrase-file", str(secret)
+    )
+    assert result.exit_code == 0, result.output
+    return directory
+
+
+def test_init_encrypts_the_ca_key_from_a_file_the_environment_or_the_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "ca.pass"
+    secret.write_text("correct horse\n")
+    by_file = _run(
+        "init", str(tmp_path / "a"), "--encrypt-ca-key", "--ca-passphrase-file", str(secret),
+        "--json",
+    )  # fmt: skip
+    assert by_file.exit_code == 0, by_file.output
+    assert json.loads(by_file.stdout)["ca_key_encrypted"] is True
+    key = (tmp_path / "a" / "ca.key").read_bytes()
+    assert key.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    with pytest.raises(TypeError):
+        serialization.load_pem_private_key(key, password=None)
+    serialization.load_pem_private_key(key, password=b"correct horse")
+    by_env = _run(
+        "init", str(tmp_path / "b"), "--encrypt-ca-key", "--json",
+        env={"FEDRAD_CA_PASSPHRASE": "from env"},
+    )  # fmt: skip
+    assert json.loads(by_env.stdout)["ca_key_encrypted"] is True
+    serialization.load_pem_private_key(
+        (tmp_path / "b" / "ca.key").read_bytes(), password=b"from env"
+    )
+    monkeypatch.setattr("fedrad.server.cli._can_prompt", lambda: True)
+    asked = runner.invoke(app, ["init", str(tmp_path / "c"), "--encrypt-ca-key"], input="pw\npw\n")
+    assert asked.exit_code == 0, asked.output
+    assert "CA key (0600): " in asked.stdout and "encrypted with your passphrase" in asked.stdout
+    serialization.load_pem_private_key((tmp_path / "c" / "ca.key").read_bytes(), password=b"pw")
+    plain = _run("init", str(tmp_path / "d"), "--json")
+    assert json.loads(plain.stdout)["ca_key_encrypted"] is False
+
+
+def test_init_without_a_passphrase_source_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    no_tty = _run("init", str(tmp_path / "a"), "--encrypt-ca-key")
+    assert "no terminal to ask on" in _one_line_error(no_tty)
+    empty = tmp_path / "empty.pass"
+    empty.write_text("\n")
+    for args, env, message in [
+        (["--ca-passphrase-file", str(empty)], None, "empty passphrase"),
+        (["--ca-passphrase-file", str(tmp_path / "none")], None, "does not exist"),
+        (["--encrypt-ca-key"], {"FEDRAD_CA_PASSPHRASE": ""}, "empty passphrase is refused"),
+    ]:
+        result = _run("init", str(tmp_path / "a"), *args, env=env)
+        assert message in _one_line_error(result)
+    assert not (tmp_path / "a").exists()
+
+
+def test_init_says_the_ca_key_belongs_off_the_superlink_host(tmp_path: Path) -> None:
+    result = _run("init", str(tmp_path / "coord"), "--host", "coord.example.org")
+    assert result.exit_code == 0, result.output
+    assert f"CA key (0600): {tmp_path / 'coord' / 'ca.key'}, NOT encrypted" in result.stdout
+    assert "off the SuperLink host" in result.stdout and "only renew-cert needs it" in result.stdout
+
+
+def test_renew_cert_with_an_encrypted_ca_key(encrypted: Path, tmp_path: Path) -> None:
+    old = (encrypted / "superlink.pem").read_bytes()
+    missing = _run("renew-cert", "--dir", str(encrypted))
+    assert _one_line_error(missing) == (
+        f"error: the CA key {encrypted / 'ca.key'} is encrypted: give its passphrase "
+        "(--ca-passphrase-file FILE or FEDRAD_CA_PASSPHRASE)"
+    )
+    wrong = _run("renew-cert", "--dir", str(encrypted), env={"FEDRAD_CA_PASSPHRASE": "nope"})
+    assert _one_line_error(wrong) == f"error: wrong passphrase for the CA key {encrypted}/ca.key"
+    assert (encrypted / "superlink.pem").read_bytes() == old
+    by_file = _run(
+        "renew-cert", "--dir", str(encrypted), "--host", "new.example.org",
+        "--ca-passphrase-file", str(tmp_path / "ca.pass"),
+    )  # fmt: skip
+    assert by_file.exit_code == 0, by_file.output
+    assert _run("check-cert", "--dir", str(encrypted), "--host", "new.example.org").exit_code == 0
+    renewed = (encrypted / "superlink.pem").read_bytes()
+    by_env = _run(
+        "renew-cert", "--dir", str(encrypted), "--host", "env.example.org", "--json",
+        env={"FEDRAD_CA_PASSPHRASE": "correct horse"},
+    )  # fmt: skip
+    assert by_env.exit_code == 0, by_env.output
+    assert "env.example.org" in json.loads(by_env.stdout)["server_hosts"]
+    assert (encrypted / "superlink.pem").read_bytes() != renewed
+
+
+def test_renew_cert_refuses_a_passphrase_for_an_unencrypted_key(coordinator: Path) -> None:
+    old = (coordinator / "superlink.pem").read_bytes()
+    result = _run("renew-cert", "--dir", str(coordinator), env={"FEDRAD_CA_PASSPHRASE": "pw"})
+    assert "ca.key is not encrypted" in _one_line_error(result)
+    assert (coordinator / "superlink.pem").read_bytes() == old
+
+
+def test_renew_cert_without_the_ca_key_on_this_host(coordinator: Path, tmp_path: Path) -> None:
+    (coordinator / "ca.key").rename(tmp_path / "offline-ca.key")
+    result = _run("renew-cert", "--dir", str(coordinator))
+    assert _one_line_error(result) == (
+        f"error: the CA key {coordinator / 'ca.key'} is not on this host: "
+        "run renew-cert where the CA key is kept"
+    )
+
+
+@pytest.mark.parametrize("kept", ["encrypted", "elsewhere"])
+def test_check_cert_and_add_site_need_no_ca_key(encrypted: Path, tmp_path: Path, kept: str) -> None:
+    if kept == "elsewhere":
+        (encrypted / "ca.key").rename(tmp_path / "offline-ca.key")
+    checked = _run("check-cert", "--dir", str(encrypted), "--host", "coord.example.org", "--json")
+    assert checked.exit_code == 0, checked.output
+    keys = json.loads(checked.stdout)["private_keys"]
+    assert (str(encrypted / "ca.key") in keys) is (kept == "encrypted")
+    pub = _site_key(tmp_path, "hospital-a")
+    added = _run("add-site", "--dir", str(encrypted), "--site-id", "hospital-a", str(pub))
+    assert added.exit_code == 0, added.output

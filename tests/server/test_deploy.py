@@ -1,12 +1,18 @@
 """The coordinator's deployment commands as pure functions: Flower 1.41 command lines and
-environments, the replies they parse, run configs, and one-line preflight problems; plus the
-`start`, `run` and `status` CLIs refusing bad input before anything starts."""
+environments, the replies they parse, run configs, the release app and one-line preflight
+problems; plus the `start`, `run` and `status` CLIs refusing bad input before anything
+starts."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import stat
+import subprocess
+import sys
+import threading
 import tomllib
 from pathlib import Path
 
@@ -15,19 +21,27 @@ from typer.testing import CliRunner
 
 from fedrad.client.site_config import init_site
 from fedrad.common.flower_process import FLOWER_ENV
+from fedrad.common.release_app import (
+    RELEASE_RUN_CONFIG,
+    clientapp_for,
+    fab_sha256,
+    release_fab,
+    release_pyproject,
+    release_version,
+)
 from fedrad.server import deploy
 from fedrad.server.cli import app
 from fedrad.server.deploy import (
-    SECURE_CLIENTAPP,
     Admission,
     DeployError,
     SuperLinkState,
-    app_components,
-    app_pyproject,
     build_run_config,
     check_foundation,
     connect_host,
+    default_superlink_port,
     flower_environment,
+    loopback_name,
+    new_superexec_secret,
     parse_nodes_reply,
     parse_register_reply,
     parse_runs_reply,
@@ -35,13 +49,22 @@ from fedrad.server.deploy import (
     parse_submit_reply,
     preflight_run,
     preflight_start,
+    proxy_tls_name,
     read_nodes,
+    read_state,
     record_nodes,
     register_commands,
-    stage_app,
+    release_app_dir,
+    stage_release_app,
+    stop_group,
+    stop_pids,
+    submit_command,
+    superexec_command,
     superlink_command,
+    write_run_config,
     write_state,
 )
+from fedrad.server.fleet_proxy import ProxyError
 from fedrad.server.pki import add_site, init_federation, write_flwr_connection
 
 runner = CliRunner()
@@ -67,6 +90,24 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports (bound together, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.fixture
+def nginx_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preflight as on a coordinator with nginx installed, whether this host has it or not."""
+    monkeypatch.setattr(deploy, "find_nginx", lambda: "/usr/sbin/nginx")
+
+
 def _foundation(tmp_path: Path, trainable: object = ("lm.lora_A",)) -> Path:
     directory = tmp_path / "foundation"
     directory.mkdir()
@@ -80,10 +121,11 @@ def _foundation(tmp_path: Path, trainable: object = ("lm.lora_A",)) -> Path:
 
 
 def test_superlink_command_has_tls_node_auth_and_a_database(coordinator: Path) -> None:
-    command = superlink_command(coordinator, host="0.0.0.0", port=9100, executable="fsl")
+    secret = coordinator / "superexec.secret"
+    command = superlink_command(coordinator, port=9100, executable="fsl", secret_file=secret)
     root = coordinator.resolve()
     assert command[0] == "fsl"
-    pairs = dict(zip(command[1::2], command[2::2], strict=False))
+    assert all(isinstance(c, str) for c in command)
     assert command.count("--enable-supernode-auth") == 1
     flags = [c for c in command if c.startswith("--")]
     assert flags == [
@@ -95,16 +137,99 @@ def test_superlink_command_has_tls_node_auth_and_a_database(coordinator: Path) -
         "--host",
         "--port",
         "--disable-runtime-dependency-installation",
+        "--isolation",
+        "--superexec-auth-secret-file",
     ]
     index = command.index("--database")
     assert command[index + 1] == str(root / "superlink.db")
     assert command[command.index("--ssl-ca-certfile") + 1] == str(root / "ca.pem")
     assert command[command.index("--ssl-keyfile") + 1] == str(root / "superlink.key")
-    assert command[command.index("--host") + 1] == "0.0.0.0"
     assert command[command.index("--port") + 1] == "9100"
-    assert pairs  # every value is a plain string
     with pytest.raises(DeployError, match="port"):
-        superlink_command(coordinator, port=70000, executable="fsl")
+        superlink_command(coordinator, port=70000, executable="fsl", secret_file=secret)
+
+
+def test_the_superlink_binds_loopback_only_with_process_isolation(coordinator: Path) -> None:
+    """Its Control API has no access control: the sites reach only the Fleet proxy, and only
+    the coordinator's own runner (holding the secret) may claim ServerApp tasks."""
+    secret = coordinator / "superexec.secret"
+    command = superlink_command(coordinator, port=9101, executable="fsl", secret_file=secret)
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    assert command.count("--host") == 1
+    assert command[command.index("--isolation") + 1] == "process"
+    assert command[command.index("--superexec-auth-secret-file") + 1] == str(secret)
+    assert "--insecure" not in command
+    assert not any(c.startswith(("--fleet-api-address", "--control-api-address")) for c in command)
+
+
+def test_superexec_command(coordinator: Path) -> None:
+    secret = coordinator / "superexec.secret"
+    command = superexec_command(
+        coordinator,
+        address="127.0.0.1:9101",
+        executable="fse",
+        secret_file=secret,
+        parent_pid=4242,
+    )
+    assert command == [
+        "fse",
+        "--runtime-api-address",
+        "127.0.0.1:9101",
+        "--root-certificates",
+        str(coordinator.resolve() / "ca.pem"),
+        "--superexec-auth-secret-file",
+        str(secret),
+        "--parent-pid",
+        "4242",
+    ]
+    assert "--insecure" not in command
+
+
+def test_new_superexec_secret_is_0600_and_new_at_every_start(coordinator: Path) -> None:
+    first = new_superexec_secret(coordinator)
+    assert first == coordinator.resolve() / "superexec.secret"
+    assert stat.S_IMODE(first.stat().st_mode) == 0o600
+    value = first.read_bytes()
+    assert len(value) >= 32
+    first.chmod(0o644)
+    second = new_superexec_secret(coordinator)
+    assert second == first
+    assert second.read_bytes() != value
+    assert stat.S_IMODE(second.stat().st_mode) == 0o600
+
+
+def test_default_superlink_port() -> None:
+    assert default_superlink_port(8000) == 8001
+    assert default_superlink_port(9092) == 9093
+    assert default_superlink_port(65535) == 65534
+
+
+# -- the names the proxy and the CLI verify the SuperLink by --------------------------------
+
+
+def test_loopback_and_proxy_names_of_the_default_certificate(coordinator: Path) -> None:
+    assert loopback_name(coordinator) == "127.0.0.1"
+    assert proxy_tls_name(coordinator) == "localhost"  # nginx does not match IP addresses
+
+
+def test_a_certificate_without_loopback_names(tmp_path: Path) -> None:
+    directory = tmp_path / "coord"
+    init_federation(directory, include_loopback=False, hosts=["coord.example.org"])
+    with pytest.raises(DeployError, match=r"does not cover 127\.0\.0\.1 or localhost") as refused:
+        loopback_name(directory)
+    assert "renew-cert" in str(refused.value) and "--loopback" in str(refused.value)
+    assert "\n" not in str(refused.value)
+    assert proxy_tls_name(directory) == "coord.example.org"
+
+
+def test_a_certificate_with_only_an_ip(tmp_path: Path) -> None:
+    directory = tmp_path / "coord"
+    init_federation(directory, include_loopback=False, hosts=["10.1.2.3"])
+    with pytest.raises(DeployError, match="names no DNS host") as refused:
+        proxy_tls_name(directory)
+    assert "renew-cert" in str(refused.value) and "\n" not in str(refused.value)
+    with pytest.raises(DeployError, match=r"does not cover 127\.0\.0\.1 or localhost"):
+        loopback_name(directory)
 
 
 def test_flower_environment(coordinator: Path, tmp_path: Path) -> None:
@@ -277,58 +402,104 @@ def test_parse_setting_refuses(text: str) -> None:
         parse_setting(text)
 
 
-def test_staged_app_is_a_valid_flower_app_with_the_run_config(
-    coordinator: Path, tmp_path: Path
-) -> None:
-    from flwr.cli.build import build_fab_from_files
+def test_the_staged_release_app_is_the_bundle_the_sites_approve(coordinator: Path) -> None:
+    from flwr.cli.build import build_fab_from_disk
     from flwr.common.config import validate_config
+
+    app_dir = stage_release_app(coordinator)
+    assert app_dir == release_app_dir(coordinator)
+    assert app_dir == coordinator.resolve() / "apps" / f"fedrad-{release_version()}"
+    assert sorted(p.name for p in app_dir.iterdir()) == ["pyproject.toml"]
+    assert (app_dir / "pyproject.toml").read_bytes() == release_pyproject()
+    document = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    assert document["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "fedrad.server.app:app",
+        "clientapp": "fedrad.client.app:app",
+    }
+    assert document["tool"]["flwr"]["app"]["config"] == RELEASE_RUN_CONFIG
+    valid, errors, _ = validate_config(document, check_module=True, project_dir=app_dir)
+    assert valid, errors
+    fab = build_fab_from_disk(app_dir)  # what `flwr run APP_DIR` submits
+    assert fab_sha256(fab) == fab_sha256(release_fab())  # what `approve --release` computes
+    assert stage_release_app(coordinator) == app_dir  # every run: the same app, unchanged
+    assert build_fab_from_disk(app_dir) == fab
+
+
+def test_stage_release_app_refuses_a_folder_holding_other_files(coordinator: Path) -> None:
+    app_dir = stage_release_app(coordinator)
+    (app_dir / "notes.txt").write_text("not part of the release")
+    with pytest.raises(ValueError, match=r"notes\.txt"):
+        stage_release_app(coordinator)
+
+
+def test_write_run_config_round_trips(tmp_path: Path) -> None:
+    from flwr.common.config import fuse_dicts, parse_config_args
+
+    from fedrad.server.rounds import ServerPlan
 
     config = build_run_config(
         run_dir=tmp_path / "r7",
         foundation=tmp_path / "foundation",
         rounds=2,
         num_sites=3,
-        options={"round-timeout": 300.0, "dp": True},
+        options={"round-timeout": 300.0, "dp": True, "accountant": "prv", "seed": 5},
     )
-    app_dir = stage_app(coordinator, config)
-    assert app_dir == coordinator.resolve() / "apps" / "r7"
-    text = (app_dir / "pyproject.toml").read_text()
-    document = tomllib.loads(text)
-    assert document["tool"]["flwr"]["app"]["config"] == config
-    assert document["tool"]["flwr"]["app"]["components"] == {
-        "serverapp": "fedrad.server.app:app",
-        "clientapp": "fedrad.client.app:app",
-    }
-    valid, errors, _ = validate_config(document, check_module=True, project_dir=app_dir)
-    assert valid, errors
-    fab, _ = build_fab_from_files({"pyproject.toml": text.encode()})
-    assert len(fab) < 10_000  # no source travels: the sites run their installed fedrad
-    assert tomllib.loads(app_pyproject(config, version="9.9"))["project"]["version"] == "9.9"
+    (tmp_path / "r7").mkdir()
+    path = write_run_config(tmp_path / "r7", config)
+    assert path == tmp_path / "r7" / "run_config.toml"
+    assert tomllib.loads(path.read_text()) == config
+    parsed = parse_config_args([str(path)])  # as `flwr run --run-config FILE` reads it
+    assert parsed == config
+    fused = fuse_dicts(dict(RELEASE_RUN_CONFIG), parsed)  # what the ServerApp is handed
+    assert ServerPlan.from_run_config(fused) == ServerPlan.from_run_config(config)
+
+
+def test_write_run_config_refuses_an_unknown_key(tmp_path: Path) -> None:
+    with pytest.raises(DeployError, match="unknown run config key\\(s\\): bogus"):
+        write_run_config(tmp_path, {"run-dir": str(tmp_path), "bogus": 1})
+    assert not (tmp_path / "run_config.toml").exists()
+
+
+def test_submit_command(tmp_path: Path) -> None:
+    app_dir = tmp_path / "apps" / "fedrad-1.0"
+    settings = tmp_path / "r1" / "run_config.toml"
+    assert submit_command(app_dir, settings, flwr="flwr") == [
+        "flwr",
+        "run",
+        str(app_dir),
+        "fedrad",
+        "--run-config",
+        str(settings),
+        "--format",
+        "json",
+    ]
 
 
 # -- preflight -------------------------------------------------------------------------------
 
 
-def test_preflight_start_ok_then_each_problem(coordinator: Path, tmp_path: Path) -> None:
-    port = _free_port()
-    problems = preflight_start(coordinator, host="127.0.0.1", port=port)
+def test_preflight_start_ok_then_each_problem(
+    coordinator: Path, tmp_path: Path, nginx_found: None
+) -> None:
+    port, inner = _free_ports(2)
+    problems = preflight_start(coordinator, host="127.0.0.1", port=port, superlink_port=inner)
     assert len(problems) == 1 and problems[0].startswith("no registered sites")
     _register(coordinator, tmp_path, "site_a")
-    assert preflight_start(coordinator, host="127.0.0.1", port=port) == []
-    assert preflight_start(coordinator, host="0.0.0.0", port=port) == []
+    assert preflight_start(coordinator, host="127.0.0.1", port=port, superlink_port=inner) == []
+    assert preflight_start(coordinator, host="0.0.0.0", port=port, superlink_port=inner) == []
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         taken = busy.getsockname()[1]
-        problems = preflight_start(coordinator, host="127.0.0.1", port=taken)
+        problems = preflight_start(coordinator, host="127.0.0.1", port=taken, superlink_port=inner)
     assert problems == [f"port {taken} on 127.0.0.1 is already in use"]
 
-    problems = preflight_start(coordinator, host="10.9.9.9", port=port)
+    problems = preflight_start(coordinator, host="10.9.9.9", port=port, superlink_port=inner)
     assert any("does not cover host 10.9.9.9" in p for p in problems)
 
     (coordinator / "superlink.key").chmod(0o644)
-    problems = preflight_start(coordinator, host="127.0.0.1", port=port)
+    problems = preflight_start(coordinator, host="127.0.0.1", port=port, superlink_port=inner)
     assert any("readable by others" in p for p in problems)
     (coordinator / "superlink.key").chmod(0o600)
 
@@ -336,7 +507,7 @@ def test_preflight_start_ok_then_each_problem(coordinator: Path, tmp_path: Path)
         coordinator,
         SuperLinkState(os.getpid(), "127.0.0.1", port, f"127.0.0.1:{port}", "db", "log"),
     )
-    problems = preflight_start(coordinator, host="127.0.0.1", port=port)
+    problems = preflight_start(coordinator, host="127.0.0.1", port=port, superlink_port=inner)
     assert problems == [
         f"a SuperLink started from {coordinator} is already running (pid {os.getpid()}, "
         f"127.0.0.1:{port})"
@@ -345,9 +516,76 @@ def test_preflight_start_ok_then_each_problem(coordinator: Path, tmp_path: Path)
         assert "\n" not in problem
 
 
-def test_preflight_start_not_a_coordinator(tmp_path: Path) -> None:
-    problems = preflight_start(tmp_path, host="127.0.0.1", port=_free_port())
+def test_preflight_start_not_a_coordinator(tmp_path: Path, nginx_found: None) -> None:
+    port, inner = _free_ports(2)
+    problems = preflight_start(tmp_path, host="127.0.0.1", port=port, superlink_port=inner)
     assert len(problems) == 1 and "not a coordinator directory" in problems[0]
+
+
+def test_preflight_start_without_nginx(
+    coordinator: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _register(coordinator, tmp_path, "site_a")
+
+    def missing() -> str:
+        raise ProxyError("nginx not found: the coordinator's Fleet proxy needs it; install it")
+
+    monkeypatch.setattr(deploy, "find_nginx", missing)
+    port, inner = _free_ports(2)
+    problems = preflight_start(coordinator, host="127.0.0.1", port=port, superlink_port=inner)
+    assert problems == ["nginx not found: the coordinator's Fleet proxy needs it; install it"]
+
+
+def test_preflight_start_with_the_superlink_port_in_use(
+    coordinator: Path, tmp_path: Path, nginx_found: None
+) -> None:
+    _register(coordinator, tmp_path, "site_a")
+    port = _free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        problems = preflight_start(coordinator, host="127.0.0.1", port=port, superlink_port=taken)
+    assert problems == [
+        f"port {taken} on 127.0.0.1 (the SuperLink's own) is already in use: pick another "
+        "with --superlink-port"
+    ]
+    problems = preflight_start(coordinator, host="127.0.0.1", port=port, superlink_port=port)
+    assert problems == [f"the SuperLink's own port {port} is the proxy's port: pick another"]
+    problems = preflight_start(coordinator, host="127.0.0.1", port=port, superlink_port=70000)
+    assert problems == ["port 70000 is not in 1..65535"]
+
+
+def test_preflight_start_takes_the_port_after_the_proxy_s_by_default(
+    coordinator: Path, tmp_path: Path, nginx_found: None
+) -> None:
+    _register(coordinator, tmp_path, "site_a")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        problems = preflight_start(coordinator, host="127.0.0.1", port=taken - 1)
+    assert f"port {taken} on 127.0.0.1 (the SuperLink's own) is already in use" in problems[-1]
+
+
+@pytest.mark.parametrize(
+    ("hosts", "words"),
+    [
+        (["coord.example.org"], ["does not cover 127.0.0.1 or localhost"]),
+        (["10.1.2.3"], ["does not cover 127.0.0.1 or localhost", "names no DNS host"]),
+    ],
+)
+def test_preflight_start_with_a_certificate_the_proxy_cannot_verify(
+    tmp_path: Path, nginx_found: None, hosts: list[str], words: list[str]
+) -> None:
+    directory = tmp_path / "coord"
+    init_federation(directory, include_loopback=False, hosts=hosts)
+    _register(directory, tmp_path, "site_a")
+    port, inner = _free_ports(2)
+    problems = preflight_start(directory, host="0.0.0.0", port=port, superlink_port=inner)
+    assert len(problems) == len(words), problems
+    for problem, expected in zip(problems, words, strict=True):
+        assert expected in problem and "renew-cert" in problem and "\n" not in problem
 
 
 def test_check_foundation(tmp_path: Path) -> None:
@@ -387,6 +625,102 @@ def test_preflight_run(coordinator: Path, tmp_path: Path) -> None:
     assert problems == ["--sites 2 but only 1 sites are registered"]
 
 
+# -- state and stopping -------------------------------------------------------------------------
+
+
+def test_superlink_state_round_trips_and_lists_every_pid(coordinator: Path) -> None:
+    state = SuperLinkState(
+        pid=11,
+        host="0.0.0.0",
+        port=9092,
+        address="127.0.0.1:9093",
+        database="db",
+        log="log",
+        superlink_port=9093,
+        proxy_pid=12,
+        superexec_pid=13,
+    )
+    write_state(coordinator, state)
+    assert read_state(coordinator) == state
+    assert state.pids() == [12, 13, 11]  # the proxy first: the sites' door closes first
+    older = SuperLinkState(11, "0.0.0.0", 9092, "127.0.0.1:9092", "db", "log")
+    assert older.pids() == [11]
+
+
+def test_a_state_file_from_before_the_proxy_still_reads(coordinator: Path) -> None:
+    (coordinator / "superlink.json").write_text(
+        json.dumps(
+            {
+                "pid": 5,
+                "host": "0.0.0.0",
+                "port": 9092,
+                "address": "127.0.0.1:9092",
+                "database": "db",
+                "log": "log",
+            }
+        )
+    )
+    state = read_state(coordinator)
+    assert state is not None and state.pids() == [5] and state.superlink_port is None
+    (coordinator / "superlink.json").write_text('{"pid": 5, "colour": "red"}')
+    with pytest.raises(DeployError, match="not a readable SuperLink state file"):
+        read_state(coordinator)
+    (coordinator / "superlink.json").unlink()
+    assert read_state(coordinator) is None
+
+
+def _sleeper(*, ignore_term: bool = False) -> subprocess.Popen[bytes]:
+    """A child that sleeps, reaped by a thread as soon as it ends (as init reaps the detached
+    processes `fedrad-coordinator stop` signals), so its pid is gone once it exits."""
+    code = "import signal, sys, time\n"
+    if ignore_term:
+        code += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    code += "print('ready', flush=True)\ntime.sleep(60)\n"
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+    threading.Thread(target=process.wait, daemon=True).start()
+    return process
+
+
+def test_stop_pids_ends_a_sleeping_process() -> None:
+    process = _sleeper()
+    try:
+        assert stop_pids([process.pid], timeout=10.0) == 1
+        process.wait(timeout=5)
+        assert process.returncode == -signal.SIGTERM
+        assert stop_pids([process.pid], timeout=1.0) == 0  # gone already: nothing to stop
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_stop_pids_kills_a_process_that_ignores_sigterm() -> None:
+    process = _sleeper(ignore_term=True)
+    try:
+        assert stop_pids([process.pid], timeout=0.5) == 1
+        process.wait(timeout=5)
+        assert process.returncode == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_stop_group_ends_a_process_group() -> None:
+    code = "import time\nprint('ready', flush=True)\ntime.sleep(60)\n"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+        stop_group(process.pid, timeout=10.0)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(process.pid, 0)
+        stop_group(process.pid, timeout=10.0)  # gone already: returns at once
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 # -- the CLI refuses before anything starts --------------------------------------------------
 
 
@@ -398,7 +732,7 @@ def _one_line_error(result, code: int = 2) -> str:
     return lines[0]
 
 
-def test_start_refuses_without_sites(coordinator: Path, monkeypatch) -> None:
+def test_start_refuses_without_sites(coordinator: Path, monkeypatch, nginx_found: None) -> None:
     started: list[object] = []
     monkeypatch.setattr(deploy.subprocess, "Popen", lambda *a, **k: started.append(a))
     args = ["start", "--dir", str(coordinator), "--port", str(_free_port())]
@@ -444,16 +778,16 @@ def test_run_refuses_a_bad_setting_before_submitting(
     base += ["--run-dir", str(tmp_path / "r")]
     result = runner.invoke(app, [*base, "--set", "bogus=1"])
     assert "unknown run config key(s): bogus" in _one_line_error(result)
-    result = runner.invoke(app, [*base, "--set", "central-clip=1.0"])
+    # 2.0: central-clip at its declared default (1.0) counts as not given, so is no error
+    result = runner.invoke(app, [*base, "--set", "central-clip=2.0"])
     assert "need central-noise" in _one_line_error(result)
     result = runner.invoke(app, [*base, "--epsilon", "2", "--set", "epsilon=3"])
     assert "repeats an option" in _one_line_error(result)
     assert submitted == []
 
 
-def test_a_secagg_run_stages_the_secagg_clientapp(coordinator: Path, tmp_path: Path) -> None:
-    from flwr.common.config import validate_config
-
+def test_a_secagg_run_submits_the_one_release_app(coordinator: Path, tmp_path: Path) -> None:
+    """SecAgg+ is a run setting, not another bundle: the sites pick the secure ClientApp."""
     from fedrad.server.rounds import ServerPlan
 
     options = {"secagg": True, "secagg-threshold": 2, "min-sites": 2}
@@ -462,13 +796,15 @@ def test_a_secagg_run_stages_the_secagg_clientapp(coordinator: Path, tmp_path: P
     )
     plan = ServerPlan.from_run_config(config)
     assert plan.secagg and plan.shares_threshold == 2 and plan.required_sites == 2
-    app_dir = stage_app(coordinator, config)
+    app_dir = stage_release_app(coordinator)
     document = tomllib.loads((app_dir / "pyproject.toml").read_text())
-    assert document["tool"]["flwr"]["app"]["components"]["clientapp"] == SECURE_CLIENTAPP
-    valid, errors, _ = validate_config(document, check_module=True, project_dir=app_dir)
-    assert valid, errors
+    assert document["tool"]["flwr"]["app"]["components"]["clientapp"] == "fedrad.client.app:app"
+    (tmp_path / "s1").mkdir()
+    settings = tomllib.loads(write_run_config(tmp_path / "s1", config).read_text())
+    assert settings["secagg"] is True
+    assert clientapp_for(settings) == "fedrad.client.secure_aggregation:app"
     plain = build_run_config(run_dir=tmp_path / "p", foundation=tmp_path, rounds=1, num_sites=3)
-    assert app_components(plain)["clientapp"] == "fedrad.client.app:app"
+    assert clientapp_for(plain) == "fedrad.client.app:app"
 
 
 def test_run_refuses_secagg_settings_that_cannot_work_before_submitting(

@@ -29,12 +29,16 @@ from fedrad.server.pki import (
     PkiError,
     add_site,
     build_ca,
+    ca_key_is_encrypted,
     check_federation,
+    describe_federation,
     init_federation,
     issue_server_certificate,
     list_sites,
+    load_ca_key,
     load_certificate,
     parse_hosts,
+    read_passphrase_file,
     renew_server_certificate,
     split_address,
     verify_certificate,
@@ -321,6 +325,79 @@ def test_parse_hosts() -> None:
             parse_hosts([bad])
     with pytest.raises(PkiError, match="at least one"):
         parse_hosts([], include_loopback=False)
+
+
+# -- the CA key: encrypted, or kept off this host -----------------------------------------------
+
+
+def test_encrypted_ca_key_signs_only_with_its_passphrase(tmp_path: Path) -> None:
+    directory = tmp_path / "coord"
+    init_federation(directory, hosts=["old.example.org"], ca_passphrase=b"correct horse")
+    path = directory / CA_KEY
+    assert path.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert _mode(path) == 0o600
+    assert ca_key_is_encrypted(directory) is True
+    with pytest.raises(TypeError):
+        serialization.load_pem_private_key(path.read_bytes(), password=None)
+    # the SuperLink key stays unencrypted: flower-superlink loads it without a passphrase
+    serialization.load_pem_private_key((directory / SERVER_KEY).read_bytes(), password=None)
+    before = (directory / SERVER_CERT).read_bytes()
+    with pytest.raises(PkiError) as missing:
+        renew_server_certificate(directory, hosts=["new.example.org"])
+    assert str(missing.value) == (
+        f"the CA key {path} is encrypted: give its passphrase "
+        "(--ca-passphrase-file FILE or FEDRAD_CA_PASSPHRASE)"
+    )
+    with pytest.raises(PkiError) as wrong:
+        renew_server_certificate(directory, hosts=["new.example.org"], ca_passphrase=b"nope")
+    assert str(wrong.value) == f"wrong passphrase for the CA key {path}"
+    assert (directory / SERVER_CERT).read_bytes() == before
+    renew_server_certificate(directory, hosts=["new.example.org"], ca_passphrase=b"correct horse")
+    assert check_federation(directory, ["new.example.org"]) == []
+    ca = load_certificate(directory / CA_CERT)
+    assert load_ca_key(directory, b"correct horse").public_key() == ca.public_key()
+
+
+def test_a_passphrase_for_an_unencrypted_ca_key_is_refused(coordinator: Path) -> None:
+    assert ca_key_is_encrypted(coordinator) is False
+    with pytest.raises(PkiError, match=r"ca\.key is not encrypted"):
+        renew_server_certificate(coordinator, ca_passphrase=b"secret")
+
+
+def test_an_empty_ca_passphrase_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(PkiError, match="must not be empty"):
+        init_federation(tmp_path / "coord", ca_passphrase=b"")
+    assert not (tmp_path / "coord").exists()
+
+
+@pytest.mark.parametrize("kept", ["encrypted", "elsewhere"])
+def test_only_renewal_needs_the_ca_key(tmp_path: Path, kept: str) -> None:
+    directory = tmp_path / "coord"
+    init_federation(directory, hosts=["coord.example.org"], ca_passphrase=b"pw")
+    if kept == "elsewhere":
+        (directory / CA_KEY).rename(tmp_path / "offline-ca.key")
+        assert ca_key_is_encrypted(directory) is None
+        with pytest.raises(PkiError) as absent:
+            renew_server_certificate(directory, ca_passphrase=b"pw")
+        assert str(absent.value) == (
+            f"the CA key {directory / CA_KEY} is not on this host: "
+            "run renew-cert where the CA key is kept"
+        )
+        assert describe_federation(directory).private_keys == [str(directory / SERVER_KEY)]
+    assert check_federation(directory, ["coord.example.org"]) == []
+    assert add_site(directory, "site-a", _site(tmp_path, "site-a")).new
+    assert [s.site_id for s in list_sites(directory)] == ["site-a"]
+
+
+def test_read_passphrase_file(tmp_path: Path) -> None:
+    path = tmp_path / "pass"
+    path.write_bytes(b"two words \r\nsecond line\n")
+    assert read_passphrase_file(path) == b"two words "
+    path.write_bytes(b"\nlater")
+    with pytest.raises(PkiError, match="empty passphrase"):
+        read_passphrase_file(path)
+    with pytest.raises(PkiError, match="does not exist"):
+        read_passphrase_file(tmp_path / "missing")
 
 
 # -- site registry -----------------------------------------------------------------------------

@@ -173,7 +173,8 @@ def test_a_site_that_refuses_is_logged_and_the_round_goes_on(
     assert set(record["epsilon"]) == {"site_0"}
     assert any("privacy budget" in f for f in record["failures"])
     assert any("sent no update" in r.getMessage() for r in caplog.records)
-    assert not specs[1].ledger_path.exists()  # the refusing site spent nothing
+    ledger = Ledger(specs[1].ledger_path, load_or_create_signing_key(specs[1].key_path))
+    assert ledger.entries() == [] and len(ledger.refusals()) == 1  # on record, spent nothing
 
 
 def test_plan_from_run_config_rejects_unknown_keys(tmp_path: Path) -> None:
@@ -194,3 +195,11 @@ def test_plan_from_run_config_rejects_unknown_keys(tmp_path: Path) -> None:
     assert plan.round_config.local_steps == 7 and plan.round_config.target_epsilon == 4.0
     with pytest.raises(ValueError, match="unknown run config key"):
         ServerPlan.from_run_config({"run-dir": "r", "num-rounds": 1, "min-nodes": 2})
+
+
+def test_plan_from_run_config_reads_the_site_registry(tmp_path: Path) -> None:
+    base = {"run-dir": "r", "foundation-dir": "f", "num-sites": 2, "num-rounds": 1}
+    registry = tmp_path / "coordinator" / "nodes.json"
+    plan = ServerPlan.from_run_config({**base, "site-registry": str(registry)})
+    assert plan.site_registry == registry
+    assert ServerPlan.from_run_config(base).site_registry is None  # a simulation names none

@@ -317,6 +317,29 @@ def test_a_hung_site_is_bounded_by_the_round_timeout(
     assert "1 site(s) sent no reply within 5 s (round-timeout)" in caplog.text
 
 
+def test_per_site_figures_and_failures_go_by_the_site_registry(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deployed SecAgg+ round names each site by the coordinator's registry, whatever id
+    its metrics carry; a silent site's failure lines say which site it is."""
+    caplog.set_level(logging.WARNING)
+    foundation = micro_foundation(tmp_path)
+    registry = tmp_path / "nodes.json"
+    registry.write_text(json.dumps({"hospital-a": 1, "hospital-b": 2, "hospital-c": 3}))
+    plan = _plan(tmp_path / "run", foundation, site_registry=registry)
+    grid = InProcessGrid(simulation_secure_client_app(_sites(tmp_path, foundation)), 3)
+    grid.silent.add(2)
+    assert run_server(grid, plan) == 1
+    [record] = read_metrics(plan.run_dir)
+    assert record["secagg"]["sites_summed"] == 2
+    assert set(record["epsilon"]) == set(record["per_site"]) == {"hospital-a", "hospital-c"}
+    assert record["failures"] == [
+        "hospital-b: no reply within 5 s (round-timeout)",
+        "evaluate: hospital-b: no reply within 5 s (round-timeout)",
+    ]
+    assert "node 3's reply claims site id 'site_2'; recorded as hospital-c" in caplog.text
+
+
 # -- central DP under SecAgg+ ----------------------------------------------------------------
 
 
@@ -419,7 +442,7 @@ def _run_config(**extra: object) -> dict[str, object]:
         ({"secagg": True, "secagg-shares": 4}, "secagg-shares must be in 3..3"),
         ({"secagg": True, "secagg-threshold": 3}, "secagg-threshold must be in 2..2"),
         ({"secagg": True, "secagg-threshold": 1}, "secagg-threshold must be in 2..2"),
-        ({"secagg": True, "secagg-clip": 0.0}, "secagg-clip must be positive"),
+        ({"secagg": True, "secagg-clip": -1.0}, "secagg-clip must be positive"),
         ({"secagg": True, "secagg-max-weight": 0.5}, "secagg-max-weight must be >= 1"),
         ({"secagg": True, "min-sites": 1}, "min-sites 1 is below the SecAgg+ reconstruction"),
         ({"secagg": "yes"}, "'secagg' must be true or false"),
