@@ -61,6 +61,7 @@ from fedrad.server.deploy import (
     parse_runs_reply,
     parse_setting,
     parse_submit_reply,
+    pid_alive,
     preflight_run,
     preflight_start,
     proxy_tls_name,
@@ -571,9 +572,11 @@ def stop(directory: DirOpt = Path(".")) -> None:
         fail(str(exc))
     if state is None:
         fail(f"no federation started from {directory} is recorded ({STATE_FILE} is absent)")
+    running = sum(pid_alive(pid) for pid in state.pids())
     if state.proxy_pid is not None:
-        stop_group(state.proxy_pid)
-    stopped = stop_pids(state.pids())
+        stop_group(state.proxy_pid)  # nginx's workers with it
+    stop_pids(state.pids())
+    stopped = running
     (directory / STATE_FILE).unlink(missing_ok=True)
     (directory / SUPEREXEC_SECRET).unlink(missing_ok=True)
     typer.echo(f"stopped {stopped} process(es) of the federation in {directory}", err=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import textwrap
 import time
@@ -202,7 +203,7 @@ def test_outsider_is_refused_and_sites_run_only_what_they_approved(
         reply = flwr_json(home, *args)
         refused[action] = reply.get("success") is not True and "403" in str(reply)
     host, port = address.rsplit(":", 1)
-    with httpx.Client(verify=str(ca), timeout=10) as client:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(ca)), timeout=10) as client:
         base = f"https://{host}:{port}"
         refused["acquire a Runtime task"] = (
             client.post(f"{base}/v1/runtime/acquire-task", content=b"").status_code == 403
