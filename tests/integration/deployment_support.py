@@ -173,6 +173,13 @@ def run_command(
     ]
 
 
+def run_to_end(command: list[str], *, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """A `fedrad-coordinator run` (or any command) to its end, its output captured."""
+    return subprocess.run(
+        command, capture_output=True, text=True, env=child_env(), timeout=timeout, check=False
+    )
+
+
 def coordinator_status(coordinator: Path) -> dict:
     done = subprocess.run(
         [str(BIN / "fedrad-coordinator"), "status", "--dir", str(coordinator), "--json"],

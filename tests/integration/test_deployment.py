@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,12 +23,12 @@ from tests.integration.deployment_support import (
     SITES,
     Process,
     approve_release,
-    child_env,
     coordinator_json,
     coordinator_status,
     ledger_ok,
     refused,
     run_command,
+    run_to_end,
     site_start,
     start_federation,
     start_sites,
@@ -83,13 +82,9 @@ def test_three_sites_over_tls_with_node_authentication(
     assert sorted(s["site_id"] for s in status["sites"] if s["status"] == "online") == list(SITES)
 
     run_dir = tmp_path / "runs" / "deployed"
-    done = subprocess.run(
+    done = run_to_end(
         run_command(coordinator, foundation, run_dir, rounds=2, epsilon=5.0),
-        capture_output=True,
-        text=True,
-        env=child_env(),
         timeout=900,
-        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     outcome = json.loads(done.stdout)

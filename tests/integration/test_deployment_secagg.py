@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 import tomllib
 from collections.abc import Callable
@@ -21,9 +20,9 @@ import pytest
 from tests.integration.deployment_support import (
     SITES,
     Process,
-    child_env,
     ledger_ok,
     run_command,
+    run_to_end,
     site_start,
     start_federation,
     start_sites,
@@ -46,7 +45,7 @@ def test_secagg_over_tls_with_node_authentication_survives_a_killed_site(
     run_dir = tmp_path / "runs" / "secagg"
     secagg = ["--secagg"]
 
-    done = subprocess.run(
+    done = run_to_end(
         run_command(
             coordinator,
             foundation,
@@ -56,11 +55,7 @@ def test_secagg_over_tls_with_node_authentication_survives_a_killed_site(
             connect_timeout=90,
             extra=secagg,
         ),
-        capture_output=True,
-        text=True,
-        env=child_env(),
         timeout=900,
-        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     outcome = json.loads(done.stdout)

@@ -36,6 +36,7 @@ from tests.integration.deployment_support import (
     child_env,
     ledger_ok,
     run_command,
+    run_to_end,
     start_federation,
     start_sites,
 )
@@ -245,13 +246,9 @@ def test_outsider_is_refused_and_sites_run_only_what_they_approved(
 
     # (3) the real run completes with both honest sites
     run_dir = tmp_path / "runs" / "real"
-    done = subprocess.run(
+    done = run_to_end(
         run_command(coordinator, federation.foundation, run_dir, rounds=2, epsilon=4.0),
-        capture_output=True,
-        text=True,
-        env=child_env(),
         timeout=900,
-        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["rounds_committed"] == 2
@@ -264,13 +261,9 @@ def test_outsider_is_refused_and_sites_run_only_what_they_approved(
     set_policy(federation.site_dirs["site_1"] / "site.toml", require_secagg=True)
     set_policy(federation.site_dirs["site_2"] / "site.toml", max_epsilon_per_run=2.0)
     refused_dir = tmp_path / "runs" / "refused"
-    done = subprocess.run(
+    done = run_to_end(
         run_command(coordinator, federation.foundation, refused_dir, rounds=1, epsilon=4.0),
-        capture_output=True,
-        text=True,
-        env=child_env(),
         timeout=600,
-        check=False,
     )
     assert done.returncode == 1, done.stderr[-3000:]
     assert "requires SecAgg+" in done.stderr and "max_epsilon_per_run" in done.stderr
