@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import queue
-import re
 import signal
 import subprocess
 import threading
@@ -476,6 +475,7 @@ def approve(
     from the fedrad installed here, so the site need not take the coordinator's word for it.
     """
     from fedrad.client.site_config import add_approved_app
+    from fedrad.client.site_policy import SHA256_HEX
     from fedrad.common.release_app import fab_sha256, release_fab, release_version
 
     if release == (bundle is not None):
@@ -485,7 +485,7 @@ def approve(
     else:
         assert bundle is not None
         path = Path(bundle)
-        if re.fullmatch(r"[0-9a-fA-F]{64}", bundle) and not path.exists():
+        if SHA256_HEX.match(bundle.lower()) and not path.exists():
             digest, what = bundle.lower(), "app bundle"
         elif path.is_file():
             try:

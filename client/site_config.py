@@ -9,7 +9,6 @@ An optional `[policy]` table says what the site takes part in (`client/site_poli
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import math
 import os
@@ -31,6 +30,7 @@ from fedrad.client.site_policy import (
     policy_to_table,
 )
 from fedrad.common.accounting import AccountantName
+from fedrad.common.atomic_file import replace_file
 from fedrad.common.fl_protocol import SITE_ID_PATTERN
 from fedrad.common.ledger import Ledger, load_or_create_signing_key, public_key_path
 
@@ -295,10 +295,9 @@ def add_approved_app(config_path: Path, sha256: str) -> bool:
         header = "".join(_header_lines(text)) or HEADER
         new_text = header + tomli_w.dumps(raw)
         _parse_config(tomllib.loads(new_text), base=path.parent, where=str(path))
-        _replace_file(path, new_text.encode("utf-8"))
+        replace_file(path, new_text.encode("utf-8"), mode=path.stat().st_mode & 0o777)
     finally:
         os.close(lock)  # releases the lock
-    load_site_config(path)
     return True
 
 
@@ -310,30 +309,6 @@ def _header_lines(text: str) -> list[str]:
             break
         lines.append(line if line.endswith("\n") else line + "\n")
     return lines
-
-
-def _replace_file(path: Path, data: bytes) -> None:
-    """Writes beside `path` and renames over it: a reader sees the old file or the new one,
-    never half of one. The mode of the old file is kept."""
-    mode = path.stat().st_mode & 0o777
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def shareable_files(config: SiteConfig) -> list[Path]:

@@ -25,6 +25,7 @@ from fedrad.common.ledger import (
     LedgerError,
     load_or_create_signing_key,
 )
+from fedrad.common.release_app import RELEASE_RUN_CONFIG
 
 if TYPE_CHECKING:
     from fedrad.client.site_agent import SiteSpec
@@ -34,9 +35,6 @@ logger = logging.getLogger(__name__)
 
 # The coordinator's strategies (server/strategies.py STRATEGIES; client never imports server).
 STRATEGIES: Final[tuple[str, ...]] = ("fedavg", "fedprox", "fedadam")
-# The server's defaults for run-config keys a plan leaves out (server/rounds.py ServerPlan).
-DEFAULT_RUN_EPSILON: Final[float] = 8.0
-DEFAULT_STRATEGY: Final[str] = "fedavg"
 SHA256_HEX: Final[re.Pattern[str]] = re.compile(r"^[0-9a-f]{64}$")
 _NAME: Final[re.Pattern[str]] = re.compile(r"^[a-z0-9_-]{1,32}$")
 PREFIX: Final[str] = "site policy: "
@@ -157,15 +155,16 @@ def check_run_plan(policy: SitePolicy, run_config: Mapping[str, object]) -> str 
     """Why this site does not take part in a run, in one line, or None when it does.
 
     `run_config` is the coordinator's Flower run config (hyphenated keys as ServerPlan reads
-    them); keys left out take the server's defaults: epsilon 8.0, secagg false, strategy
-    fedavg, dp true, no central noise. A value of the wrong type is refused (fail closed).
+    them); keys left out take the release app's declared defaults (`RELEASE_RUN_CONFIG`:
+    epsilon 8.0, secagg false, strategy fedavg, dp true, no central noise). A value of the
+    wrong type is refused (fail closed).
     """
-    dp = run_config.get("dp", True)
+    dp = run_config.get("dp", RELEASE_RUN_CONFIG["dp"])
     if not isinstance(dp, bool):
         return PREFIX + "the run's dp is not true or false"
     if not dp and policy.caps_privacy:
         return PREFIX + "the run has dp = false and this site takes part only under DP-SGD"
-    epsilon = run_config.get("epsilon", DEFAULT_RUN_EPSILON)
+    epsilon = run_config.get("epsilon", RELEASE_RUN_CONFIG["epsilon"])
     if isinstance(epsilon, bool) or not isinstance(epsilon, int | float):
         return PREFIX + "the run's epsilon is not a number"
     cap = policy.max_epsilon_per_run
@@ -174,19 +173,19 @@ def check_run_plan(policy: SitePolicy, run_config: Mapping[str, object]) -> str 
             PREFIX + f"the run's epsilon {_num(float(epsilon))} is above this site's "
             f"max_epsilon_per_run {_num(cap)}"
         )
-    secagg = run_config.get("secagg", False)
+    secagg = run_config.get("secagg", RELEASE_RUN_CONFIG["secagg"])
     if not isinstance(secagg, bool):
         return PREFIX + "the run's secagg is not true or false"
     if policy.require_secagg and not secagg:
         return PREFIX + "this site requires SecAgg+ and the run has secagg = false"
-    strategy = run_config.get("strategy", DEFAULT_STRATEGY)
+    strategy = run_config.get("strategy", RELEASE_RUN_CONFIG["strategy"])
     if policy.strategies is not None and strategy not in policy.strategies:
         named = strategy if isinstance(strategy, str) and _NAME.match(strategy) else "(unnamed)"
         return (
             PREFIX + f"strategy {named} is not one this site takes part in "
             f"({', '.join(policy.strategies)})"
         )
-    noise = run_config.get("central-noise", 0.0)
+    noise = run_config.get("central-noise", RELEASE_RUN_CONFIG["central-noise"])
     if isinstance(noise, bool) or not isinstance(noise, int | float):
         return PREFIX + "the run's central-noise is not a number"
     if not policy.allow_central_dp and noise != 0:

@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedrad.common.accounting import AccountantName, MechanismStep, cumulative_epsilon
+from fedrad.common.atomic_file import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -477,11 +478,9 @@ class Ledger:
         if not 0 < delta < 1:
             raise LedgerError(f"delta must be in (0, 1), got {delta}")
         step = MechanismStep(float(noise_multiplier), float(sample_rate), int(steps))
-        epsilons: list[float] = []
 
         def build() -> dict[str, Any]:
             epsilon = cumulative_epsilon([*self._history, step], delta=delta, accountant=accountant)
-            epsilons.append(epsilon)
             return {
                 "site_id": site_id,
                 "run_id": run_id,
@@ -498,7 +497,7 @@ class Ledger:
 
         entry = self._append_signed(site_id, build)
         self._history.append(step)
-        epsilon = epsilons[-1]
+        epsilon = math.inf if entry["epsilon"] is None else float(entry["epsilon"])
         logger.info(
             "ledger: site %s round %d spent %d steps at sigma %.3f, q %.4f; cumulative epsilon %s",
             site_id,
@@ -565,15 +564,7 @@ class Ledger:
         finally:
             os.close(fd)  # closing releases the lock
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         self._entries.append(entry)
         self._last_line = line
         return entry
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import typer
 
@@ -423,7 +423,7 @@ def start(
         fail(f"cannot write to {directory}: {exc.strerror}")
     env = flower_environment(directory)
     log_path = directory / LOG_FILE
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    children: list[_Child] = []
     with log_path.open("ab") as log:
         link = subprocess.Popen(
             command,
@@ -434,7 +434,7 @@ def start(
             # Foreground: same process group, so Ctrl-C or a kill of the group stops all.
             start_new_session=detach,
         )
-    children.append(("flower-superlink", link))
+    children.append(_Child("flower-superlink", link))
     relay = None if detach else _relay(link, log_path)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     state_written = False
@@ -455,7 +455,7 @@ def start(
                 stdin=subprocess.DEVNULL,
                 start_new_session=detach,
             )
-        children.append(("the ServerApp runner (flower-superexec)", runner))
+        children.append(_Child("the ServerApp runner (flower-superexec)", runner))
         proxy = subprocess.Popen(
             nginx_command(nginx, proxy_config),
             env=env,
@@ -466,7 +466,7 @@ def start(
             # group is stopped (stop_group)
             start_new_session=True,
         )
-        children.append((PROXY_NAME, proxy))
+        children.append(_Child("the Fleet proxy (nginx)", proxy, group=True))
         wait_for_proxy(proxy, host, port, timeout=startup_timeout)
         admissions = admit_sites(directory)
         for admission in admissions:
@@ -536,27 +536,32 @@ def wait_for_proxy(
         time.sleep(0.1)
 
 
-def _first_exit(children: list[tuple[str, subprocess.Popen[bytes]]]) -> tuple[str, int]:
+class _Child(NamedTuple):
+    """One process of the federation; `group`: it leads a process group to stop whole."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    group: bool = False
+
+
+def _first_exit(children: list[_Child]) -> tuple[str, int]:
     """Waits until one of the federation's processes exits; its name and code."""
     while True:
-        for name, child in children:
-            code = child.poll()
+        for child in children:
+            code = child.process.poll()
             if code is not None:
-                return name, code
+                return child.name, code
         time.sleep(0.5)
 
 
-PROXY_NAME = "the Fleet proxy (nginx)"
-
-
-def _stop_all(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
+def _stop_all(children: list[_Child]) -> None:
     """The proxy first (no new site traffic), then the runner, then the SuperLink."""
-    for name, child in reversed(children):
-        if name == PROXY_NAME:
-            stop_group(child.pid)
-            child.poll()
+    for child in reversed(children):
+        if child.group:  # nginx: its workers outlive a killed master
+            stop_group(child.process.pid)
+            child.process.poll()
         else:
-            stop_process(child, timeout=10)
+            stop_process(child.process, timeout=10)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -576,10 +581,9 @@ def stop(directory: DirOpt = Path(".")) -> None:
     if state.proxy_pid is not None:
         stop_group(state.proxy_pid)  # nginx's workers with it
     stop_pids(state.pids())
-    stopped = running
     (directory / STATE_FILE).unlink(missing_ok=True)
     (directory / SUPEREXEC_SECRET).unlink(missing_ok=True)
-    typer.echo(f"stopped {stopped} process(es) of the federation in {directory}", err=True)
+    typer.echo(f"stopped {running} process(es) of the federation in {directory}", err=True)
 
 
 def _relay(process: subprocess.Popen[bytes], log_path: Path) -> threading.Thread:

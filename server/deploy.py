@@ -59,7 +59,6 @@ from fedrad.server.pki import (
     CA_CERT,
     FLWR_CONNECTION,
     FLWR_HOME_DIR,
-    LOOPBACK_HOSTS,
     SERVER_CERT,
     PkiError,
     certificate_hosts,
@@ -104,19 +103,6 @@ def flower_environment(
 def check_port(port: int) -> None:
     if not 0 < port < 65536:
         raise DeployError(f"port {port} is not in 1..65535")
-
-
-def connect_host(bind_host: str, cert_hosts: Sequence[str]) -> str:
-    """The host the coordinator's own CLI uses to reach a SuperLink bound to `bind_host`: a
-    loopback name the certificate covers when bound to every interface or to loopback, else
-    the bound address itself (TLS verifies the certificate against it)."""
-    if bind_host in _BIND_ALL or bind_host in LOOPBACK_HOSTS:
-        for name in ("127.0.0.1", "localhost"):
-            if name in cert_hosts:
-                return name
-        if bind_host in _BIND_ALL and cert_hosts:
-            return cert_hosts[0]
-    return bind_host
 
 
 def control_address(host: str, port: int) -> str:
@@ -363,11 +349,6 @@ def superlink_reachable(directory: Path) -> str:
             f"--dir {directory}"
         )
     return address
-
-
-def default_connect_host(directory: Path, bind_host: str) -> str:
-    cert = load_certificate(Path(directory) / SERVER_CERT, "SuperLink certificate")
-    return connect_host(bind_host, certificate_hosts(cert))
 
 
 # -- admitting the registered sites ----------------------------------------------------------

@@ -19,6 +19,8 @@ import subprocess
 from pathlib import Path
 from typing import Final
 
+from fedrad.common.atomic_file import replace_file
+
 PROXY_DIR: Final[str] = "proxy"  # under the coordinator directory
 CONFIG_FILE: Final[str] = "nginx.conf"
 INSTALL_HINT: Final[str] = "apt-get install nginx-light (or: make proxy)"
@@ -116,10 +118,7 @@ def write_config(directory: Path, text: str) -> Path:
     (proxy / "tmp").mkdir(parents=True, exist_ok=True)
     os.chmod(proxy, 0o700)
     path = proxy / CONFIG_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    replace_file(path, text.encode("utf-8"), mode=0o600)
     return path
 
 

@@ -271,7 +271,7 @@ class RoundGrid:
         answered: dict[int, Message] = {}
         kept: list[Message] = []
         for reply in replies:
-            node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            node = self.node_of(reply)
             if not reply.has_error() and reply.metadata.src_node_id != node:
                 # The SuperLink lets only the addressed node answer; whatever did not is not
                 # counted for anyone (SecAgg+'s workflow goes by the source)

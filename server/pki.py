@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedrad.common.atomic_file import replace_file
 from fedrad.common.fl_protocol import SITE_ID_PATTERN
 
 KeyAlgorithm = Literal["ec-p384", "rsa-3072"]
@@ -318,14 +319,6 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     os.chmod(path, mode)  # the umask may have narrowed it; never widen a private key
 
 
-def _replace(path: Path, data: bytes, mode: int) -> None:
-    """Atomically replaces `path`: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    _write_new(tmp, data, mode)
-    os.replace(tmp, path)
-
-
 def load_certificate(path: Path, what: str = "certificate") -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(Path(path).read_bytes())
@@ -528,8 +521,8 @@ def renew_server_certificate(
     algorithm: KeyAlgorithm = "rsa-3072" if isinstance(ca_key, rsa.RSAPrivateKey) else "ec-p384"
     parsed = parse_hosts(hosts, include_loopback=include_loopback)
     cert, key = issue_server_certificate(ca_cert, ca_key, parsed, days=days, algorithm=algorithm)
-    _replace(directory / SERVER_KEY, _key_pem(key), 0o600)
-    _replace(directory / SERVER_CERT, _cert_pem(cert), 0o644)
+    replace_file(directory / SERVER_KEY, _key_pem(key), mode=0o600)
+    replace_file(directory / SERVER_CERT, _cert_pem(cert), mode=0o644)
     return describe_federation(directory)
 
 
@@ -756,17 +749,17 @@ def add_site(
     sites[site_id] = record
     keys = directory / SITE_KEYS_DIR
     keys.mkdir(exist_ok=True)
-    _replace(keys / f"{site_id}.pub", (line + "\n").encode("ascii"), 0o644)
+    replace_file(keys / f"{site_id}.pub", (line + "\n").encode("ascii"), mode=0o644)
     table = {
         sid: {k: v for k, v in r.as_dict().items() if k != "site_id"} for sid, r in sites.items()
     }
-    _replace(
+    replace_file(
         directory / SITES_FILE,
         (
             "# fedrad site registry: public node keys only (written by fedrad-coordinator).\n"
             + tomli_w.dumps({"sites": table})
         ).encode("utf-8"),
-        0o644,
+        mode=0o644,
     )
     return Registration(record=record, new=True)
 
@@ -789,7 +782,7 @@ def write_flwr_connection(directory: Path, *, address: str = DEFAULT_CONTROL_ADD
             },
         }
     }
-    _replace(home / "config.toml", tomli_w.dumps(config).encode("utf-8"), 0o600)
+    replace_file(home / "config.toml", tomli_w.dumps(config).encode("utf-8"), mode=0o600)
     return home
 
 

@@ -37,7 +37,6 @@ from fedrad.server.deploy import (
     SuperLinkState,
     build_run_config,
     check_foundation,
-    connect_host,
     default_superlink_port,
     flower_environment,
     loopback_name,
@@ -240,19 +239,6 @@ def test_flower_environment(coordinator: Path, tmp_path: Path) -> None:
     assert env["PATH"].split(os.pathsep) == [str(tmp_path), "/usr/bin"]
     assert env["KEEP"] == "1"
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
-
-
-@pytest.mark.parametrize(
-    ("bind", "covered", "expected"),
-    [
-        ("0.0.0.0", ["localhost", "coord.org", "127.0.0.1"], "127.0.0.1"),
-        ("127.0.0.1", ["localhost", "coord.org"], "localhost"),
-        ("0.0.0.0", ["coord.org"], "coord.org"),
-        ("10.0.0.5", ["coord.org", "10.0.0.5"], "10.0.0.5"),
-    ],
-)
-def test_connect_host(bind: str, covered: list[str], expected: str) -> None:
-    assert connect_host(bind, covered) == expected
 
 
 def test_register_commands_cover_the_registry_in_order(coordinator: Path, tmp_path: Path) -> None:
