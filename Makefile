@@ -73,4 +73,4 @@ $(PEER_STAMP):
 	touch $(PEER_STAMP)
 
 bench-labeler-peer: $(STAMP) $(PEER_STAMP)
-	$(PY) -m fedrad.simulations.peer_bench --peer-python $(PEER_PY) --out runs/peer_bench.json
+	$(PY) -m fedrad.simulations.benchmarks.peer --peer-python $(PEER_PY) --out runs/peer_bench.json

@@ -13,9 +13,15 @@ from typing import Annotated
 
 import typer
 
-from fedrad.client.dicom_io import RADIOGRAPH_MODALITIES
-from fedrad.client.preprocess import PreprocessConfig
-from fedrad.client.site_config import (
+from fedrad.client.ingest.dicom_io import RADIOGRAPH_MODALITIES
+from fedrad.client.ingest.site_data import (
+    SiteDataError,
+    cache_write_problem,
+    prepare_site,
+    scan_site,
+    site_cache_dir,
+)
+from fedrad.client.site.config import (
     CONFIG_NAME,
     DEFAULT_DELTA,
     DEFAULT_EPSILON,
@@ -25,15 +31,8 @@ from fedrad.client.site_config import (
     shareable_files,
     site_budget,
 )
-from fedrad.client.site_data import (
-    SiteDataError,
-    cache_write_problem,
-    prepare_site,
-    scan_site,
-    site_cache_dir,
-)
-from fedrad.client.site_policy import policy_to_table
-from fedrad.client.supernode import (
+from fedrad.client.site.policy import policy_to_table
+from fedrad.client.site.supernode import (
     CONNECTED_MARK,
     DEFAULT_RUNTIME_PORT,
     SupernodeError,
@@ -53,8 +52,9 @@ from fedrad.common.cli_support import (
 )
 from fedrad.common.findings import FINDINGS
 from fedrad.common.flower_process import FlowerProcessError, flower_executable
-from fedrad.common.labeler import label_report
-from fedrad.common.ledger import LedgerError
+from fedrad.common.labeling.labeler import label_report
+from fedrad.common.model.preprocess import PreprocessConfig
+from fedrad.common.privacy.ledger import LedgerError
 
 app = typer.Typer(
     name="fedrad-site",
@@ -201,7 +201,7 @@ def label(
     json_out: JsonOpt = False,
 ) -> None:
     """Label each report: 1 present, 0 absent or negated, -1 uncertain, per finding."""
-    from fedrad.client.report_sources import LabelInput, ReportSourceError, read_label_input
+    from fedrad.client.ingest.report_sources import LabelInput, ReportSourceError, read_label_input
 
     if (reports is None) == (text is None):
         fail("give a reports file or directory, or --text 'REPORT', not both")
@@ -296,7 +296,7 @@ def init(
     if problem is not None:
         fail(problem)
     if ca_file is not None:
-        from fedrad.client.supernode import is_ca_certificate
+        from fedrad.client.site.supernode import is_ca_certificate
 
         reason = is_ca_certificate(ca_file)
         if reason is not None:
@@ -474,9 +474,9 @@ def approve(
     The coordinator submits one bundle per fedrad release: `--release` computes its sha256
     from the fedrad installed here, so the site need not take the coordinator's word for it.
     """
-    from fedrad.client.site_config import add_approved_app
-    from fedrad.client.site_policy import SHA256_HEX
-    from fedrad.common.release_app import fab_sha256, release_fab, release_version
+    from fedrad.client.site.config import add_approved_app
+    from fedrad.client.site.policy import SHA256_HEX
+    from fedrad.common.protocol.release_app import fab_sha256, release_fab, release_version
 
     if release == (bundle is not None):
         fail("give either a bundle (FAB file or sha256) or --release")
@@ -587,9 +587,9 @@ def report(
     verbose: VerboseOpt = False,
 ) -> None:
     """Write a report, per-finding probabilities and (with --ask) an answer for one scan."""
-    from fedrad.client.dicom_io import UnusableError
-    from fedrad.client.inference import answer_scan, scan_tensor
-    from fedrad.common.checkpoint import CheckpointError, load_checkpoint
+    from fedrad.client.ingest.dicom_io import UnusableError
+    from fedrad.client.reading.inference import answer_scan, scan_tensor
+    from fedrad.common.model.checkpoint import CheckpointError, load_checkpoint
 
     setup_logging(verbose)
     if ask is not None and not ask.strip():

@@ -14,7 +14,7 @@ from sacrebleu.metrics import BLEU
 from sklearn.metrics import roc_auc_score
 
 from fedrad.common.findings import FINDINGS
-from fedrad.common.labeler import label_report
+from fedrad.common.labeling.labeler import label_report
 from fedrad.common.tasks import normalise_answer
 
 

@@ -36,7 +36,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedrad.common.fl_protocol import SITE_ID_FIELD, SITE_KEY
+from fedrad.common.protocol.messages import SITE_ID_FIELD, SITE_KEY
 from fedrad.common.run_dir import append_failed_round
 from fedrad.server.participation import (
     FederationError,

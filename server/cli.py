@@ -654,7 +654,7 @@ def build_app(
     """
     from flwr.cli.build import build_fab_from_disk
 
-    from fedrad.common.release_app import fab_sha256, release_fab, release_version
+    from fedrad.common.protocol.release_app import fab_sha256, release_fab, release_version
 
     try:
         app_dir = stage_release_app(directory)

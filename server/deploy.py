@@ -16,7 +16,7 @@ How Flower 1.41 is driven (read from its source and checked in a live run):
 - A registered site's key is admitted with `flwr supernode register KEY.pub CONNECTION`, run
   with `FLWR_HOME=DIR/flwr`; it exits 0 even when it fails, so its JSON reply decides.
   "Public key already in use" for a key from our own registry means that very key is admitted.
-- Every run submits the release's one app (`common/release_app.py`, staged once in
+- Every run submits the release's one app (`common/protocol/release_app.py`, staged once in
   `DIR/apps/fedrad-<version>/`), whose pyproject declares every setting; a run's values
   travel as `flwr run --run-config RUN_DIR/run_config.toml`, so the bundle's sha256 is the one
   the sites approved.
@@ -48,7 +48,7 @@ from fedrad.common.flower_process import (
     port_in_use,
     write_fresh_secret,
 )
-from fedrad.common.release_app import (
+from fedrad.common.protocol.release_app import (
     RunValue,
     release_version,
     run_config_toml,

@@ -27,7 +27,7 @@ from typing import Any
 
 from flwr.app import Array, Message
 
-from fedrad.common.fl_protocol import SITE_ID_PATTERN
+from fedrad.common.protocol.messages import SITE_ID_PATTERN
 
 logger = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedrad.common.atomic_file import replace_file
-from fedrad.common.fl_protocol import SITE_ID_PATTERN
+from fedrad.common.protocol.messages import SITE_ID_PATTERN
 
 KeyAlgorithm = Literal["ec-p384", "rsa-3072"]
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey

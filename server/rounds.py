@@ -30,10 +30,10 @@ import numpy as np
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
-from fedrad.common.checkpoint import read_metadata, write_checkpoint_from
-from fedrad.common.fl_protocol import DEFAULT_LR, WEIGHT_KEY, RoundConfig
-from fedrad.common.ledger import Ledger, load_or_create_signing_key
-from fedrad.common.release_app import given_settings
+from fedrad.common.model.checkpoint import read_metadata, write_checkpoint_from
+from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key
+from fedrad.common.protocol.messages import DEFAULT_LR, WEIGHT_KEY, RoundConfig
+from fedrad.common.protocol.release_app import given_settings
 from fedrad.common.run_dir import append_metrics, read_metrics
 
 logger = logging.getLogger(__name__)

@@ -55,8 +55,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
-from fedrad.common.fl_protocol import SITE_FIELDS, SITE_ID_FIELD, WEIGHT_KEY
-from fedrad.common.secagg_protocol import (
+from fedrad.common.protocol.messages import SITE_FIELDS, SITE_ID_FIELD, WEIGHT_KEY
+from fedrad.common.protocol.secagg import (
     adam_update_bound,
     array_order,
     mean_error_bound,

@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedrad.common.fl_protocol import ARRAYS_KEY, CONFIG_KEY, WEIGHT_KEY
+from fedrad.common.protocol.messages import ARRAYS_KEY, CONFIG_KEY, WEIGHT_KEY
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 STRATEGIES: Final[tuple[str, ...]] = get_args(StrategyName)

@@ -15,15 +15,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedrad.client.dataset import TrainingExamples
-from fedrad.client.evaluate import EvalConfig, evaluate
-from fedrad.client.train import DPConfig, TrainConfig, calibrate_noise, train_local
-from fedrad.common.accounting import MechanismStep, cumulative_epsilon
-from fedrad.common.checkpoint import save_checkpoint
-from fedrad.common.model_config import model_config_for
+from fedrad.client.ingest.dataset import TrainingExamples
+from fedrad.client.training.evaluate import EvalConfig, evaluate
+from fedrad.client.training.train import DPConfig, TrainConfig, calibrate_noise, train_local
+from fedrad.common.model.checkpoint import save_checkpoint
+from fedrad.common.model.config import model_config_for
+from fedrad.common.model.foundation import FoundationRecipe, build_foundation
+from fedrad.common.privacy.accounting import MechanismStep, cumulative_epsilon
 from fedrad.common.run_dir import append_metrics, new_run_dir, plot_run, write_config, write_summary
 from fedrad.simulations.cohort_data import load_cohort, pooled
-from fedrad.simulations.foundation import FoundationRecipe, build_foundation
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from fedrad.common.cli_support import (
     fail,
     setup_logging,
 )
-from fedrad.common.fl_protocol import DEFAULT_LR
+from fedrad.common.protocol.messages import DEFAULT_LR
 from fedrad.common.run_dir import site_order
 
 app = typer.Typer(
@@ -41,7 +41,7 @@ def synth(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Write a synthetic multi-hospital cohort of real DICOM files, reports and ground truth."""
-    from fedrad.simulations.synth import generate_cohort
+    from fedrad.common.synthetic.cohort import generate_cohort
 
     setup_logging(verbose)
     from fedrad.common.cli_support import progress_bar
@@ -79,7 +79,7 @@ def _federated_config(**kwargs: object) -> object:
 
 
 def _recipe(steps: int) -> object:
-    from fedrad.simulations.foundation import FoundationRecipe
+    from fedrad.common.model.foundation import FoundationRecipe
 
     if steps < 1:
         fail("--foundation-steps must be >= 1")
@@ -101,8 +101,8 @@ LmOpt = Annotated[
 def _check_model(preset_name: str, lm: str | None) -> None:
     """The preset and its base LM, checked before any work: an unknown preset, a missing
     package, a hash mismatch, a path that is not a causal LM, too little memory."""
-    from fedrad.common.base_lm import BaseLMError, preflight
-    from fedrad.common.model_config import model_config_for
+    from fedrad.common.model.base_lm import BaseLMError, preflight
+    from fedrad.common.model.config import model_config_for
 
     try:
         config = model_config_for(preset_name, lm)
@@ -113,9 +113,9 @@ def _check_model(preset_name: str, lm: str | None) -> None:
 
 
 def _run_errors() -> tuple[type[Exception], ...]:
-    from fedrad.common.base_lm import BaseLMError
-    from fedrad.common.checkpoint import CheckpointError
-    from fedrad.common.ledger import LedgerError
+    from fedrad.common.model.base_lm import BaseLMError
+    from fedrad.common.model.checkpoint import CheckpointError
+    from fedrad.common.privacy.ledger import LedgerError
     from fedrad.server.app import FederationError
     from fedrad.server.rounds import ResumeError
     from fedrad.simulations.cohort_data import CohortError
@@ -404,7 +404,7 @@ def bench_labeler(
 ) -> None:
     """Labeler accuracy: on a cohort's ground truth, on radlabels' independent labels, and on
     your own labelled reports."""
-    from fedrad.simulations.labeler_bench import (
+    from fedrad.simulations.benchmarks.labeler import (
         LabelledReportsError,
         run_cohort_bench,
         run_labelled_bench,
@@ -464,8 +464,8 @@ def bench_model(
 ) -> None:
     """Step time and peak memory, DP vs non-DP, per preset, on this machine (one JSON object
     for one preset; with several, {"machine", "results": [...]})."""
-    from fedrad.common.model_config import PRESETS
-    from fedrad.simulations.bench_model import BenchError, run_bench
+    from fedrad.common.model.config import PRESETS
+    from fedrad.simulations.benchmarks.model import BenchError, run_bench
 
     setup_logging(verbose)  # before the measuring processes start: they inherit the filters
     names = presets or list(PRESETS)
@@ -512,9 +512,9 @@ def foundation(
     """The federation's starting checkpoint (public LM + LoRA + a seeded image side) for a real
     deployment: the coordinator passes it to `fedrad-coordinator run --foundation`, and every
     site keeps its own copy (`fedrad-site start --foundation` or foundation_dir in site.toml)."""
-    from fedrad.common.checkpoint import save_checkpoint
-    from fedrad.common.model_config import model_config_for
-    from fedrad.simulations.foundation import FoundationRecipe, build_foundation
+    from fedrad.common.model.checkpoint import save_checkpoint
+    from fedrad.common.model.config import model_config_for
+    from fedrad.common.model.foundation import FoundationRecipe, build_foundation
 
     setup_logging(verbose)
     _check_model(preset_name, lm)
@@ -557,7 +557,7 @@ def bench_utility(
 ) -> None:
     """Quality under privacy and federation: centralized and federated without DP, federated
     with DP at epsilon 1/3/8, and each site alone; one cohort, one seed, equal total steps."""
-    from fedrad.simulations.bench_utility import (
+    from fedrad.simulations.benchmarks.utility import (
         ARMS,
         UtilityBenchConfig,
         markdown_table,
@@ -601,7 +601,7 @@ def bench_secagg(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
 ) -> None:
     """What SecAgg+ costs: seconds per round and bytes per site, against plain FedAvg."""
-    from fedrad.simulations.bench_secagg import SecAggBenchConfig, run_secagg_bench
+    from fedrad.simulations.benchmarks.secagg import SecAggBenchConfig, run_secagg_bench
 
     setup_logging(verbose)
     if not data.is_dir():
@@ -628,7 +628,7 @@ def bench_secagg(
 
 def main() -> None:
     from fedrad.common.cli_support import stage_bars
-    from fedrad.simulations.stage_progress import showing_progress
+    from fedrad.common.stage_progress import showing_progress
 
     # The public foundation is built once per machine, inside whichever command needs it
     # first (run, local, centralized, foundation, bench utility): minutes, shown as bars.

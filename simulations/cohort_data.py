@@ -10,9 +10,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedrad.client.dataset import SiteStudies, split_held_out
-from fedrad.client.preprocess import PreprocessConfig
-from fedrad.client.site_data import SiteDataError, prepared_manifest
+from fedrad.client.ingest.dataset import SiteStudies, split_held_out
+from fedrad.client.ingest.site_data import SiteDataError, prepared_manifest
+from fedrad.common.model.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)
 

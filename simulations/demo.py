@@ -17,8 +17,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from fedrad.client.cli import app as site_app
-from fedrad.common.audit_cli import ledger_app
 from fedrad.common.run_dir import read_metrics
+from fedrad.simulations.audit_cli import ledger_app
 from fedrad.simulations.cli import app as sim_app
 
 DEMO_DIR = Path("runs/demo")

@@ -61,15 +61,15 @@ import scipy.stats
 import torch
 from torch.utils.data import DataLoader
 
-from fedrad.client.dataset import SiteStudies, TrainingExamples, split_held_out
-from fedrad.client.preprocess import PreprocessConfig, preprocess
-from fedrad.client.site_data import CachedStudy, SiteDataError, prepared_manifest
-from fedrad.client.train import DPConfig, TrainConfig, train_local
-from fedrad.common.checkpoint import CheckpointError, load_checkpoint
+from fedrad.client.ingest.dataset import SiteStudies, TrainingExamples, split_held_out
+from fedrad.client.ingest.site_data import CachedStudy, SiteDataError, prepared_manifest
+from fedrad.client.training.train import DPConfig, TrainConfig, train_local
 from fedrad.common.findings import FINDINGS
-from fedrad.common.labeler import label_report
-from fedrad.common.model_config import PRESETS, preset
-from fedrad.common.radiology_model import RadiologyModel
+from fedrad.common.labeling.labeler import label_report
+from fedrad.common.model.checkpoint import CheckpointError, load_checkpoint
+from fedrad.common.model.config import PRESETS, preset
+from fedrad.common.model.preprocess import PreprocessConfig, preprocess
+from fedrad.common.model.radiology_model import RadiologyModel
 
 logger = logging.getLogger(__name__)
 
@@ -306,8 +306,8 @@ def _canary_report(present: tuple[str, ...], rng: np.random.Generator) -> str:
     """Report prose for exactly these findings, in a plain style (no hedging, no misses)."""
     import datetime as dt
 
-    from fedrad.simulations.cxr_image import sample_finding
-    from fedrad.simulations.report_text import HeaderPHI, ReportStyle, write_report
+    from fedrad.common.synthetic.cxr_image import sample_finding
+    from fedrad.common.synthetic.report_text import HeaderPHI, ReportStyle, write_report
 
     style = ReportStyle(hedge_rate=0.0, miss_rate=0.0, comparison_rate=0.0, phi_rate=0.0)
     phi = HeaderPHI("Anon", "Anon", "X", "Anon", dt.date(2020, 1, 1), "0000", dt.date(2019, 1, 1))
@@ -666,7 +666,7 @@ def run_empirical_audit(
         except CheckpointError as exc:
             raise EmpiricalAuditError(str(exc)) from exc
     else:
-        from fedrad.simulations.foundation import FoundationRecipe, build_foundation
+        from fedrad.common.model.foundation import FoundationRecipe, build_foundation
 
         if progress is not None:
             progress("loading the public foundation (built once, then cached)")

@@ -22,8 +22,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from fedrad.client.preprocess import PreprocessConfig
-from fedrad.client.site_agent import (
+from fedrad.client.federation.site_agent import (
     SiteSpec,
     cached_model,
     clear_caches,
@@ -31,18 +30,20 @@ from fedrad.client.site_agent import (
     train_site,
     trainable_arrays,
 )
-from fedrad.common.checkpoint import load_checkpoint, save_checkpoint
 from fedrad.common.devices import release_host_memory
-from fedrad.common.fl_protocol import DEFAULT_LR, RoundConfig
 from fedrad.common.flower_process import FLOWER_ENV
-from fedrad.common.ledger import (
+from fedrad.common.model.checkpoint import load_checkpoint, save_checkpoint
+from fedrad.common.model.config import ModelConfig, model_config_for
+from fedrad.common.model.foundation import FoundationRecipe, build_foundation
+from fedrad.common.model.preprocess import PreprocessConfig
+from fedrad.common.privacy.ledger import (
     LedgerError,
     load_or_create_signing_key,
     load_public_key,
     public_key_path,
     verify_ledger,
 )
-from fedrad.common.model_config import ModelConfig, model_config_for
+from fedrad.common.protocol.messages import DEFAULT_LR, RoundConfig
 from fedrad.common.run_dir import (
     append_metrics,
     new_run_dir,
@@ -61,7 +62,6 @@ from fedrad.server.rounds import (
 )
 from fedrad.server.strategies import STRATEGIES, weighted_metrics
 from fedrad.simulations.cohort_data import CohortError, SiteSplit, load_cohort
-from fedrad.simulations.foundation import FoundationRecipe, build_foundation
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def _site_specs(
     model_config: ModelConfig,
 ) -> list[SiteSpec]:
     """One spec per usable site; keys are created here, before any worker could race."""
-    from fedrad.client.site_data import manifest_path
+    from fedrad.client.ingest.site_data import manifest_path
 
     preprocess = PreprocessConfig(image_size=model_config.image_size)
     threads = _site_threads(config, model_config)
@@ -285,7 +285,7 @@ def _check_ledgers(specs: list[SiteSpec]) -> None:
 
 
 def _ledger_epsilons(specs: list[SiteSpec], delta: float) -> dict[str, float | None]:
-    from fedrad.common.ledger import Ledger
+    from fedrad.common.privacy.ledger import Ledger
 
     out: dict[str, float | None] = {}
     for spec in specs:
@@ -358,8 +358,8 @@ def run_federated(
     _flower_env()
     from flwr.simulation import run_simulation
 
-    from fedrad.client.app import simulation_client_app
-    from fedrad.client.secure_aggregation import simulation_secure_client_app
+    from fedrad.client.federation.app import simulation_client_app
+    from fedrad.client.federation.secure_aggregation import simulation_secure_client_app
     from fedrad.server.app import simulation_server_app
 
     cohort = Path(cohort)

@@ -17,10 +17,10 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedrad.client.dataset import SiteStudies
-from fedrad.client.site_agent import SiteSpec
-from fedrad.common.checkpoint import save_checkpoint
-from fedrad.common.fl_protocol import RoundConfig
+from fedrad.client.federation.site_agent import SiteSpec
+from fedrad.client.ingest.dataset import SiteStudies
+from fedrad.common.model.checkpoint import save_checkpoint
+from fedrad.common.protocol.messages import RoundConfig
 from tests.model_fixtures import micro_model, micro_studies
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedrad.client.dataset import SiteStudies, TrainingExamples
-from fedrad.client.site_data import CachedStudy
-from fedrad.common.checkpoint import build_model
+from fedrad.client.ingest.dataset import SiteStudies, TrainingExamples
+from fedrad.client.ingest.site_data import CachedStudy
 from fedrad.common.findings import FINDINGS
-from fedrad.common.model_config import ModelConfig, preset
-from fedrad.common.radiology_model import RadiologyModel
-from fedrad.common.tokenizer import train_tokenizer
+from fedrad.common.model.checkpoint import build_model
+from fedrad.common.model.config import ModelConfig, preset
+from fedrad.common.model.radiology_model import RadiologyModel
+from fedrad.common.model.tokenizer import train_tokenizer
 
 CORPUS = [
     "FINDINGS: Small left pleural effusion. No pneumothorax. Heart size is normal.",

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.client import app_runner
-from fedrad.client.app_runner import Verdict, judge_task, read_secret
-from fedrad.client.site_config import SiteConfig, SiteConfigError, init_site
-from fedrad.client.supernode import new_runner_secret, runner_command
-from fedrad.common.release_app import (
+from fedrad.client.site import app_runner
+from fedrad.client.site.app_runner import Verdict, judge_task, read_secret
+from fedrad.client.site.config import SiteConfig, SiteConfigError, init_site
+from fedrad.client.site.supernode import new_runner_secret, runner_command
+from fedrad.common.protocol.release_app import (
     RELEASE_RUN_CONFIG,
     fab_sha256,
     release_fab,
@@ -74,25 +74,25 @@ def test_an_approved_bundle_within_a_permissive_policy_runs_the_installed_client
 ) -> None:
     config = _site(tmp_path, approved=(fab_sha256(FAB),))
     verdict, digest = judge_task(config, FAB, _run_config())
-    assert verdict == Verdict("fedrad.client.app:app")
+    assert verdict == Verdict("fedrad.client.federation.app:app")
     assert digest == fab_sha256(FAB)
     # the bundle cannot name another ClientApp
     verdict, _ = judge_task(config, FAB, _run_config(clientapp="evil.module:app"))
-    assert verdict.app == "fedrad.client.app:app"
+    assert verdict.app == "fedrad.client.federation.app:app"
 
 
 def test_the_release_bundle_approved_runs(tmp_path: Path) -> None:
     fab = release_fab()
     config = _site(tmp_path, approved=(fab_sha256(fab),))
-    assert judge_task(config, fab, _run_config())[0].app == "fedrad.client.app:app"
+    assert judge_task(config, fab, _run_config())[0].app == "fedrad.client.federation.app:app"
 
 
 def test_a_secagg_run_gets_the_secure_clientapp(tmp_path: Path) -> None:
     config = _site(tmp_path, approved=(fab_sha256(FAB),))
     verdict, _ = judge_task(config, FAB, _run_config(secagg=True))
-    assert verdict == Verdict("fedrad.client.secure_aggregation:app")
+    assert verdict == Verdict("fedrad.client.federation.secure_aggregation:app")
     verdict, _ = judge_task(config, FAB, {"secagg": True})
-    assert verdict.app == "fedrad.client.secure_aggregation:app"
+    assert verdict.app == "fedrad.client.federation.secure_aggregation:app"
 
 
 def test_an_approved_bundle_with_a_non_bool_secagg_is_refused(tmp_path: Path) -> None:
@@ -138,7 +138,7 @@ def test_an_approved_bundle_within_a_strict_policy_runs(tmp_path: Path) -> None:
         tmp_path, approved=(fab_sha256(FAB),), require_secagg=True, max_epsilon_per_run=4.0
     )
     verdict, _ = judge_task(config, FAB, _run_config(secagg=True, epsilon=3.0))
-    assert verdict.app == "fedrad.client.secure_aggregation:app"
+    assert verdict.app == "fedrad.client.federation.secure_aggregation:app"
 
 
 # -- the runner's secret and command line ------------------------------------------------------
@@ -165,7 +165,7 @@ def test_the_runner_takes_the_command_line_the_site_builds(
     config_path = tmp_path / "site" / "site.toml"
     secret = new_runner_secret(config_path)
     command = runner_command(config_path, secret_file=secret, port=9400)
-    assert command[:3] == [sys.executable, "-m", "fedrad.client.app_runner"]
+    assert command[:3] == [sys.executable, "-m", "fedrad.client.site.app_runner"]
     started: list[tuple[Path, str, bytes]] = []
 
     class FakeRunner:

@@ -159,7 +159,7 @@ def test_start_without_a_site_config_says_why_in_one_line(tmp_path: Path) -> Non
 
 
 def _approving_site(tmp_path: Path) -> Path:
-    from fedrad.client.site_config import init_site
+    from fedrad.client.site.config import init_site
 
     (tmp_path / "data").mkdir(exist_ok=True)
     init_site(tmp_path / "site", site_id="st_anna", data_dir=tmp_path / "data")
@@ -167,7 +167,7 @@ def _approving_site(tmp_path: Path) -> Path:
 
 
 def _approved(config_path: Path) -> tuple[str, ...]:
-    from fedrad.client.site_config import load_site_config
+    from fedrad.client.site.config import load_site_config
 
     return load_site_config(config_path).policy.approved_apps
 
@@ -181,7 +181,7 @@ def _one_line_error(result) -> str:
 
 
 def test_approve_release_writes_this_release_s_sha_and_is_idempotent(tmp_path: Path) -> None:
-    from fedrad.common.release_app import fab_sha256, release_fab, release_version
+    from fedrad.common.protocol.release_app import fab_sha256, release_fab, release_version
 
     config_path = _approving_site(tmp_path)
     before = config_path.read_text()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedrad.client.consistency import answer_notes, report_notes
+from fedrad.client.reading.consistency import answer_notes, report_notes
 from fedrad.common.findings import FINDINGS
 
 

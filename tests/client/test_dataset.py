@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedrad.client.dataset import SiteStudies, split_held_out
-from fedrad.client.site_data import CachedStudy
+from fedrad.client.ingest.dataset import SiteStudies, split_held_out
+from fedrad.client.ingest.site_data import CachedStudy
 
 
 def _studies(ids: list[str]) -> SiteStudies:

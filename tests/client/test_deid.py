@@ -7,7 +7,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from fedrad.client.deid import (
+from fedrad.client.ingest.deid import (
     PseudonymKey,
     collect_phi,
     deidentify_dataset,

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from fedrad.client.dicom_io import UnusableError, load_radiograph
+from fedrad.client.ingest.dicom_io import UnusableError, load_radiograph
 from tests.conftest import write_radiograph
 
 

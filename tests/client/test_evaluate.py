@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fedrad.client.evaluate import EvalConfig, evaluate
-from fedrad.client.site_agent import flatten_eval_metrics
+from fedrad.client.federation.site_agent import flatten_eval_metrics
+from fedrad.client.training.evaluate import EvalConfig, evaluate
 from tests.model_fixtures import micro_model, micro_studies
 
 

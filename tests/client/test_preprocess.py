@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedrad.client.preprocess import PreprocessConfig, preprocess
+from fedrad.common.model.preprocess import PreprocessConfig, preprocess
 
 
 def test_shape_and_normalisation() -> None:

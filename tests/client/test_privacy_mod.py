@@ -19,11 +19,11 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedrad.client import app as client_app_module
-from fedrad.client import site_agent
-from fedrad.client.app import build_client_app
-from fedrad.client.privacy_mod import PrivacyViolationError, check_reply
-from fedrad.client.site_agent import SiteRefusalError, SiteSpec, SiteUpdate
+from fedrad.client.federation import app as client_app_module
+from fedrad.client.federation import site_agent
+from fedrad.client.federation.app import build_client_app
+from fedrad.client.federation.privacy_mod import PrivacyViolationError, check_reply
+from fedrad.client.federation.site_agent import SiteRefusalError, SiteSpec, SiteUpdate
 from tests.fl_fixtures import round_config, set_task_identity
 
 

@@ -11,9 +11,9 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from fedrad.client.cli import app
-from fedrad.client.consistency import answer_notes, report_notes
-from fedrad.common.checkpoint import save_checkpoint
+from fedrad.client.reading.consistency import answer_notes, report_notes
 from fedrad.common.findings import FINDINGS
+from fedrad.common.model.checkpoint import save_checkpoint
 from tests.conftest import write_radiograph
 from tests.model_fixtures import micro_model
 

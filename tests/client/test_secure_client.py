@@ -16,13 +16,20 @@ from flwr.app import Array, ConfigRecord, Context, Message, MessageType, RecordD
 from flwr.common import ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 
-from fedrad.client import secure_aggregation as client_secagg
-from fedrad.client import site_agent
-from fedrad.client.privacy_mod import PrivacyViolationError, SecureRequest, check_secure_reply
-from fedrad.client.secure_aggregation import check_secagg_range, simulation_secure_client_app
-from fedrad.client.site_agent import SiteSpec, SiteUpdate, cached_model, trainable_arrays
-from fedrad.common.fl_protocol import WEIGHT_KEY
-from fedrad.common.secagg_protocol import SECAGG_RECORD
+from fedrad.client.federation import secure_aggregation as client_secagg
+from fedrad.client.federation import site_agent
+from fedrad.client.federation.privacy_mod import (
+    PrivacyViolationError,
+    SecureRequest,
+    check_secure_reply,
+)
+from fedrad.client.federation.secure_aggregation import (
+    check_secagg_range,
+    simulation_secure_client_app,
+)
+from fedrad.client.federation.site_agent import SiteSpec, SiteUpdate, cached_model, trainable_arrays
+from fedrad.common.protocol.messages import WEIGHT_KEY
+from fedrad.common.protocol.secagg import SECAGG_RECORD
 from fedrad.server.participation import RoundGrid
 from fedrad.server.rounds import ServerPlan
 from fedrad.server.secure_aggregation import SecureRounds

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedrad.client import site_agent
-from fedrad.client.site_agent import (
+from fedrad.client.federation import site_agent
+from fedrad.client.federation.site_agent import (
     SiteRefusalError,
     SiteSpec,
     cached_model,
@@ -22,9 +22,9 @@ from fedrad.client.site_agent import (
     train_site,
     trainable_arrays,
 )
-from fedrad.common.accounting import MechanismStep, cumulative_epsilon
-from fedrad.common.fl_protocol import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS, ProtocolError
-from fedrad.common.ledger import Ledger, load_or_create_signing_key, verify_ledger
+from fedrad.common.privacy.accounting import MechanismStep, cumulative_epsilon
+from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key, verify_ledger
+from fedrad.common.protocol.messages import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS, ProtocolError
 from tests.fl_fixtures import micro_foundation, micro_site, round_config
 
 
@@ -145,7 +145,7 @@ def test_a_deployed_site_names_itself_in_its_node_config(tmp_path: Path) -> None
 
 
 def test_a_site_prepares_its_export_into_its_cache_dir(tmp_path: Path) -> None:
-    from fedrad.simulations.synth import generate_cohort
+    from fedrad.common.synthetic.cohort import generate_cohort
 
     generate_cohort(tmp_path / "cohort", sites=1, studies_per_site=8, seed=1, workers=1)
     data = tmp_path / "cohort" / "site_1"

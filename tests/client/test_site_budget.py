@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from fedrad.client.cli import app as site_cli
-from fedrad.client.site_agent import (
+from fedrad.client.federation.site_agent import (
     SiteRefusalError,
     SiteSpec,
     cached_model,
@@ -25,14 +25,14 @@ from fedrad.client.site_agent import (
     train_site,
     trainable_arrays,
 )
-from fedrad.client.site_config import (
+from fedrad.client.site.config import (
     SiteConfigError,
     init_site,
     load_site_config,
     site_budget,
 )
-from fedrad.common.accounting import MechanismStep, cumulative_epsilon
-from fedrad.common.ledger import Ledger, load_or_create_signing_key
+from fedrad.common.privacy.accounting import MechanismStep, cumulative_epsilon
+from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key
 from tests.fl_fixtures import micro_foundation, micro_site, round_config
 
 # -- never an overrun ------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.client.preprocess import PreprocessConfig
-from fedrad.client.site_data import SiteDataError, load_manifest, prepare_site, scan_site
+from fedrad.client.ingest.site_data import SiteDataError, load_manifest, prepare_site, scan_site
+from fedrad.common.model.preprocess import PreprocessConfig
 from tests.conftest import PHI, write_radiograph, write_reports
 
 REPORT = (

@@ -15,24 +15,29 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fedrad.client import site_agent
 from fedrad.client.cli import app as site_cli
-from fedrad.client.site_agent import SiteRefusalError, SiteSpec, train_site, trainable_arrays
-from fedrad.client.site_config import (
+from fedrad.client.federation import site_agent
+from fedrad.client.federation.site_agent import (
+    SiteRefusalError,
+    SiteSpec,
+    train_site,
+    trainable_arrays,
+)
+from fedrad.client.site.config import (
     SiteConfigError,
     add_approved_app,
     init_site,
     load_site_config,
     site_budget,
 )
-from fedrad.client.site_policy import (
+from fedrad.client.site.policy import (
     SitePolicy,
     check_round,
     check_run_plan,
     one_line,
     record_refusal,
 )
-from fedrad.common.ledger import Ledger, load_or_create_signing_key, verify_ledger
+from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key, verify_ledger
 from tests.fl_fixtures import micro_foundation, micro_site, round_config
 
 SITE = "[site]\nsite_id='a'\ndata_dir='d'\nepsilon=8.0\ndelta=1e-5\n"
@@ -286,7 +291,7 @@ def test_a_refusal_is_logged_and_recorded_spending_nothing(
     config = load_site_config(_site(tmp_path, require_secagg=True))
     reason = check_run_plan(config.policy, {"secagg": False})
     assert reason is not None
-    with caplog.at_level(logging.WARNING, logger="fedrad.client.site_policy"):
+    with caplog.at_level(logging.WARNING, logger="fedrad.client.site.policy"):
         entry = record_refusal(config, "run-7", 0, reason + "\n  and more")
     assert entry is not None and entry["reason"] == reason + " and more"
     assert [r.getMessage() for r in caplog.records] == [
@@ -309,7 +314,7 @@ def test_a_refusal_that_cannot_be_recorded_still_stands(
 ) -> None:
     config = load_site_config(_site(tmp_path))
     config.ledger.write_bytes(b'{"torn')  # an interrupted write: the ledger refuses appends
-    with caplog.at_level(logging.WARNING, logger="fedrad.client.site_policy"):
+    with caplog.at_level(logging.WARNING, logger="fedrad.client.site.policy"):
         assert record_refusal(config, "run", 1, "site policy: no") is None
     assert any("could not record" in r.getMessage() for r in caplog.records)
     assert config.ledger.read_bytes() == b'{"torn'

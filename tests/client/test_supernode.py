@@ -15,9 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from fedrad.client.cli import app
-from fedrad.client.site_agent import SiteSpec
-from fedrad.client.site_config import SiteConfig, add_approved_app, init_site, load_site_config
-from fedrad.client.supernode import (
+from fedrad.client.federation.site_agent import SiteSpec
+from fedrad.client.site.config import SiteConfig, add_approved_app, init_site, load_site_config
+from fedrad.client.site.supernode import (
     RUNNER_SECRET,
     SupernodeError,
     is_ca_certificate,
@@ -31,8 +31,8 @@ from fedrad.client.supernode import (
     supernode_environment,
 )
 from fedrad.common.flower_process import FLOWER_ENV
-from fedrad.common.ledger import Ledger, load_or_create_signing_key
-from fedrad.common.release_app import fab_sha256
+from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key
+from fedrad.common.protocol.release_app import fab_sha256
 from fedrad.server.pki import init_federation
 
 APPROVED = fab_sha256(b"the app bundle this site approved")
@@ -237,7 +237,7 @@ def test_runner_command(tmp_path: Path) -> None:
     assert command == [
         sys.executable,
         "-m",
-        "fedrad.client.app_runner",
+        "fedrad.client.site.app_runner",
         "--config",
         str(config_path.resolve()),
         "--runtime-api-address",

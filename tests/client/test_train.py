@@ -10,7 +10,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fedrad.client.train import DPConfig, TrainConfig, train_local
+from fedrad.client.training.train import DPConfig, TrainConfig, train_local
 from tests.model_fixtures import micro_examples, micro_model
 
 
@@ -176,7 +176,7 @@ def test_a_frozen_encoder_is_untouched_by_dp_training() -> None:
 
 def test_poisson_sampling_runs_at_exactly_the_rate_the_ledger_records() -> None:
     """Opacus' own conversion samples at 1 / ceil(N / B); the ledger records B / N."""
-    from fedrad.client.train import _loader
+    from fedrad.client.training.train import _loader
 
     model = micro_model()
     examples = micro_examples(model, 14)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from fedrad.common.accounting import MechanismStep, cumulative_epsilon
+from fedrad.common.privacy.accounting import MechanismStep, cumulative_epsilon
 
 
 def test_opacus_golden_value_rdp() -> None:

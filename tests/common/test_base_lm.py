@@ -20,17 +20,17 @@ from transformers import (
     PreTrainedModel,
 )
 
-from fedrad.client.train import DPConfig, TrainConfig, train_local
-from fedrad.common import base_lm
-from fedrad.common.base_lm import BaseLMError, fingerprint, locate
-from fedrad.common.checkpoint import (
+from fedrad.client.training.train import DPConfig, TrainConfig, train_local
+from fedrad.common.model import base_lm
+from fedrad.common.model.base_lm import BaseLMError, fingerprint, locate
+from fedrad.common.model.checkpoint import (
     CheckpointError,
     build_model,
     load_checkpoint,
     save_checkpoint,
 )
-from fedrad.common.model_config import preset
-from fedrad.common.tokenizer import train_tokenizer
+from fedrad.common.model.config import preset
+from fedrad.common.model.tokenizer import train_tokenizer
 from tests.model_fixtures import CORPUS, micro_config, micro_examples
 
 SMALL_SIDE = dict(

@@ -8,13 +8,9 @@ from pathlib import Path
 import pytest
 
 from fedrad.common.findings import FINDINGS
-from fedrad.common.labeler import ReportLabels, label_report, label_reports, section_spans
-from fedrad.simulations.labeler_bench import (
-    evaluate,
-    load_radlabels,
-    radlabels_samples_dir,
-    run_radlabels_bench,
-)
+from fedrad.common.labeling.labeler import ReportLabels, label_report, label_reports, section_spans
+from fedrad.common.labeling.radlabels import load_radlabels, radlabels_samples_dir
+from fedrad.simulations.benchmarks.labeler import evaluate, run_radlabels_bench
 
 RADLABELS_MACRO_F1_FLOOR = 0.86
 """Measured 0.896 (section-aware reference, 2026-11-23); the floor leaves room for lexicon edits."""

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.common.accounting import MechanismStep, cumulative_epsilon
-from fedrad.common.ledger import (
+from fedrad.common.privacy.accounting import MechanismStep, cumulative_epsilon
+from fedrad.common.privacy.ledger import (
     GENESIS_HASH,
     Ledger,
     LedgerError,

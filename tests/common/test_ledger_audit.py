@@ -14,10 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fedrad.common.accounting import MechanismStep, cumulative_epsilon
-from fedrad.common.audit_cli import ledger_app, main
-from fedrad.common.ledger import Ledger, load_or_create_signing_key, public_key_path
-from fedrad.common.ledger_audit import (
+from fedrad.common.audit.ledger_audit import (
     IndependentAccountant,
     audit_ledger,
     claim_is_supported,
@@ -26,6 +23,9 @@ from fedrad.common.ledger_audit import (
     read_public_key,
     with_budget,
 )
+from fedrad.common.privacy.accounting import MechanismStep, cumulative_epsilon
+from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key, public_key_path
+from fedrad.simulations.audit_cli import ledger_app, main
 
 ROUND = {
     "sample_rate": 0.2,
@@ -252,7 +252,7 @@ def test_judging_a_finished_audit_against_a_budget_equals_auditing_with_it(
 
 
 def test_a_truncated_tail_is_caught_against_an_earlier_audit(tmp_path: Path) -> None:
-    from fedrad.common.ledger_audit import Anchor
+    from fedrad.common.audit.ledger_audit import Anchor
 
     path = _ledger(tmp_path)
     earlier = audit_ledger(path, _keys(tmp_path))
@@ -266,7 +266,7 @@ def test_a_truncated_tail_is_caught_against_an_earlier_audit(tmp_path: Path) -> 
 
 def test_a_signed_but_wrong_claim_is_tampered(tmp_path: Path) -> None:
     """A site whose software (or whose stolen key) signs an understated epsilon."""
-    from fedrad.common.ledger import GENESIS_HASH, _sign, canonical_json, line_hash
+    from fedrad.common.privacy.ledger import GENESIS_HASH, _sign, canonical_json, line_hash
 
     key = load_or_create_signing_key(tmp_path / "ledger_key.pem")
     entry = {
@@ -331,7 +331,7 @@ def test_refusals_verify_count_and_leave_every_epsilon_as_it_was(tmp_path: Path)
     ],
 )
 def test_a_damaged_refusal_is_caught(tmp_path: Path, damage: str, status: str, words: str) -> None:
-    from fedrad.common.ledger import _sign
+    from fedrad.common.privacy.ledger import _sign
 
     path = _with_refusals(tmp_path)
     lines = _lines(path)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedrad.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fedrad.common.model_config import ModelConfig, preset
+from fedrad.common.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedrad.common.model.config import ModelConfig, preset
 from fedrad.common.tasks import REPORT_PROMPT
 from tests.model_fixtures import micro_examples, micro_model
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.common.fl_protocol import RoundConfig
-from fedrad.common.release_app import (
+from fedrad.common.protocol.messages import RoundConfig
+from fedrad.common.protocol.release_app import (
     CLIENT_APP,
     RELEASE_RUN_CONFIG,
     SECURE_CLIENT_APP,
@@ -195,10 +195,10 @@ def test_run_config_toml_round_trips_and_refuses_unknown_keys(tmp_path: Path) ->
 
 
 def test_clientapp_for_picks_from_the_allow_list() -> None:
-    assert clientapp_for({}) == CLIENT_APP == "fedrad.client.app:app"
+    assert clientapp_for({}) == CLIENT_APP == "fedrad.client.federation.app:app"
     assert clientapp_for({"secagg": False}) == CLIENT_APP
     assert clientapp_for({"secagg": True}) == SECURE_CLIENT_APP
-    assert SECURE_CLIENT_APP == "fedrad.client.secure_aggregation:app"
+    assert SECURE_CLIENT_APP == "fedrad.client.federation.secure_aggregation:app"
     # a run cannot name its own ClientApp
     assert clientapp_for({"clientapp": "evil:app", "secagg": False}) == CLIENT_APP
 

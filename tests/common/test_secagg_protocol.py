@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedrad.common.secagg_protocol import (
+from fedrad.common.protocol.secagg import (
     ADAM_BETAS,
     MAX_QUANTIZATION_RANGE,
     MODULUS_RANGE,

@@ -18,8 +18,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedrad.client.cli import app as site_app
-from fedrad.client.train import DPConfig, TrainConfig, train_local
-from fedrad.common.base_lm import (
+from fedrad.client.training.train import DPConfig, TrainConfig, train_local
+from fedrad.common.devices import select_device
+from fedrad.common.findings import FINDINGS
+from fedrad.common.model.base_lm import (
     DEQUANTIZED_MARKER,
     BaseLMError,
     _keep_dequantized,
@@ -29,11 +31,9 @@ from fedrad.common.base_lm import (
     load_base_tokenizer,
     locate,
 )
-from fedrad.common.checkpoint import build_model, load_checkpoint, save_checkpoint
-from fedrad.common.devices import select_device
-from fedrad.common.findings import FINDINGS
-from fedrad.common.model_config import SMOLLM2_SHA256, preset
-from fedrad.common.radiology_model import RadiologyModel
+from fedrad.common.model.checkpoint import build_model, load_checkpoint, save_checkpoint
+from fedrad.common.model.config import SMOLLM2_SHA256, preset
+from fedrad.common.model.radiology_model import RadiologyModel
 from tests.model_fixtures import micro_examples
 
 pytestmark = pytest.mark.slow
@@ -147,7 +147,7 @@ def test_the_dequantized_gguf_is_cached_once_and_reads_back_the_same_base(
 
     # a broken copy is rebuilt from the GGUF, not trusted and not fatal
     (cached / "model.safetensors").write_bytes(b"truncated")
-    with caplog.at_level(logging.WARNING, logger="fedrad.common.base_lm"):
+    with caplog.at_level(logging.WARNING, logger="fedrad.common.model.base_lm"):
         rebuilt, _ = load_base(small.config)
     assert "unreadable cached copy" in caplog.text
     assert (cached / DEQUANTIZED_MARKER).is_file()
@@ -157,6 +157,6 @@ def test_the_dequantized_gguf_is_cached_once_and_reads_back_the_same_base(
     # a cache that cannot be written costs speed, never the load
     (tmp_path / "not-a-dir").write_text("")
     monkeypatch.setenv("FEDRAD_CACHE", str(tmp_path / "not-a-dir"))
-    with caplog.at_level(logging.WARNING, logger="fedrad.common.base_lm"):
+    with caplog.at_level(logging.WARNING, logger="fedrad.common.model.base_lm"):
         _keep_dequantized(from_gguf, location)
     assert "could not cache the dequantized base LM" in caplog.text

@@ -19,12 +19,12 @@ import pytest
 from typer.testing import CliRunner
 
 from fedrad.client.cli import app as site_cli
-from fedrad.client.site_config import init_site
-from fedrad.common.ledger import public_key_path
-from fedrad.common.ledger_audit import audit_ledger, public_key_id, read_public_key
+from fedrad.client.site.config import init_site
+from fedrad.common.audit.ledger_audit import audit_ledger, public_key_id, read_public_key
+from fedrad.common.privacy.ledger import public_key_path
+from fedrad.common.synthetic.cohort import generate_cohort
 from fedrad.server.cli import app as coordinator_cli
 from fedrad.server.fleet_proxy import ProxyError, find_nginx
-from fedrad.simulations.synth import generate_cohort
 from tests.fl_fixtures import micro_foundation
 
 BIN = Path(sys.executable).parent

@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from fedrad.client.cli import app as site_app
+from fedrad.common.model.foundation import FoundationRecipe
+from fedrad.common.synthetic.cohort import generate_cohort
 from fedrad.simulations.centralized import CentralizedConfig, run_centralized
-from fedrad.simulations.foundation import FoundationRecipe
-from fedrad.simulations.synth import generate_cohort
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedrad.client.cli import app as site_app
-from fedrad.simulations.synth import generate_cohort
+from fedrad.common.synthetic.cohort import generate_cohort
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.client.site_config import init_site
+from fedrad.client.site.config import init_site
 from tests.integration.deployment_support import (
     SITES,
     Process,

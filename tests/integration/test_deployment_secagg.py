@@ -65,7 +65,7 @@ def test_secagg_over_tls_with_node_authentication_survives_a_killed_site(
     # SecAgg+ ClientApp from its allow-list
     assert tomllib.loads((run_dir / "run_config.toml").read_text())["secagg"] is True
     for node in nodes.values():
-        assert "fedrad.client.secure_aggregation:app" in node.text()
+        assert "fedrad.client.federation.secure_aggregation:app" in node.text()
     records = _records(run_dir)
     assert [r["round"] for r in records] == [1, 2]
     print(f"\nSecAgg+ rounds (3 sites): {[round(r['round_s'], 1) for r in records]} s")

@@ -10,21 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.common.checkpoint import load_checkpoint
-from fedrad.common.ledger import (
+from fedrad.common.model.checkpoint import load_checkpoint
+from fedrad.common.privacy.ledger import (
     Ledger,
     load_or_create_signing_key,
     load_public_key,
     public_key_path,
     verify_ledger,
 )
+from fedrad.common.synthetic.cohort import generate_cohort
 from fedrad.simulations.federated import (
     FederatedConfig,
     config_from_toml,
     resume_federated,
     run_federated,
 )
-from fedrad.simulations.synth import generate_cohort
 from tests.fl_fixtures import micro_foundation
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

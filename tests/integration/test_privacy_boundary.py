@@ -17,24 +17,24 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 
-from fedrad.client import secure_aggregation as client_secagg
-from fedrad.client import site_agent
-from fedrad.client.app import simulation_client_app
-from fedrad.client.preprocess import PreprocessConfig
-from fedrad.client.secure_aggregation import simulation_secure_client_app
-from fedrad.client.site_agent import (
+from fedrad.client.federation import secure_aggregation as client_secagg
+from fedrad.client.federation import site_agent
+from fedrad.client.federation.app import simulation_client_app
+from fedrad.client.federation.secure_aggregation import simulation_secure_client_app
+from fedrad.client.federation.site_agent import (
     SiteSpec,
     SiteUpdate,
     cached_model,
     declared_trainable,
     trainable_arrays,
 )
-from fedrad.client.site_data import default_cache_dir, prepare_site
+from fedrad.client.ingest.site_data import default_cache_dir, prepare_site
+from fedrad.common.model.preprocess import PreprocessConfig
+from fedrad.common.protocol.secagg import SECAGG_RECORD, array_order
 from fedrad.common.run_dir import read_metrics
-from fedrad.common.secagg_protocol import SECAGG_RECORD, array_order
+from fedrad.common.synthetic.cohort import generate_cohort
 from fedrad.server.app import run_server
 from fedrad.server.rounds import RunBook, ServerPlan
-from fedrad.simulations.synth import generate_cohort
 from tests.fl_fixtures import InProcessGrid, micro_foundation, round_config, set_task_identity
 
 pytestmark = pytest.mark.integration

@@ -28,7 +28,7 @@ import httpx
 import pytest
 import tomli_w
 
-from fedrad.common.release_app import release_pyproject
+from fedrad.common.protocol.release_app import release_pyproject
 from fedrad.server.deploy import accepts_connections
 from tests.integration.deployment_support import (
     BIN,

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from fedrad.client import site_agent
+from fedrad.client.federation import site_agent
 from tests.fl_fixtures import set_task_identity
 
 

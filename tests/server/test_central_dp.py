@@ -25,17 +25,17 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam
 from typer.testing import CliRunner
 
-from fedrad.client.app import simulation_client_app
-from fedrad.common.accounting import MechanismStep, cumulative_epsilon
-from fedrad.common.fl_protocol import (
+from fedrad.client.federation.app import simulation_client_app
+from fedrad.common.audit.ledger_audit import audit_ledger, public_key_id, read_public_key
+from fedrad.common.privacy.accounting import MechanismStep, cumulative_epsilon
+from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key
+from fedrad.common.protocol.messages import (
     ARRAYS_KEY,
     METRICS_KEY,
     SITE_ID_FIELD,
     SITE_KEY,
     WEIGHT_KEY,
 )
-from fedrad.common.ledger import Ledger, load_or_create_signing_key
-from fedrad.common.ledger_audit import audit_ledger, public_key_id, read_public_key
 from fedrad.common.run_dir import read_metrics
 from fedrad.server.app import build_plan_strategy, run_server
 from fedrad.server.rounds import ResumeError, RunBook, ServerPlan

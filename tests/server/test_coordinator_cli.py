@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from typer.testing import CliRunner
 
-from fedrad.client.site_config import init_site
+from fedrad.client.site.config import init_site
 from fedrad.server.cli import app
 
 runner = CliRunner()

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fedrad.client.site_config import init_site
+from fedrad.client.site.config import init_site
 from fedrad.common.flower_process import FLOWER_ENV
-from fedrad.common.release_app import (
+from fedrad.common.protocol.release_app import (
     RELEASE_RUN_CONFIG,
     clientapp_for,
     fab_sha256,
@@ -400,7 +400,7 @@ def test_the_staged_release_app_is_the_bundle_the_sites_approve(coordinator: Pat
     document = tomllib.loads((app_dir / "pyproject.toml").read_text())
     assert document["tool"]["flwr"]["app"]["components"] == {
         "serverapp": "fedrad.server.app:app",
-        "clientapp": "fedrad.client.app:app",
+        "clientapp": "fedrad.client.federation.app:app",
     }
     assert document["tool"]["flwr"]["app"]["config"] == RELEASE_RUN_CONFIG
     valid, errors, _ = validate_config(document, check_module=True, project_dir=app_dir)
@@ -784,13 +784,16 @@ def test_a_secagg_run_submits_the_one_release_app(coordinator: Path, tmp_path: P
     assert plan.secagg and plan.shares_threshold == 2 and plan.required_sites == 2
     app_dir = stage_release_app(coordinator)
     document = tomllib.loads((app_dir / "pyproject.toml").read_text())
-    assert document["tool"]["flwr"]["app"]["components"]["clientapp"] == "fedrad.client.app:app"
+    assert (
+        document["tool"]["flwr"]["app"]["components"]["clientapp"]
+        == "fedrad.client.federation.app:app"
+    )
     (tmp_path / "s1").mkdir()
     settings = tomllib.loads(write_run_config(tmp_path / "s1", config).read_text())
     assert settings["secagg"] is True
-    assert clientapp_for(settings) == "fedrad.client.secure_aggregation:app"
+    assert clientapp_for(settings) == "fedrad.client.federation.secure_aggregation:app"
     plain = build_run_config(run_dir=tmp_path / "p", foundation=tmp_path, rounds=1, num_sites=3)
-    assert clientapp_for(plain) == "fedrad.client.app:app"
+    assert clientapp_for(plain) == "fedrad.client.federation.app:app"
 
 
 def test_run_refuses_secagg_settings_that_cannot_work_before_submitting(

@@ -13,7 +13,7 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
-from fedrad.client.app import simulation_client_app
+from fedrad.client.federation.app import simulation_client_app
 from fedrad.common.run_dir import read_metrics
 from fedrad.server.app import run_server
 from fedrad.server.participation import FederationError, Participation, RoundGrid

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fedrad.client.site_config import init_site
+from fedrad.client.site.config import init_site
 from fedrad.server import pki
 from fedrad.server.pki import (
     CA_CERT,

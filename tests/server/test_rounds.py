@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedrad.client.app import simulation_client_app
-from fedrad.common.checkpoint import load_checkpoint, read_metadata
-from fedrad.common.ledger import Ledger, load_or_create_signing_key, verify_ledger
+from fedrad.client.federation.app import simulation_client_app
+from fedrad.common.model.checkpoint import load_checkpoint, read_metadata
+from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key, verify_ledger
 from fedrad.common.run_dir import read_metrics
 from fedrad.server.app import FederationError, run_server
 from fedrad.server.rounds import (

@@ -18,21 +18,21 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.server.superlink.linkstate.utils import NODE_UNAVAILABLE_ERROR_REASON
 
-from fedrad.client import secure_aggregation as client_secagg
-from fedrad.client import site_agent
-from fedrad.client.app import simulation_client_app
-from fedrad.client.secure_aggregation import simulation_secure_client_app
-from fedrad.client.site_agent import SiteSpec, SiteUpdate, cached_model, trainable_arrays
-from fedrad.common.fl_protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
-from fedrad.common.ledger import Ledger, load_or_create_signing_key
-from fedrad.common.ledger_audit import audit_ledger, public_key_id, read_public_key
-from fedrad.common.run_dir import read_metrics
-from fedrad.common.secagg_protocol import (
+from fedrad.client.federation import secure_aggregation as client_secagg
+from fedrad.client.federation import site_agent
+from fedrad.client.federation.app import simulation_client_app
+from fedrad.client.federation.secure_aggregation import simulation_secure_client_app
+from fedrad.client.federation.site_agent import SiteSpec, SiteUpdate, cached_model, trainable_arrays
+from fedrad.common.audit.ledger_audit import audit_ledger, public_key_id, read_public_key
+from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key
+from fedrad.common.protocol.messages import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
+from fedrad.common.protocol.secagg import (
     SECAGG_RECORD,
     STAGE_FIELD,
     adam_update_bound,
     quantization_range,
 )
+from fedrad.common.run_dir import read_metrics
 from fedrad.server.app import FederationError, run_server
 from fedrad.server.participation import RoundGrid
 from fedrad.server.rounds import RunBook, ServerPlan

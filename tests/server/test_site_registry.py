@@ -16,9 +16,9 @@ import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
-from fedrad.client.app import simulation_client_app
-from fedrad.common.fl_protocol import METRICS_KEY, SITE_ID_FIELD, SITE_KEY, WEIGHT_KEY
-from fedrad.common.ledger import Ledger, load_or_create_signing_key
+from fedrad.client.federation.app import simulation_client_app
+from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key
+from fedrad.common.protocol.messages import METRICS_KEY, SITE_ID_FIELD, SITE_KEY, WEIGHT_KEY
 from fedrad.common.run_dir import read_metrics
 from fedrad.server import app as server_app
 from fedrad.server.app import _site_metrics, deployed_plan, load_registry, run_server

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedrad.common.checkpoint import build_model
-from fedrad.simulations.foundation import FoundationRecipe, build_foundation
+from fedrad.common.model.checkpoint import build_model
+from fedrad.common.model.foundation import FoundationRecipe, build_foundation
 from tests.common.test_base_lm import llama_dir, path_config
 
 RECIPE = FoundationRecipe(

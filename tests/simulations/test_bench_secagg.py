@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.simulations.bench_secagg import SecAggBenchConfig, arm_row, compare
+from fedrad.simulations.benchmarks.secagg import SecAggBenchConfig, arm_row, compare
 
 
 def test_bad_settings_are_refused_and_arms_differ_only_in_secagg() -> None:

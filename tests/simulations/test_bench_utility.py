@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.simulations.bench_utility import (
+from fedrad.simulations.benchmarks.utility import (
     ARMS,
     UtilityBenchConfig,
     _row,

@@ -17,7 +17,8 @@ import scipy.stats
 import torch
 
 from fedrad.common.findings import FINDINGS
-from fedrad.common.labeler import label_report
+from fedrad.common.labeling.labeler import label_report
+from fedrad.common.synthetic.cohort import generate_cohort
 from fedrad.simulations.empirical_audit import (
     MIN_SITE_STUDIES,
     EmpiricalAuditConfig,
@@ -32,7 +33,6 @@ from fedrad.simulations.empirical_audit import (
     render_table,
     run_empirical_audit,
 )
-from fedrad.simulations.synth import generate_cohort
 from tests.fl_fixtures import micro_foundation
 from tests.model_fixtures import micro_model, micro_studies
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedrad.client import site_agent
-from fedrad.common.checkpoint import load_checkpoint
+from fedrad.client.federation import site_agent
+from fedrad.common.model.checkpoint import load_checkpoint
+from fedrad.common.synthetic.cohort import generate_cohort
 from fedrad.simulations.cohort_data import CohortError
 from fedrad.simulations.federated import (
     FederatedConfig,
@@ -19,7 +20,6 @@ from fedrad.simulations.federated import (
     run_federated,
     run_local_only,
 )
-from fedrad.simulations.synth import generate_cohort
 from tests.fl_fixtures import micro_foundation
 
 

@@ -28,7 +28,7 @@ def test_a_bad_base_lm_is_one_line_and_exit_2_in_every_command(
 ) -> None:
     """--lm that is not a causal LM, and the small preset without its package: refused before
     any cohort is read or anything is built, never a traceback or another model."""
-    from fedrad.common import model_config
+    from fedrad.common.model import config as model_config
 
     runner = CliRunner()
     not_a_model = tmp_path / "notes.txt"

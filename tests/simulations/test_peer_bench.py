@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from fedrad.common.findings import FINDINGS
-from fedrad.common.labeler import ReportLabels
-from fedrad.simulations import labeler_bench, peer_bench
-from fedrad.simulations.peer_bench import (
+from fedrad.common.labeling.labeler import ReportLabels
+from fedrad.common.labeling.radlabels import radlabels_samples_dir
+from fedrad.simulations.benchmarks import labeler as labeler_bench
+from fedrad.simulations.benchmarks import peer as peer_bench
+from fedrad.simulations.benchmarks.peer import (
     PeerLabelerError,
     PeerVenvMissingError,
     markdown_table,
@@ -36,7 +38,7 @@ def _line(rid: int, **labels: int) -> str:
 
 def _radlabels_or_skip() -> Path:
     try:
-        return labeler_bench.radlabels_samples_dir()
+        return radlabels_samples_dir()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
 

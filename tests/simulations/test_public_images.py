@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedrad.common.model_config import preset
-from fedrad.simulations.foundation import (
+from fedrad.common.model.config import preset
+from fedrad.common.model.foundation import (
     FoundationRecipe,
     build_foundation,
     build_foundation_encoder,
 )
-from fedrad.simulations.public_images import EncoderRecipe, draw_public_images, pretrain_encoder
-from fedrad.simulations.stage_progress import showing_progress
+from fedrad.common.model.public_images import EncoderRecipe, draw_public_images, pretrain_encoder
+from fedrad.common.stage_progress import showing_progress
 
 SMALL = EncoderRecipe(images=24, steps=3, batch_size=4, render_size=96)
 CONFIG = preset("tiny", image_size=64, encoder_channels=(8, 16), encoder_strides=(2, 2))

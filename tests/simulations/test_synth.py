@@ -24,16 +24,16 @@ from pydicom.uid import (
 )
 
 from fedrad.common.findings import FINDINGS, LATERAL_FINDINGS
-from fedrad.simulations import synth
-from fedrad.simulations.cxr_image import Finding, render_chest, sample_anatomy
-from fedrad.simulations.report_text import HeaderPHI, ReportStyle, write_report
-from fedrad.simulations.site_profiles import (
+from fedrad.common.synthetic import cohort as synth
+from fedrad.common.synthetic.cohort import GROUND_TRUTH_COLUMNS, REPORT_COLUMNS, generate_cohort
+from fedrad.common.synthetic.cxr_image import Finding, render_chest, sample_anatomy
+from fedrad.common.synthetic.report_text import HeaderPHI, ReportStyle, write_report
+from fedrad.common.synthetic.site_profiles import (
     BASE_PROFILES,
     SIZE_MULTIPLIERS,
     profile_for_site,
     studies_for_site,
 )
-from fedrad.simulations.synth import GROUND_TRUTH_COLUMNS, REPORT_COLUMNS, generate_cohort
 
 SIZE = 128
 

@@ -1,0 +1,556 @@
+"""A site's part of a round, framework-free: load data and model, spend privacy, train, report.
+
+The Flower ClientApp (`federation/app.py`) only converts messages to and from the types here, so
+this module runs and tests without Flower (as MONAI's `ClientAlgo` does). Per process it keeps
+one model per foundation checkpoint and a few sites' studies: in a simulation several virtual
+sites share a worker process and must not each hold their own copy.
+
+Privacy: the noise multiplier is calibrated so that what the ledger already holds plus every
+remaining planned step (rounds left x local steps) stays within the site's target epsilon. On
+a fresh run that is the classic "calibrate once for the whole schedule"; after a resume or a
+repeated round it is still within budget. A round that cannot fit is refused. The site's own
+policy (site.toml [policy]) caps a run's epsilon the same way and refuses rounds below its
+noise floor or above its per-round epsilon. Every such refusal comes before any training step
+and is recorded in the ledger as a refusal entry that spends nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+from opacus.optimizers import DPOptimizer
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from fedrad.client.ingest.dataset import SiteStudies, TrainingExamples, split_held_out
+from fedrad.client.ingest.site_data import prepared_manifest
+from fedrad.client.site.config import SiteConfig, SiteConfigError, load_site_config
+from fedrad.client.site.policy import SitePolicy, check_round, record_refusal
+from fedrad.client.training.evaluate import EvalConfig, evaluate
+from fedrad.client.training.train import DPConfig, TrainConfig, train_local
+from fedrad.common.findings import FINDINGS
+from fedrad.common.model.checkpoint import load_checkpoint, read_metadata
+from fedrad.common.model.preprocess import PreprocessConfig
+from fedrad.common.model.radiology_model import RadiologyModel
+from fedrad.common.privacy.accounting import (
+    MechanismStep,
+    cumulative_epsilon,
+    epsilon_from_rdp,
+    rdp_of,
+)
+from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key
+from fedrad.common.protocol.messages import EVAL_METRIC_KEYS, WEIGHT_KEY, RoundConfig
+
+logger = logging.getLogger(__name__)
+
+MAX_CACHED_SITES: Final[int] = 16  # studies of this many sites stay in memory per process
+MAX_NOISE: Final[float] = 50.0  # beyond this a round is noise only: refuse instead
+
+
+class SiteRefusalError(Exception):
+    """The site declines the round (budget, plan, data); the message is safe to send back."""
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """What a site agent needs, all of it the site's own (never sent by the coordinator).
+
+    Exactly one of `manifest` (a prepared cache, as simulations use) or `data_dir` (the raw
+    DICOM + reports export, prepared on first use) names the data.
+    """
+
+    site_id: str
+    foundation_dir: Path  # the federation's starting checkpoint, the site's own copy
+    ledger_path: Path
+    key_path: Path  # Ed25519 ledger signing key (0600), created if absent
+    manifest: Path | None = None
+    data_dir: Path | None = None
+    held_out_fraction: float = 0.2  # deterministic by study id (`split_held_out`)
+    budget_epsilon: float | None = None  # the hospital's own cap, over its whole ledger
+    budget_delta: float | None = None  # the largest delta the site's budget holds at
+    threads: int = 0  # torch threads (0 = leave as the process has it)
+    cache_dir: Path | None = None  # where data_dir is prepared (default: inside it)
+    policy: SitePolicy = field(default_factory=SitePolicy)  # what the site takes part in
+
+    def __post_init__(self) -> None:
+        if (self.manifest is None) == (self.data_dir is None):
+            raise ValueError("give exactly one of manifest or data_dir")
+        if not 0 < self.held_out_fraction < 1:
+            raise ValueError("held_out_fraction must be in (0, 1)")
+        if self.budget_epsilon is not None and self.budget_epsilon <= 0:
+            raise ValueError("budget_epsilon must be positive")
+        if self.budget_delta is not None and not 0 < self.budget_delta < 1:
+            raise ValueError("budget_delta must be in (0, 1)")
+
+    @staticmethod
+    def from_site_config(config: SiteConfig, foundation_dir: Path | None = None) -> SiteSpec:
+        """A deployed site: data, ledger, key and budget all from the site's own site.toml."""
+        foundation = foundation_dir or config.foundation_dir
+        if foundation is None:
+            raise SiteRefusalError(
+                f"site {config.site_id} has no foundation_dir in its config or node config"
+            )
+        return SiteSpec(
+            site_id=config.site_id,
+            foundation_dir=Path(foundation),
+            ledger_path=config.ledger,
+            key_path=config.ledger_key,
+            data_dir=config.data_dir,
+            budget_epsilon=config.epsilon,
+            budget_delta=config.delta,
+            cache_dir=config.cache_dir,
+            policy=config.policy,
+        )
+
+    @staticmethod
+    def from_node_config(node_config: Mapping[str, Any]) -> SiteSpec:
+        """A deployed SuperNode's `--node-config`: site-id, data-dir, foundation-dir, and
+        optionally ledger, signing-key (default under <data-dir>/.fedrad-site/), cache-dir
+        and epsilon-budget; or `site-config` (the site's own site.toml, which then names all of
+        them and the budget) with an optional foundation-dir."""
+        if "site-config" in node_config:
+            try:
+                config = load_site_config(Path(str(node_config["site-config"])))
+            except SiteConfigError as exc:
+                raise SiteRefusalError(str(exc)) from exc
+            foundation = node_config.get("foundation-dir")
+            return SiteSpec.from_site_config(
+                config, None if foundation is None else Path(str(foundation))
+            )
+        missing = [k for k in ("site-id", "data-dir", "foundation-dir") if k not in node_config]
+        if missing:
+            raise SiteRefusalError(f"node config lacks {', '.join(missing)}")
+        data_dir = Path(str(node_config["data-dir"]))
+        state = data_dir / ".fedrad-site"
+        budget = node_config.get("epsilon-budget")
+        cache = node_config.get("cache-dir")
+        return SiteSpec(
+            site_id=str(node_config["site-id"]),
+            foundation_dir=Path(str(node_config["foundation-dir"])),
+            ledger_path=Path(str(node_config.get("ledger", state / "ledger.jsonl"))),
+            key_path=Path(str(node_config.get("signing-key", state / "ledger_key.pem"))),
+            data_dir=data_dir,
+            budget_epsilon=None if budget is None else float(budget),  # type: ignore[arg-type]
+            cache_dir=None if cache is None else Path(str(cache)),
+        )
+
+
+@dataclass(frozen=True)
+class SiteUpdate:
+    """A site's reply to a training round: new trainable values and whitelisted aggregates."""
+
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    metrics: dict[str, float]
+
+
+# -- per-process caches ----------------------------------------------------------------------
+
+_MODELS: dict[str, RadiologyModel] = {}
+_STUDIES: OrderedDict[tuple[str, float], tuple[SiteStudies, SiteStudies]] = OrderedDict()
+_DECLARED: dict[str, frozenset[str]] = {}
+
+
+def cached_model(foundation_dir: Path) -> RadiologyModel:
+    """One model per foundation checkpoint per process, shared by every site it serves."""
+    key = str(Path(foundation_dir).resolve())
+    if key not in _MODELS:
+        _MODELS.clear()  # a process serves one federation: never hold two models
+        _MODELS[key] = load_checkpoint(Path(key))
+        logger.info("loaded the foundation model in this process")
+    return _MODELS[key]
+
+
+def declared_trainable(foundation_dir: Path) -> frozenset[str]:
+    """Names of the parameters that may leave a site, as the checkpoint declares them."""
+    key = str(Path(foundation_dir).resolve())
+    if key not in _DECLARED:
+        names = read_metadata(Path(key)).get("trainable")
+        if not isinstance(names, list) or not names:
+            raise SiteRefusalError("the foundation checkpoint declares no trainable parameters")
+        _DECLARED[key] = frozenset(str(n) for n in names)
+    return _DECLARED[key]
+
+
+def _manifest(spec: SiteSpec, image_size: int) -> Path:
+    if spec.manifest is not None:
+        return spec.manifest
+    assert spec.data_dir is not None
+    return prepared_manifest(
+        spec.data_dir, config=PreprocessConfig(image_size=image_size), cache_dir=spec.cache_dir
+    )
+
+
+def site_studies(spec: SiteSpec, image_size: int) -> tuple[SiteStudies, SiteStudies]:
+    """(train, held-out), cached per process for the last few sites served."""
+    manifest = _manifest(spec, image_size)
+    key = (str(manifest.resolve()), spec.held_out_fraction)
+    if key in _STUDIES:
+        _STUDIES.move_to_end(key)
+        return _STUDIES[key]
+    studies = SiteStudies.from_manifest(manifest)
+    train, held = split_held_out(studies, fraction=spec.held_out_fraction)
+    if len(train) == 0:
+        raise SiteRefusalError(f"site {spec.site_id} has no training studies")
+    _STUDIES[key] = (train, held)
+    while len(_STUDIES) > MAX_CACHED_SITES:
+        _STUDIES.popitem(last=False)
+    return train, held
+
+
+def clear_caches() -> None:
+    """For tests and long-lived processes that switch federations."""
+    _MODELS.clear()
+    _STUDIES.clear()
+    _DECLARED.clear()
+
+
+# -- model state ---------------------------------------------------------------------------
+
+
+def load_global(model: RadiologyModel, arrays: Mapping[str, np.ndarray]) -> None:
+    """Sets every trainable parameter from the global arrays; anything else is refused."""
+    own = model.trainable_state()
+    if set(arrays) != set(own):
+        extra, missing = set(arrays) - set(own), set(own) - set(arrays)
+        raise SiteRefusalError(
+            f"global arrays do not match the model's trainable parameters "
+            f"({len(missing)} missing, {len(extra)} unexpected)"
+        )
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in arrays.items():
+            target = params[name]
+            if tuple(value.shape) != tuple(target.shape):
+                raise SiteRefusalError(f"global array {name} has shape {tuple(value.shape)}")
+            target.copy_(torch.from_numpy(np.asarray(value)).to(target.dtype))
+
+
+def trainable_arrays(model: RadiologyModel) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.trainable_state().items()}
+
+
+# -- privacy -------------------------------------------------------------------------------
+
+
+def calibrate_remaining(
+    history: list[MechanismStep],
+    *,
+    sample_rate: float,
+    steps: int,
+    target_epsilon: float,
+    delta: float,
+    accountant: str,
+) -> float:
+    """Smallest noise multiplier (within 0.1 %) such that `history` plus `steps` more steps at
+    `sample_rate` stays within `target_epsilon`. Raises SiteRefusalError when none can.
+
+    With RDP the search composes cached per-step RDP curves exactly as Opacus' RDPAccountant
+    does (RDP is linear in steps): Opacus computes one (q, sigma) curve in 0.05-0.25 s here,
+    and a search needs a dozen. The spend actually recorded is recomputed by the ledger with
+    `cumulative_epsilon`, and `train_site` withholds an update that would exceed the target."""
+    acct: Any = accountant
+    if accountant == "rdp":
+        spend, already = _rdp_spend(history, sample_rate, steps, delta)
+    else:
+        already = cumulative_epsilon(history, delta=delta, accountant=acct)
+
+        def spend(sigma: float) -> float:
+            step = MechanismStep(sigma, sample_rate, steps)
+            return cumulative_epsilon([*history, step], delta=delta, accountant=acct)
+
+    if already >= target_epsilon:
+        raise SiteRefusalError(
+            f"privacy budget exhausted: epsilon {already:.3f} spent of {target_epsilon:.3f}"
+        )
+    if spend(MAX_NOISE) > target_epsilon:
+        raise SiteRefusalError(
+            f"privacy budget nearly exhausted: the remaining {target_epsilon - already:.3g} "
+            f"epsilon cannot cover {steps} more steps at any useful noise (sigma <= {MAX_NOISE:g})"
+        )
+    # Warm start: on a run that goes as planned the answer is the previous round's sigma,
+    # found with two evaluations instead of a dozen.
+    same = [h.noise_multiplier for h in history if h.sample_rate == sample_rate and h.steps]
+    guess, step = (same[-1], 1e-3) if same and same[-1] > 0 else (1.0, 0.5)
+    if spend(guess) <= target_epsilon:
+        high, low = guess, guess * (1 - step)
+        while spend(low) <= target_epsilon:
+            high, low = low, low / 2
+    else:
+        low, high = guess, guess * (1 + step)
+        while spend(high) > target_epsilon:
+            low, high = high, high * 2
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        if spend(mid) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def _rdp_spend(
+    history: list[MechanismStep], sample_rate: float, steps: int, delta: float
+) -> tuple[Callable[[float], float], float]:
+    """(epsilon of history + `steps` at sigma, epsilon of history alone)."""
+    base = rdp_of(history)
+
+    def spend(sigma: float) -> float:
+        return epsilon_from_rdp(
+            base + rdp_of([MechanismStep(sigma, sample_rate, steps)]), delta=delta
+        )
+
+    return spend, epsilon_from_rdp(base, delta=delta)
+
+
+@contextlib.contextmanager
+def proximal_term(model: RadiologyModel, mu: float) -> Iterator[None]:
+    """FedProx: adds mu * (w - w_global) to each trainable gradient just before the inner
+    optimizer steps, i.e. after DP clipping and noise (it does not touch the data, so it costs
+    no privacy and must not be clipped). `train_local` owns its optimizer, so this hooks every
+    optimizer step for the duration and skips Opacus' DPOptimizer wrapper."""
+    if mu <= 0:
+        yield
+        return
+    anchors = {p: p.detach().clone() for p in model.parameters() if p.requires_grad}
+
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if isinstance(optimizer, DPOptimizer):
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                anchor = anchors.get(p)
+                if anchor is not None and p.grad is not None:
+                    p.grad.add_(p.detach() - anchor, alpha=mu)
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _site_seed(site_id: str, seed: int, server_round: int) -> int:
+    salt = int(hashlib.sha256(site_id.encode()).hexdigest()[:8], 16)
+    return (seed * 1_000_003 + server_round * 7919 + salt) % (2**31)
+
+
+# -- the round -----------------------------------------------------------------------------
+
+
+def check_round_against_budget(spec: SiteSpec, plan: RoundConfig) -> None:
+    """Refusals that need no arithmetic: a round the site's budget can never allow."""
+    if spec.budget_epsilon is not None and not plan.dp:
+        raise SiteRefusalError(
+            f"site {spec.site_id} has an epsilon budget and refuses a round without DP"
+        )
+    if plan.dp and spec.budget_delta is not None and plan.delta > spec.budget_delta:
+        raise SiteRefusalError(
+            f"the round asks delta {plan.delta:g}, above this site's delta budget "
+            f"{spec.budget_delta:g}"
+        )
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A round the site has agreed to: how it trains and what it may spend."""
+
+    dp: DPConfig
+    sample_rate: float  # Poisson sampling rate the noise was calibrated for
+    target: float  # cumulative epsilon the round must stay within (plan capped by budget)
+
+
+def admit_round(spec: SiteSpec, plan: RoundConfig, ledger: Ledger, n_train: int) -> Admission:
+    """The privacy decisions of a round, all before any training step, in this order: delta
+    below 1/N; the budget's plain refusals; the noise, calibrated to the plan's target capped
+    by the site's budget (whole ledger) and by its policy's max_epsilon_per_run (this run's
+    entries); then the policy's round rules. Raises SiteRefusalError with a one-line reason."""
+    n = n_train
+    if plan.dp and plan.delta >= 1 / n:
+        # delta is the chance the guarantee fails outright; at 1/N that is one record's worth
+        raise SiteRefusalError(
+            f"delta {plan.delta:g} is not below 1/N for this site's {n} training studies"
+        )
+    sample_rate = min(plan.batch_size, n) / n  # what train_local's Poisson sampler uses
+    remaining_steps = (plan.planned_rounds - plan.server_round + 1) * plan.local_steps
+    check_round_against_budget(spec, plan)
+    target = plan.target_epsilon
+    if not plan.dp:
+        reason = check_round(spec.policy, noise_multiplier=None, round_epsilon=0, run_epsilon=0)
+        if reason is not None:
+            raise SiteRefusalError(reason)
+        return Admission(DPConfig(enabled=False), sample_rate, target)
+    if spec.budget_epsilon is not None and spec.budget_epsilon < target:
+        logger.info("site budget %.3g caps the planned epsilon %.3g", spec.budget_epsilon, target)
+        target = spec.budget_epsilon
+    noise = calibrate_remaining(
+        ledger.history(),
+        sample_rate=sample_rate,
+        steps=remaining_steps,
+        target_epsilon=target,
+        delta=plan.delta,
+        accountant=plan.accountant,
+    )
+    policy = spec.policy
+    run_history = ledger.history(plan.run_id)
+    if policy.max_epsilon_per_run is not None:
+        # The run's own entries and its remaining schedule within the policy's cap: more noise
+        # where the plan asks for more than the site takes in one run (every bound holds at
+        # the larger sigma, since epsilon only falls as the noise grows).
+        try:
+            run_noise = calibrate_remaining(
+                run_history,
+                sample_rate=sample_rate,
+                steps=remaining_steps,
+                target_epsilon=policy.max_epsilon_per_run,
+                delta=plan.delta,
+                accountant=plan.accountant,
+            )
+        except SiteRefusalError:
+            raise SiteRefusalError(
+                f"site policy: this run cannot stay within this site's max_epsilon_per_run "
+                f"{policy.max_epsilon_per_run:.3g} (its remaining {remaining_steps} steps at "
+                f"any noise up to {MAX_NOISE:g})"
+            ) from None
+        if run_noise > noise:
+            logger.info(
+                "site policy max_epsilon_per_run %.3g raises the noise from %.3f to %.3f",
+                policy.max_epsilon_per_run,
+                noise,
+                run_noise,
+            )
+            noise = run_noise
+    this_round = MechanismStep(noise, sample_rate, plan.local_steps)
+    acct: Any = plan.accountant
+
+    def epsilon(steps: list[MechanismStep]) -> float:
+        return cumulative_epsilon(steps, delta=plan.delta, accountant=acct)
+
+    reason = check_round(  # each epsilon only where the policy caps it (Opacus takes ~0.1 s)
+        policy,
+        noise_multiplier=noise,
+        round_epsilon=0.0 if policy.max_epsilon_per_round is None else epsilon([this_round]),
+        run_epsilon=0.0
+        if policy.max_epsilon_per_run is None
+        else epsilon([*run_history, this_round]),
+    )
+    if reason is not None:
+        raise SiteRefusalError(reason)
+    dp = DPConfig(
+        enabled=True,
+        target_epsilon=None,
+        noise_multiplier=noise,
+        delta=plan.delta,
+        max_grad_norm=plan.max_grad_norm,
+        accountant=plan.accountant,  # type: ignore[arg-type]
+    )
+    return Admission(dp, sample_rate, target)
+
+
+def train_site(
+    spec: SiteSpec, global_arrays: Mapping[str, np.ndarray], plan: RoundConfig
+) -> SiteUpdate:
+    """One local round: admit it (budget, policy), train under DP-SGD, append the ledger,
+    return the update. A round refused for privacy reasons is recorded in the ledger as a
+    refusal (spending nothing) and logged before the refusal is raised."""
+    model = cached_model(spec.foundation_dir)
+    train, _ = site_studies(spec, model.config.image_size)
+    load_global(model, global_arrays)
+    ledger = Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path))
+    n = len(train)
+    try:
+        admitted = admit_round(spec, plan, ledger, n)
+    except SiteRefusalError as exc:
+        record_refusal(spec, plan.run_id, plan.server_round, str(exc))
+        raise
+    seed = _site_seed(spec.site_id, plan.seed, plan.server_round)
+    examples = TrainingExamples(train, model.tokenizer, model.config, seed=seed)
+    with proximal_term(model, plan.proximal_mu):
+        result = train_local(
+            model,
+            examples,
+            TrainConfig(
+                steps=plan.local_steps,
+                batch_size=plan.batch_size,
+                lr=plan.lr,
+                seed=seed,
+                threads=spec.threads,
+            ),
+            admitted.dp,
+        )
+    entry = ledger.append(  # what actually ran, recorded before any check can stop the reply
+        site_id=spec.site_id,
+        run_id=plan.run_id,
+        round=plan.server_round,
+        sample_rate=result.sample_rate,
+        noise_multiplier=result.noise_multiplier,
+        steps=result.steps,
+        max_grad_norm=result.max_grad_norm,
+        delta=plan.delta,
+        accountant=plan.accountant,  # type: ignore[arg-type]
+    )
+    if not math.isclose(result.sample_rate, admitted.sample_rate):
+        raise SiteRefusalError("sample rate differs from the calibrated one")  # fail closed
+    epsilon, target = entry["epsilon"], admitted.target
+    if plan.dp and (epsilon is None or epsilon > target * (1 + 1e-6)):
+        # The ledger's own recomputation disagrees with the calibration: the spend is on
+        # record, but the update does not leave (fail closed).
+        raise SiteRefusalError(f"round spent epsilon {epsilon} past the target {target:.3f}")
+    finite = [v for v in result.losses if math.isfinite(v)]
+    return SiteUpdate(
+        arrays=trainable_arrays(model),
+        num_examples=n,
+        metrics={
+            WEIGHT_KEY: float(n),
+            "train_loss": float(np.mean(finite)) if finite else float("nan"),
+            "epsilon": float("inf") if epsilon is None else float(epsilon),
+            "steps": float(result.steps),
+            "noise_multiplier": float(result.noise_multiplier),
+            "sample_rate": float(result.sample_rate),
+        },
+    )
+
+
+def evaluate_site(
+    spec: SiteSpec, global_arrays: Mapping[str, np.ndarray], plan: RoundConfig
+) -> tuple[int, dict[str, float]]:
+    """Aggregate metrics of the global model on the site's held-out split.
+
+    Every key of EVAL_METRIC_KEYS is present (NaN where undefined, e.g. AUROC of a finding
+    absent from the split) so replies stay consistent for Flower's aggregation.
+    """
+    model = cached_model(spec.foundation_dir)
+    _, held = site_studies(spec, model.config.image_size)
+    if len(held) == 0:
+        raise SiteRefusalError(f"site {spec.site_id} has no held-out studies")
+    load_global(model, global_arrays)
+    raw = evaluate(
+        model,
+        held,
+        EvalConfig(max_reports=plan.eval_reports, max_questions=plan.eval_questions),
+    )
+    return len(held), flatten_eval_metrics(raw, len(held))
+
+
+def flatten_eval_metrics(raw: Mapping[str, object], n: int) -> dict[str, float]:
+    """Scalars only, under whitelisted keys; per-finding AUROC as auroc_<finding>."""
+    flat: dict[str, object] = {k: v for k, v in raw.items() if k != "auroc"}
+    auroc = raw.get("auroc") or {}
+    assert isinstance(auroc, Mapping)
+    for finding in FINDINGS:
+        flat[f"auroc_{finding}"] = auroc.get(finding)
+    flat[WEIGHT_KEY] = n
+    out: dict[str, float] = {}
+    for key in EVAL_METRIC_KEYS:
+        value = flat.get(key)
+        out[key] = float(value) if isinstance(value, int | float) else float("nan")
+    return out

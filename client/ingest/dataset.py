@@ -1,0 +1,142 @@
+"""Training examples from a site's prepared cache: one study -> one example, as fixed-size tensors.
+
+One example per study is the privacy unit of record-level DP-SGD, so a study never yields several
+examples in one step: each draw picks one task at random (the report, or one question). Tensors
+are fixed-size tuples because Opacus' Poisson loader rebuilds empty batches from shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from fedrad.client.ingest.site_data import CachedStudy, load_cached_image, load_manifest
+from fedrad.common.findings import FINDINGS
+from fedrad.common.model.config import ModelConfig
+from fedrad.common.tasks import context_text, qa_prompt, report_prompt, sample_question
+
+REPORT_TASK_PROBABILITY = 0.5
+
+
+@dataclass(frozen=True)
+class SiteStudies:
+    """Cached studies of one site with their images loaded (small: 128 px float16)."""
+
+    studies: list[CachedStudy]
+    images: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.studies)
+
+    @staticmethod
+    def from_manifest(manifest: Path) -> SiteStudies:
+        studies = load_manifest(manifest)
+        return SiteStudies(studies, [load_cached_image(manifest, s) for s in studies])
+
+    def subset(self, indices: list[int]) -> SiteStudies:
+        return SiteStudies([self.studies[i] for i in indices], [self.images[i] for i in indices])
+
+
+def split_held_out(
+    studies: SiteStudies, *, fraction: float = 0.2
+) -> tuple[SiteStudies, SiteStudies]:
+    """A deterministic split by hashed study id: the same study is held out in every run.
+
+    Study ids are keyed pseudonyms, so a small site could draw no held-out study at all by
+    chance; with two or more studies each side keeps at least one, so a site can always be
+    evaluated and still train.
+    """
+    buckets = [
+        int(hashlib.sha256(study.study_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        for study in studies.studies
+    ]
+    order = sorted(range(len(buckets)), key=lambda i: (buckets[i], studies.studies[i].study_id))
+    n_held = sum(1 for b in buckets if b < fraction)
+    n_held = min(max(n_held, 1), len(order) - 1) if len(order) >= 2 else 0
+    held = sorted(order[:n_held])
+    train = sorted(order[n_held:])
+    return studies.subset(train), studies.subset(held)
+
+
+def encode_context(tokenizer: PreTrainedTokenizerBase, indication: str, limit: int) -> list[int]:
+    ids = tokenizer(context_text(indication), add_special_tokens=False)["input_ids"]
+    return ids[:limit]
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, indication: str, task_prompt: str, limit: int
+) -> tuple[list[int], int]:
+    """Context ids + task ids (truncated to `limit`) and the index of the last context token."""
+    task = tokenizer(task_prompt, add_special_tokens=False)["input_ids"]
+    context = encode_context(tokenizer, indication, max(1, limit - len(task)))
+    return (context + task)[:limit], len(context) - 1
+
+
+def finding_targets(labels: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """BCE targets and mask: uncertain (-1) labels are left out of the loss, not guessed."""
+    values = [labels[f] for f in FINDINGS]
+    target = torch.tensor([1.0 if v == 1 else 0.0 for v in values])
+    mask = torch.tensor([0.0 if v == -1 else 1.0 for v in values])
+    return target, mask
+
+
+class TrainingExamples(Dataset):
+    """Tuples (image, input_ids, attention_mask, target_mask, ctx_index, findings, mask)."""
+
+    def __init__(
+        self,
+        studies: SiteStudies,
+        tokenizer: PreTrainedTokenizerBase,
+        config: ModelConfig,
+        *,
+        seed: int,
+    ) -> None:
+        self.studies = studies
+        self.tokenizer = tokenizer
+        self.config = config
+        self.rng = random.Random(seed)
+        self.length = config.max_prompt_tokens + config.max_target_tokens
+
+    def __len__(self) -> int:
+        return len(self.studies)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        study = self.studies.studies[index]
+        if self.rng.random() < REPORT_TASK_PROBABILITY:
+            task_prompt, target = report_prompt(study.labels), study.report
+        else:
+            qa = sample_question(study.labels, study.sides, study.nodule_size_mm, self.rng)
+            task_prompt, target = qa_prompt(study.labels, qa.question), qa.answer
+        prompt, ctx_index = encode_prompt(
+            self.tokenizer, study.indication, task_prompt, self.config.max_prompt_tokens
+        )
+        words = self.tokenizer(" " + " ".join(target.split()), add_special_tokens=False)
+        target_ids = [
+            *words["input_ids"][: self.config.max_target_tokens - 1],
+            self.tokenizer.eos_token_id,
+        ]
+        ids = prompt + target_ids
+        pad = self.length - len(ids)
+        input_ids = torch.tensor(ids + [self.tokenizer.pad_token_id] * pad, dtype=torch.long)
+        attention = torch.tensor([1] * len(ids) + [0] * pad, dtype=torch.long)
+        target_mask = torch.tensor(
+            [False] * len(prompt) + [True] * len(target_ids) + [False] * pad, dtype=torch.bool
+        )
+        image = torch.from_numpy(self.studies.images[index].astype(np.float32))
+        findings, mask = finding_targets(study.labels)
+        return (
+            image,
+            input_ids,
+            attention,
+            target_mask,
+            torch.tensor(ctx_index),
+            findings,
+            mask,
+        )

@@ -1,0 +1,498 @@
+"""A site's data directory -> usable studies (image + report), what was skipped and why, and cache.
+
+The walk decodes every file in a process pool (decoding is the slow part), joins images to the
+report export by AccessionNumber, de-identifies, scrubs and labels the reports, and writes the
+preprocessed tensors with pseudonymous names to an on-disk cache so training never touches the
+raw files again. Nothing here logs a path, a header value or report text.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from fedrad.client.ingest.deid import (
+    PhiValues,
+    collect_phi,
+    load_or_create_key,
+    scrub_text,
+)
+from fedrad.client.ingest.dicom_io import (
+    RADIOGRAPH_MODALITIES,
+    UnusableError,
+    decode_radiograph,
+    read_dicom,
+)
+from fedrad.common.findings import FINDINGS
+from fedrad.common.labeling.labeler import label_report
+from fedrad.common.model.preprocess import PreprocessConfig, preprocess
+
+logger = logging.getLogger(__name__)
+
+REPORTS_FILE: Final[str] = "reports.csv"
+NON_IMAGE_FILES: Final[frozenset[str]] = frozenset(
+    {REPORTS_FILE, "ground_truth.csv", "cohort.json"}
+)
+CACHE_DIRNAME: Final[str] = ".fedrad-cache"
+FRONTAL_VIEWS: Final[tuple[str, ...]] = ("PA", "AP")
+
+
+class SiteDataError(Exception):
+    """A fatal problem with the whole directory (missing, empty, unreadable report export)."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str  # relative to the data directory
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    accession: str
+    report: str
+    indication: str
+    line: int
+
+
+@dataclass
+class FileResult:
+    """What the pool returns for one file; `image` only when a cache entry was requested."""
+
+    rel_path: str
+    decoded: bool = False
+    reason: str | None = None
+    accession: str = ""
+    view: str = ""
+    sop_uid: str = ""
+    phi: PhiValues = field(default_factory=PhiValues.empty)
+    image: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Study:
+    """One usable study; raw identifiers stay in memory at the site and are never written."""
+
+    accession: str
+    image_path: str
+    report: str  # scrubbed of header PHI
+    indication: str  # scrubbed of header PHI
+    labels: dict[str, int]
+    sides: dict[str, str | None]
+    nodule_size_mm: float | None
+    view: str
+
+
+@dataclass
+class SiteScan:
+    files_seen: int = 0
+    images_decoded: int = 0
+    reports_rows: int = 0
+    reports_file: bool = True
+    studies: list[Study] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def summary(self) -> dict[str, object]:
+        """The JSON that `fedrad-site check --json` prints (site-local: it names files)."""
+        positives = {f: sum(1 for s in self.studies if s.labels[f] == 1) for f in FINDINGS}
+        uncertain = {f: sum(1 for s in self.studies if s.labels[f] == -1) for f in FINDINGS}
+        return {
+            "files_seen": self.files_seen,
+            "images_decoded": self.images_decoded,
+            "reports": self.reports_rows,
+            "reports_file": self.reports_file,
+            "usable": len(self.studies),
+            "labels_present": positives,
+            "labels_uncertain": uncertain,
+            "skipped": [asdict(s) for s in sorted(self.skipped, key=lambda s: s.path)],
+        }
+
+
+def iter_site_files(data_dir: Path) -> Iterator[Path]:
+    """Every regular file under the directory except our cache and the report/truth exports."""
+    for root, dirs, files in os.walk(data_dir):
+        dirs[:] = sorted(d for d in dirs if d != CACHE_DIRNAME and not d.startswith("."))
+        for name in sorted(files):
+            if Path(root) == data_dir and name in NON_IMAGE_FILES:
+                continue
+            if name.startswith("."):
+                continue
+            yield Path(root) / name
+
+
+@contextmanager
+def text_read_errors(path: Path, error: type[Exception]) -> Iterator[None]:
+    """What reading a text file or CSV can raise, as `error` with a one-line reason."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text ({exc.reason})") from exc
+    except csv.Error as exc:
+        raise error(f"{path}: malformed CSV ({exc})") from exc
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror})") from exc
+
+
+def read_reports(path: Path) -> list[ReportRow]:
+    """Parses the report export; SiteDataError (fatal) if it cannot be read as required."""
+    with (
+        text_read_errors(path, SiteDataError),
+        path.open(newline="", encoding="utf-8-sig") as handle,
+    ):
+        reader = csv.DictReader(handle)
+        columns = {c.strip().lower() for c in (reader.fieldnames or [])}
+        missing = {"accession_number", "report"} - columns
+        if missing:
+            raise SiteDataError(
+                f"{path}: missing column(s) {', '.join(sorted(missing))} "
+                "(needs accession_number, report)"
+            )
+        rows = []
+        for line_no, row in enumerate(reader, start=2):
+            norm = {(k or "").strip().lower(): (v or "") for k, v in row.items() if k}
+            rows.append(
+                ReportRow(
+                    accession=norm.get("accession_number", "").strip(),
+                    report=norm.get("report", ""),
+                    indication=norm.get("indication", "").strip(),
+                    line=line_no,
+                )
+            )
+    return rows
+
+
+def _inspect_file(
+    path: Path,
+    rel_path: str,
+    modalities: frozenset[str],
+    config: PreprocessConfig | None,
+) -> FileResult:
+    """Runs in a worker process: read, decode, check, optionally preprocess one file."""
+    result = FileResult(rel_path=rel_path)
+    try:
+        dicom = read_dicom(path)
+        ds = dicom.dataset
+        image = decode_radiograph(
+            dicom, modalities=modalities, on_decoded=lambda: setattr(result, "decoded", True)
+        )
+        result.accession = str(ds.get("AccessionNumber", "") or "").strip()
+        result.view = str(ds.get("ViewPosition", "") or "").strip().upper()
+        result.sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+        result.phi = collect_phi(ds)
+        if not result.accession:
+            raise UnusableError("no AccessionNumber in header (cannot join to a report)")
+        if config is not None:
+            result.image = preprocess(image.pixels, config).numpy().astype(np.float16)
+    except UnusableError as exc:
+        result.reason = str(exc)
+        result.image = None
+    return result
+
+
+def _inspect_star(args: tuple[Path, str, frozenset[str], PreprocessConfig | None]) -> FileResult:
+    return _inspect_file(*args)
+
+
+def _map_files(
+    jobs: list[tuple[Path, str, frozenset[str], PreprocessConfig | None]],
+    workers: int,
+    progress: Callable[[int], None] | None,
+) -> list[FileResult]:
+    results: list[FileResult] = []
+    if workers <= 1 or len(jobs) < 8:
+        for job in jobs:
+            results.append(_inspect_star(job))
+            if progress:
+                progress(1)
+        return results
+    with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
+        for res in pool.map(
+            _inspect_star, jobs, chunksize=max(1, min(32, len(jobs) // (4 * workers)))
+        ):
+            results.append(res)
+            if progress:
+                progress(1)
+    return results
+
+
+def _worker_init() -> None:
+    """One thread per worker: the pool already uses every core."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _pick_image(candidates: list[FileResult]) -> FileResult:
+    """A frontal view if there is one, else the first file in path order."""
+    for view in FRONTAL_VIEWS:
+        for cand in candidates:
+            if cand.view == view:
+                return cand
+    return candidates[0]
+
+
+def scan_site(
+    data_dir: Path,
+    *,
+    modalities: frozenset[str] = RADIOGRAPH_MODALITIES,
+    config: PreprocessConfig | None = None,
+    workers: int = 0,
+    progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> tuple[SiteScan, dict[str, np.ndarray]]:
+    """Walks, decodes, joins and labels; with `config`, also returns preprocessed images by path."""
+    if not data_dir.exists():
+        raise SiteDataError(f"data directory does not exist: {data_dir}")
+    if not data_dir.is_dir():
+        raise SiteDataError(f"not a directory: {data_dir}")
+    files = list(iter_site_files(data_dir))
+    reports_path = data_dir / REPORTS_FILE
+    if not files and not reports_path.exists():
+        raise SiteDataError(f"data directory is empty: {data_dir}")
+    reports = read_reports(reports_path) if reports_path.exists() else []
+    no_report_reason = (
+        "study has no report in reports.csv"
+        if reports_path.exists()
+        else "study has no report (no reports.csv in the data directory)"
+    )
+    if on_total:
+        on_total(len(files))
+    jobs = [(p, p.relative_to(data_dir).as_posix(), modalities, config) for p in files]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    results = _map_files(jobs, workers, progress)
+
+    scan = SiteScan(
+        files_seen=len(files), reports_rows=len(reports), reports_file=reports_path.exists()
+    )
+    scan.images_decoded = sum(r.decoded for r in results)
+    by_accession: dict[str, list[FileResult]] = {}
+    for res in results:
+        if res.reason is not None:
+            scan.skipped.append(Skipped(res.rel_path, res.reason))
+        else:
+            by_accession.setdefault(res.accession, []).append(res)
+
+    report_by_accession: dict[str, ReportRow] = {}
+    for row in reports:
+        where = f"{REPORTS_FILE}:{row.line}"
+        if not row.accession:
+            scan.skipped.append(Skipped(where, "report row without accession_number"))
+        elif not row.report.strip():
+            scan.skipped.append(Skipped(where, "empty report text"))
+        elif row.accession in report_by_accession:
+            scan.skipped.append(Skipped(where, "duplicate report for an accession (first kept)"))
+        else:
+            report_by_accession[row.accession] = row
+
+    images: dict[str, np.ndarray] = {}
+    for accession, candidates in by_accession.items():
+        row = report_by_accession.get(accession)
+        if row is None:
+            for cand in candidates:
+                scan.skipped.append(Skipped(cand.rel_path, no_report_reason))
+            continue
+        chosen = _pick_image(candidates)
+        for cand in candidates:
+            if cand is not chosen:
+                scan.skipped.append(
+                    Skipped(cand.rel_path, "additional image of a study (one frontal view is used)")
+                )
+        phi = PhiValues.empty()
+        for cand in candidates:
+            phi = phi.merge(cand.phi)
+        report = scrub_text(row.report, phi)
+        labels = label_report(report)
+        scan.studies.append(
+            Study(
+                accession=accession,
+                image_path=chosen.rel_path,
+                report=report,
+                indication=scrub_text(row.indication, phi),
+                labels=dict(labels.labels),
+                sides=dict(labels.sides),
+                nodule_size_mm=labels.nodule_size_mm,
+                view=chosen.view,
+            )
+        )
+        if chosen.image is not None:
+            images[chosen.rel_path] = chosen.image
+    for accession, row in report_by_accession.items():
+        if accession not in by_accession:
+            scan.skipped.append(
+                Skipped(f"{REPORTS_FILE}:{row.line}", "report has no matching DICOM study")
+            )
+    scan.studies.sort(key=lambda s: s.image_path)
+    logger.info(
+        "site scan: %d files, %d decoded, %d usable studies, %d skipped",
+        scan.files_seen,
+        scan.images_decoded,
+        len(scan.studies),
+        len(scan.skipped),
+    )
+    return scan, images
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+@dataclass(frozen=True)
+class CachedStudy:
+    """What training reads: pseudonymous id, tensor file, scrubbed text and derived labels."""
+
+    study_id: str
+    image_file: str
+    report: str
+    indication: str
+    labels: dict[str, int]
+    sides: dict[str, str | None]
+    nodule_size_mm: float | None
+    view: str
+
+
+def default_cache_dir(data_dir: Path) -> Path:
+    return data_dir / CACHE_DIRNAME
+
+
+def site_cache_dir(data_dir: Path, cache_dir: Path | None = None) -> Path:
+    """Where a site's prepared data lives: the cache it named, else inside its data directory."""
+    return cache_dir if cache_dir is not None else default_cache_dir(data_dir)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def prepare_site(
+    data_dir: Path,
+    cache_dir: Path,
+    *,
+    config: PreprocessConfig,
+    modalities: frozenset[str] = RADIOGRAPH_MODALITIES,
+    workers: int = 0,
+    progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> tuple[SiteScan, Path]:
+    """Scans and writes the de-identified cache; returns the scan and the manifest path."""
+    key = load_or_create_key(cache_dir / "pseudonym.key")
+    scan, images = scan_site(
+        data_dir,
+        modalities=modalities,
+        config=config,
+        workers=workers,
+        progress=progress,
+        on_total=on_total,
+    )
+    root = cache_dir / config.fingerprint()
+    entries = []
+    for study in scan.studies:
+        study_id = key.token(study.accession, namespace="accession")
+        image_file = f"images/{study_id}.npy"
+        buffer = _npy_bytes(images[study.image_path])
+        _atomic_write(root / image_file, buffer)
+        entries.append(
+            CachedStudy(
+                study_id=study_id,
+                image_file=image_file,
+                report=study.report,
+                indication=study.indication,
+                labels=study.labels,
+                sides=study.sides,
+                nodule_size_mm=study.nodule_size_mm,
+                view=study.view,
+            )
+        )
+    manifest = {
+        "preprocess": asdict(config),
+        "studies": [asdict(e) for e in sorted(entries, key=lambda e: e.study_id)],
+    }
+    manifest_path = root / "manifest.json"
+    _atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
+    logger.info("cache written: %d studies", len(entries))
+    return scan, manifest_path
+
+
+def cache_is_fresh(manifest: Path, data_dir: Path) -> bool:
+    """A cache is reused only if it is newer than every file of the site and its reports."""
+    if not manifest.is_file():
+        return False
+    built = manifest.stat().st_mtime
+    reports = data_dir / REPORTS_FILE
+    return all(p.stat().st_mtime <= built for p in iter_site_files(data_dir)) and (
+        not reports.exists() or reports.stat().st_mtime <= built
+    )
+
+
+def manifest_path(
+    data_dir: Path, *, config: PreprocessConfig, cache_dir: Path | None = None
+) -> Path:
+    """Where the site's cache (by default inside its data directory) keeps the manifest for
+    this preprocessing."""
+    return site_cache_dir(data_dir, cache_dir) / config.fingerprint() / "manifest.json"
+
+
+def prepared_manifest(
+    data_dir: Path, *, config: PreprocessConfig, workers: int = 0, cache_dir: Path | None = None
+) -> Path:
+    """The site's manifest in its cache, (re)built when missing or stale."""
+    manifest = manifest_path(data_dir, config=config, cache_dir=cache_dir)
+    if not cache_is_fresh(manifest, data_dir):
+        cache = site_cache_dir(data_dir, cache_dir)
+        _, manifest = prepare_site(data_dir, cache, config=config, workers=workers)
+    return manifest
+
+
+def cache_write_problem(
+    data_dir: Path, cache_dir: Path | None = None, *, fix: str = "set cache_dir in site.toml"
+) -> str | None:
+    """Why the prepared-data cache cannot be created (a read-only export, say), or None; `fix`
+    says how to name another place. A cache that already exists is not judged: one prepared
+    elsewhere may be read-only."""
+    cache = site_cache_dir(data_dir, cache_dir)
+    if cache.is_dir():
+        return None
+    existing = cache
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cache location {cache} is under a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        hint = "" if cache_dir is not None else f"; {fix} to a writable place"
+        return f"cannot write the prepared-data cache at {cache} ({existing} is read-only){hint}"
+    return None
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def load_manifest(manifest_path: Path) -> list[CachedStudy]:
+    data = json.loads(manifest_path.read_text())
+    return [CachedStudy(**entry) for entry in data["studies"]]
+
+
+def load_cached_image(manifest_path: Path, study: CachedStudy) -> np.ndarray:
+    return np.load(manifest_path.parent / study.image_file, allow_pickle=False)

@@ -1,0 +1,288 @@
+"""Local training at a site: DP-SGD with Opacus (Poisson sampling, per-sample clipping, calibrated
+Gaussian noise) or plain SGD for baselines. Framework-free: no Flower import here.
+
+The privacy mechanism's raw parameters (sample rate, noise multiplier, steps, clip, delta) are
+returned so the caller can append them to the site ledger; epsilon is always recomputed from
+those, never carried as an opaque number.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
+from torch.utils.data import DataLoader
+
+from fedrad.client.ingest.dataset import TrainingExamples
+from fedrad.common.devices import Precision, autocast, select_device
+from fedrad.common.model.radiology_model import RadiologyModel
+from fedrad.common.privacy.accounting import MechanismStep, cumulative_epsilon
+from fedrad.common.protocol.secagg import ADAM_BETAS
+
+logger = logging.getLogger(__name__)
+
+GradSampleMode = Literal["hooks", "functorch"]
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Differential privacy settings; `noise_multiplier` None means calibrate from the budget."""
+
+    enabled: bool = True
+    target_epsilon: float | None = 8.0  # what the planned schedule may spend in total
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # per-sample clipping bound
+    noise_multiplier: float | None = None  # set explicitly to skip calibration
+    planned_steps: int | None = None  # whole schedule (all rounds); default: this call's steps
+    accountant: Literal["rdp", "prv"] = "rdp"
+    secure_mode: bool = False  # cryptographically secure noise: on outside simulation
+    grad_sample_mode: GradSampleMode = "hooks"
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        if self.noise_multiplier is None and (
+            self.target_epsilon is None or self.target_epsilon <= 0
+        ):
+            raise ValueError("DP needs a positive target_epsilon or an explicit noise_multiplier")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if self.max_grad_norm <= 0:
+            raise ValueError("max_grad_norm must be positive")
+        if self.noise_multiplier is not None and self.noise_multiplier < 0:
+            raise ValueError("noise_multiplier must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100  # optimizer steps in this call
+    batch_size: int = 16  # expected batch size; with Poisson sampling q = batch_size / N
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lora_lr_scale: float = 0.25  # LoRA adapters learn at this fraction of `lr`
+    seed: int = 0
+    threads: int = 0  # torch CPU threads (0 = leave as is)
+    device: str = "auto"  # "auto" = the site's GPU when it has one, else the CPU
+    precision: Precision = "auto"  # "auto" = bf16 autocast on a GPU, fp32 on the CPU
+    loader_workers: int = 2  # data-loading processes on a GPU (the CPU trains in-process)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError("steps must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.loader_workers < 0:
+            raise ValueError("loader_workers must be >= 0")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    examples: int
+    sample_rate: float
+    noise_multiplier: float  # 0.0 without DP
+    max_grad_norm: float | None
+    delta: float | None
+    epsilon: float | None  # spent by this call alone (the ledger accumulates across calls)
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    accountant: str | None = None
+
+
+def calibrate_noise(
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """Smallest noise multiplier whose schedule stays within the target epsilon at delta."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )
+
+
+def _trim(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Drops padding columns beyond the longest example (right-padded): same loss, less work."""
+    images, ids, attention, target_mask, *rest = batch
+    length = max(int(attention.sum(dim=1).max()), 1)
+    return (images, ids[:, :length], attention[:, :length], target_mask[:, :length], *rest)
+
+
+def train_local(
+    model: RadiologyModel,
+    examples: TrainingExamples,
+    train: TrainConfig,
+    dp: DPConfig,
+    *,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Trains the model's trainable parameters in place and returns what was spent."""
+    if len(examples) == 0:
+        raise ValueError("no training examples")
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    torch.manual_seed(train.seed)
+    generator = torch.Generator().manual_seed(train.seed)
+    n = len(examples)
+    batch_size = min(train.batch_size, n)
+    sample_rate = batch_size / n
+    device = select_device(train.device)
+    # Onto the device before parameters are collected and Opacus' hooks attach: a LoRA
+    # tensor replaced by a move afterwards would never be updated (the Opacus + peft hazard).
+    model.to(device)
+    loader = _loader(examples, train, device, sample_rate if dp.enabled else None, generator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    lora_ids = {id(p) for p in lora}
+    image_side = [p for p in params if id(p) not in lora_ids]
+    groups = [{"params": image_side, "lr": train.lr}]
+    if lora:  # the pretrained LM drifts from its prompt if its adapters move as fast
+        groups.append({"params": lora, "lr": train.lr * train.lora_lr_scale})
+    # The betas are named once: SecAgg+ sizes its clipping range from AdamW's update bound.
+    optimizer = torch.optim.AdamW(
+        groups, lr=train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay
+    )
+    model.train()
+    start = time.perf_counter()
+
+    noise = 0.0
+    engine: PrivacyEngine | None = None
+    module: torch.nn.Module = model
+    if dp.enabled:
+        planned = dp.planned_steps or train.steps
+        if dp.noise_multiplier is not None:
+            noise = dp.noise_multiplier
+        else:
+            assert dp.target_epsilon is not None
+            noise = calibrate_noise(
+                target_epsilon=dp.target_epsilon,
+                delta=dp.delta,
+                sample_rate=sample_rate,
+                steps=planned,
+                accountant=dp.accountant,
+            )
+        if dp.delta >= 1.0 / n:
+            logger.warning("delta %.2g >= 1/N for N=%d: the guarantee is weak", dp.delta, n)
+        with warnings.catch_warnings():
+            # Opacus' secure_mode advice, given when the engine is built and again here
+            warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+            engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
+            # The loader already samples Poisson at exactly q = batch_size / N, the rate the
+            # ledger records (Opacus' own conversion would use 1 / ceil(N / batch_size)).
+            module, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=noise,
+                max_grad_norm=dp.max_grad_norm,
+                poisson_sampling=False,
+                grad_sample_mode=dp.grad_sample_mode,
+            )
+            module.forbid_grad_accumulation()
+
+    weight = model.config.finding_loss_weight
+    losses: list[float] = []
+    done = 0
+    try:
+        while done < train.steps:
+            for batch in loader:
+                if done >= train.steps:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                if batch[0].shape[0] == 0:
+                    _empty_step(optimizer, params)
+                    loss_value = float("nan")
+                else:
+                    inputs = tuple(t.to(device, non_blocking=True) for t in _trim(tuple(batch)))
+                    with autocast(device, train.precision):
+                        lm_loss, finding_loss, _ = module(*inputs)
+                    loss = (lm_loss.float() + weight * finding_loss.float()).mean()
+                    loss.backward()
+                    optimizer.step()
+                    loss_value = float(loss.detach())
+                losses.append(loss_value)
+                done += 1
+                if progress is not None:
+                    progress(done, loss_value)
+    finally:
+        if engine is not None and hasattr(module, "_close"):
+            module._close()  # removes Opacus hooks; the model object stays ours
+        model.eval()
+
+    epsilon = None
+    if engine is not None:  # from the raw parameters, as the ledger and the audit do
+        step = MechanismStep(noise, sample_rate, done)
+        epsilon = cumulative_epsilon([step], delta=dp.delta, accountant=dp.accountant)
+    seconds = time.perf_counter() - start
+    finite = [v for v in losses if math.isfinite(v)]
+    logger.info(
+        "trained %d steps in %.1f s; loss %.3f -> %.3f; epsilon %s",
+        done,
+        seconds,
+        finite[0] if finite else float("nan"),
+        finite[-1] if finite else float("nan"),
+        f"{epsilon:.3f}" if epsilon is not None else "n/a (no DP)",
+    )
+    return TrainResult(
+        steps=done,
+        examples=n,
+        sample_rate=sample_rate,
+        noise_multiplier=noise,
+        max_grad_norm=dp.max_grad_norm if dp.enabled else None,
+        delta=dp.delta if dp.enabled else None,
+        epsilon=epsilon,
+        seconds=seconds,
+        losses=losses,
+        accountant=dp.accountant if dp.enabled else None,
+    )
+
+
+def _loader(
+    examples: TrainingExamples,
+    train: TrainConfig,
+    device: torch.device,
+    sample_rate: float | None,
+    generator: torch.Generator,
+) -> DataLoader:
+    """Poisson sampling at `sample_rate` (DP) or shuffled batches; on a GPU, worker
+    processes prepare batches into pinned memory so the device is not kept waiting."""
+    workers = train.loader_workers if device.type == "cuda" else 0
+    common: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": device.type == "cuda",
+        "worker_init_fn": _reseed_worker if workers else None,
+        "persistent_workers": False,
+    }
+    if sample_rate is None:
+        batch_size = min(train.batch_size, len(examples))
+        return DataLoader(
+            examples, batch_size=batch_size, shuffle=True, generator=generator, **common
+        )
+    return DPDataLoader(examples, sample_rate=sample_rate, generator=generator, **common)
+
+
+def _reseed_worker(worker_id: int) -> None:
+    """Each loader process draws its own tasks (it starts with a copy of the same RNG)."""
+    info = torch.utils.data.get_worker_info()
+    if info is not None and isinstance(info.dataset, TrainingExamples):
+        info.dataset.rng.seed(info.seed)
+
+
+def _empty_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    """A Poisson draw can be empty: the DP step still runs (noise only) and is accounted."""
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        p.grad = torch.zeros_like(p)
+    optimizer.step()

@@ -1,0 +1,185 @@
+"""Image encoder + projector + causal LM + diagnosis head: one model for reports, findings, answers.
+
+The LM reads `[visual prefix ; indication ; task prompt ; target]` through `inputs_embeds`. The
+diagnosis head reads the pooled image features together with the LM's hidden state at the last
+context token (image + indication, before any task text), so findings use the same cross-modal
+context as the report while staying independent of which task a training example asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from peft import PeftModel
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from fedrad.common.findings import FINDINGS
+from fedrad.common.model.config import ModelConfig
+from fedrad.common.model.encoder import ImageEncoder
+
+_LAST_ONLY = 1  # logits_to_keep: the diagnosis head needs hidden states, not a vocabulary
+NO_REPEAT_NGRAM = 4
+"""Small LMs fall into loops ("2. 2. 2. ..."); reports never repeat a 4-gram verbatim."""
+
+
+@dataclass(frozen=True)
+class LossParts:
+    loss: torch.Tensor  # what backward() runs on: batch mean of per-example losses
+    lm_loss: float
+    finding_loss: float
+
+
+class RadiologyModel(nn.Module):
+    def __init__(
+        self, config: ModelConfig, lm: PeftModel, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.encoder = ImageEncoder(config)
+        if config.freeze_encoder:  # pretrained on public images; nothing of it trains or travels
+            self.encoder.requires_grad_(False)
+        hidden = lm.get_input_embeddings().embedding_dim
+        self.projector = nn.Sequential(
+            nn.Linear(self.encoder.out_channels, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+        )
+        self.lm = lm
+        self.head = nn.Linear(self.encoder.pooled_channels + hidden, len(FINDINGS))
+
+    # -- shared pieces -------------------------------------------------------------------------
+
+    def visual_prefix(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, pooled = self.encoder(images.to(self.device))
+        return self.projector(tokens), pooled
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def _lm_forward(
+        self, embeds: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, last hidden state). With `keep` (B, L) bool, logits only at those
+        positions, flattened in (row, position) order: a 49k-token vocabulary over every
+        position of a batch is most of a pretrained LM's training memory."""
+        # Explicit, contiguous per-example position ids: the default has batch dim 1, which
+        # breaks per-sample gradients when anything position-dependent trains.
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0).contiguous()
+        out = self.lm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            output_hidden_states=True,
+            use_cache=False,
+            **({} if keep is None else {"logits_to_keep": keep}),
+        )
+        return out.logits, out.hidden_states[-1]
+
+    # -- training ------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        target_mask: torch.Tensor,
+        ctx_index: torch.Tensor,
+        findings: torch.Tensor,
+        findings_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-example LM loss, per-example finding loss and finding logits."""
+        prefix, pooled = self.visual_prefix(images)
+        k = prefix.shape[1]
+        text = self.lm.get_input_embeddings()(input_ids)
+        embeds = torch.cat([prefix, text], dim=1)
+        ones = torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=images.device)
+        mask = torch.cat([ones, attention_mask], dim=1)
+        # position k-1+t predicts text token t: logits only where t is a target token
+        targets = target_mask.bool()
+        keep = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+        keep[:, k - 1 : k - 1 + targets.shape[1]] = targets
+        logits, hidden = self._lm_forward(embeds, mask, keep)
+        ce = F.cross_entropy(logits.float(), input_ids[targets], reduction="none")
+        rows = targets.nonzero()[:, 0]  # the example each target token belongs to
+        per_example = torch.zeros(input_ids.shape[0], dtype=ce.dtype, device=ce.device)
+        per_example = per_example.index_add(0, rows, ce)
+        lm_loss = per_example / targets.sum(dim=1).clamp(min=1).to(ce.dtype)
+        batch = torch.arange(hidden.shape[0], device=hidden.device)
+        context = hidden[batch, k + ctx_index]
+        finding_logits = self.head(torch.cat([pooled, context], dim=1))
+        bce = F.binary_cross_entropy_with_logits(finding_logits, findings, reduction="none")
+        fmask = findings_mask.to(bce.dtype)
+        finding_loss = (bce * fmask).sum(dim=1) / fmask.sum(dim=1).clamp(min=1.0)
+        return lm_loss, finding_loss, finding_logits
+
+    def loss(self, *batch: torch.Tensor) -> LossParts:
+        lm_loss, finding_loss, _ = self(*batch)
+        total = (lm_loss + self.config.finding_loss_weight * finding_loss).mean()
+        return LossParts(total, float(lm_loss.mean()), float(finding_loss.mean()))
+
+    # -- inference -----------------------------------------------------------------------------
+
+    def _left_padded(
+        self, prefix: torch.Tensor, prompts: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[pad ; prefix ; prompt] per row: generation continues from the right edge."""
+        embed = self.lm.get_input_embeddings()
+        k = prefix.shape[1]
+        longest = max(len(p) for p in prompts)
+        rows, masks = [], []
+        for i, ids in enumerate(prompts):
+            pad = longest - len(ids)
+            text = embed(torch.tensor(ids, dtype=torch.long, device=prefix.device))
+            filler = torch.zeros(pad, prefix.shape[2], dtype=prefix.dtype, device=prefix.device)
+            rows.append(torch.cat([filler, prefix[i], text], dim=0))
+            masks.append(torch.cat([torch.zeros(pad), torch.ones(k + len(ids))]))
+        return torch.stack(rows), torch.stack(masks).to(device=prefix.device, dtype=torch.long)
+
+    @torch.no_grad()
+    def finding_probabilities(
+        self, images: torch.Tensor, contexts: list[list[int]]
+    ) -> torch.Tensor:
+        """(B, 6) probabilities; contexts are the token ids of each study's indication text."""
+        prefix, pooled = self.visual_prefix(images)
+        embeds, mask = self._left_padded(prefix, contexts)
+        _, hidden = self._lm_forward(embeds, mask, keep=_LAST_ONLY)
+        context = hidden[:, -1]  # left padding puts every row's last context token at the end
+        return torch.sigmoid(self.head(torch.cat([pooled, context], dim=1)).float()).cpu()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: torch.Tensor,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        num_beams: int = 1,
+    ) -> list[str]:
+        """Greedy (num_beams=1) or beam search with the LM's KV cache, from the visual prefix."""
+        prefix, _ = self.visual_prefix(images)
+        embeds, mask = self._left_padded(prefix, prompts)
+        # generate() derives position ids from the attention mask, so left padding is safe.
+        out = self.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            no_repeat_ngram_size=NO_REPEAT_NGRAM,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return [
+            self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out.tolist()
+        ]
+
+    # -- parameters that train and travel ------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Exactly the parameters with requires_grad: encoder, projector, head, LoRA."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}

@@ -1,0 +1,183 @@
+"""What privacy and federation cost in model quality: one cohort, one seed, one budget of
+optimizer steps, six ways of training.
+
+- centralized, no DP: every site's training studies pooled in one place (the upper bound);
+- federated, no DP; federated with DP-SGD at every site at epsilon 1, 3 and 8;
+- local only at epsilon 8: each site alone (what a hospital gets without the federation).
+
+The federated and local runs take `rounds x local_steps` steps per site; the centralized run
+takes the same total (`rounds x local_steps x sites`) on the pooled data. Every arm is a normal
+run directory under `out/`, so each number can be traced to its metrics.jsonl and config.toml.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Final
+
+from fedrad.common.protocol.messages import DEFAULT_LR
+from fedrad.common.run_dir import read_metrics
+from fedrad.simulations.centralized import CentralizedConfig, run_centralized
+from fedrad.simulations.cohort_data import site_dirs
+from fedrad.simulations.federated import FederatedConfig, run_federated, run_local_only
+
+logger = logging.getLogger(__name__)
+
+METRICS: Final[tuple[str, ...]] = ("macro_auroc", "ce_f1", "bleu4", "rouge_l", "qa_accuracy")
+ARMS: Final[tuple[str, ...]] = (
+    "centralized-nodp",
+    "federated-nodp",
+    "federated-dp-eps1",
+    "federated-dp-eps3",
+    "federated-dp-eps8",
+    "local-dp-eps8",
+)
+
+
+@dataclass(frozen=True)
+class UtilityBenchConfig:
+    rounds: int = 4  # federated rounds (centralized: as many evaluation points)
+    local_steps: int = 80  # DP-SGD steps per site per round
+    batch_size: int = 16  # expected batch size everywhere
+    lr: float = DEFAULT_LR  # every arm's learning rate: only privacy and federation differ
+    seed: int = 0
+    delta: float = 1e-5
+    eval_reports: int = 48  # generated reports per site (or pooled) per evaluation
+    eval_questions: int = 96
+    arms: tuple[str, ...] = ARMS  # which of ARMS to run
+    preset: str = "tiny"  # model preset of every arm
+    lm: str | None = None  # a local base LM instead of the preset's (see `--lm`)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.arms) - set(ARMS))
+        if unknown:
+            raise ValueError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+        if self.rounds < 1 or self.local_steps < 1 or self.batch_size < 1:
+            raise ValueError("rounds, local_steps and batch_size must be >= 1")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+
+
+def _row(arm: str, run_dir: Path, wall_s: float) -> dict[str, Any]:
+    records = read_metrics(run_dir)
+    last = records[-1] if records else {}
+    eps = [v for v in (last.get("epsilon") or {}).values() if v is not None]
+    per_site = last.get("per_site") or {}  # each site's own held-out split (not centralized)
+    return {
+        "arm": arm,
+        "run_dir": str(run_dir),
+        "rounds": len(records),
+        **{m: last.get(m) for m in METRICS},
+        "max_site_epsilon": max(eps) if eps else None,
+        "wall_s": round(wall_s, 1),
+        "first_round": {m: (records[0].get(m) if records else None) for m in METRICS},
+        "per_site": {
+            site: {m: metrics.get(m) for m in ("n_studies", *METRICS)}
+            for site, metrics in per_site.items()
+        },
+    }
+
+
+def smallest_site(rows: list[dict[str, Any]]) -> str | None:
+    """The site with the fewest held-out studies (the split is a fixed fraction per site)."""
+    sizes: dict[str, float] = {}
+    for row in rows:
+        for site, metrics in row["per_site"].items():
+            if metrics.get("n_studies") is not None:
+                sizes[site] = metrics["n_studies"]
+    return min(sizes, key=lambda s: (sizes[s], s)) if sizes else None
+
+
+def run_utility_bench(
+    cohort: Path,
+    out: Path,
+    config: UtilityBenchConfig,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Runs every configured arm in turn and writes `out/utility.json`; returns its content."""
+    cohort, out = Path(cohort), Path(out)
+    sites = len(site_dirs(cohort))
+    out.mkdir(parents=True, exist_ok=True)
+    federated = FederatedConfig(
+        preset=config.preset,
+        lm=config.lm,
+        rounds=config.rounds,
+        local_steps=config.local_steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=config.seed,
+        delta=config.delta,
+        eval_reports=config.eval_reports,
+        eval_questions=config.eval_questions,
+    )
+    plans: dict[str, Callable[[], Path]] = {
+        "centralized-nodp": lambda: run_centralized(
+            cohort,
+            out,
+            CentralizedConfig(
+                preset=config.preset,
+                lm=config.lm,
+                rounds=config.rounds,
+                steps_per_round=config.local_steps * sites,
+                batch_size=config.batch_size,
+                lr=config.lr,
+                dp=False,
+                delta=config.delta,
+                seed=config.seed,
+                eval_reports=config.eval_reports * sites,
+                eval_questions=config.eval_questions * sites,
+            ),
+        ),
+        "federated-nodp": lambda: run_federated(cohort, out, replace(federated, dp=False)),
+        "federated-dp-eps1": lambda: run_federated(cohort, out, replace(federated, epsilon=1.0)),
+        "federated-dp-eps3": lambda: run_federated(cohort, out, replace(federated, epsilon=3.0)),
+        "federated-dp-eps8": lambda: run_federated(cohort, out, replace(federated, epsilon=8.0)),
+        "local-dp-eps8": lambda: run_local_only(cohort, out, replace(federated, epsilon=8.0)),
+    }
+    rows = []
+    for index, arm in enumerate(config.arms, start=1):
+        if progress is not None:
+            progress(f"[{index}/{len(config.arms)}] {arm}")
+        started = time.perf_counter()
+        run_dir = plans[arm]()
+        rows.append(_row(arm, run_dir, time.perf_counter() - started))
+        logger.info("utility bench: %s done in %.0f s", arm, rows[-1]["wall_s"])
+    result = {
+        "cohort": str(cohort),
+        "sites": sites,
+        "smallest_site": smallest_site(rows),
+        "config": asdict(config),
+        "rows": rows,
+    }
+    (out / "utility.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The README's table: one line per arm, the last round's held-out metrics."""
+
+    def cell(value: Any) -> str:
+        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    small = result.get("smallest_site")
+    head = (
+        "| arm | macro AUROC | CE F1 | BLEU-4 | ROUGE-L | QA acc. | max site eps "
+        f"| AUROC on {small or 'smallest site'} | wall |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        eps = row["max_site_epsilon"]
+        own = row.get("per_site", {}).get(small, {}).get("macro_auroc") if small else None
+        lines.append(
+            f"| {row['arm']} | "
+            + " | ".join(cell(row[m]) for m in METRICS)
+            + f" | {'-' if eps is None else f'{eps:.2f}'} | {cell(own)}"
+            + f" | {row['wall_s'] / 60:.1f} min |"
+        )
+    return "\n".join(lines)
