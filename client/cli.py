@@ -23,8 +23,6 @@ from fedrad.client.ingest.site_data import (
 )
 from fedrad.client.site.config import (
     CONFIG_NAME,
-    DEFAULT_DELTA,
-    DEFAULT_EPSILON,
     SiteConfigError,
     init_site,
     load_site_config,
@@ -45,6 +43,8 @@ from fedrad.client.site.supernode import (
 )
 from fedrad.common.cli_support import (
     EXIT_FINDINGS,
+    JsonOpt,
+    VerboseOpt,
     emit_json,
     fail,
     progress_bar,
@@ -54,6 +54,7 @@ from fedrad.common.findings import FINDINGS
 from fedrad.common.flower_process import FlowerProcessError, flower_executable
 from fedrad.common.labeling.labeler import label_report
 from fedrad.common.model.preprocess import PreprocessConfig
+from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON
 from fedrad.common.privacy.ledger import LedgerError
 
 app = typer.Typer(
@@ -64,8 +65,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")]
 WorkersOpt = Annotated[int, typer.Option(help="Decoding processes (0 = one per core).", min=0)]
 
 

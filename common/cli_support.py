@@ -12,31 +12,20 @@ from typing import Annotated, NoReturn
 import typer
 from tqdm import tqdm
 
+from fedrad.common.protocol.run_config import run_option
+
 EXIT_OK = 0
 EXIT_FINDINGS = 1  # ran, but the answer is "no" (nothing usable, audit failed, ...)
 EXIT_USAGE = 2  # bad input: the command could not do its job
 
-NOT_YET = "not yet available in this version of fedrad"
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")]
 
-# SecAgg+ options: the same for a simulation and a deployment (fedrad-sim, fedrad-coordinator run)
-SecAggFlag = Annotated[
-    bool,
-    typer.Option(
-        "--secagg",
-        help="SecAgg+: the coordinator sees only the sum of the sites' masked updates "
-        "(fedavg or fedprox; 3 sites or more).",
-    ),
-]
-SecAggShares = Annotated[
-    int | None,
-    typer.Option(metavar="N", help="SecAgg+: key shares per site (default: every site)."),
-]
-SecAggThreshold = Annotated[
-    int | None,
-    typer.Option(
-        metavar="T", help="SecAgg+: shares that unmask (default: a majority, at least 2)."
-    ),
-]
+# SecAgg+ options: the same for a simulation and a deployment (fedrad-sim, fedrad-coordinator
+# run), with their run settings' declared help
+SecAggFlag = Annotated[bool, run_option("secagg", "--secagg")]
+SecAggShares = Annotated[int | None, run_option("secagg-shares", metavar="N")]
+SecAggThreshold = Annotated[int | None, run_option("secagg-threshold", metavar="T")]
 
 
 def setup_logging(verbose: bool) -> None:
@@ -97,10 +86,6 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 def emit_json(payload: object) -> None:
     typer.echo(json.dumps(payload, indent=2, sort_keys=False))
-
-
-def not_yet(command: str) -> NoReturn:
-    fail(f"'{command}' is {NOT_YET}", EXIT_USAGE)
 
 
 @contextmanager

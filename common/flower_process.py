@@ -46,7 +46,8 @@ def flower_executable(name: str) -> str:
 def flower_process_env(
     flwr_home: Path, base: Mapping[str, str] | None = None, *, bin_dir: Path | None = None
 ) -> dict[str, str]:
-    """`base` (the caller's own environment by default) plus FLOWER_ENV, `FLWR_HOME`,
+    """The environment of every Flower process and `flwr` call fedrad makes, coordinator and
+    site alike: `base` (the caller's own environment by default) plus FLOWER_ENV, `FLWR_HOME`,
     unbuffered output (the log is relayed line by line as it happens) and this environment's
     scripts first on PATH."""
     env = dict(os.environ if base is None else base)

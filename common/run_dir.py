@@ -15,6 +15,10 @@ from typing import Any
 import tomli_w
 
 
+class ResumeError(Exception):
+    """The run directory cannot be resumed as it is; the message says why."""
+
+
 def new_run_dir(root: Path, kind: str) -> Path:
     """runs/<kind>-<UTC timestamp>[-n]: never reuses an existing directory."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")

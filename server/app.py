@@ -3,23 +3,11 @@
 Flower's `Strategy.start` always counts rounds from 1 and keeps nothing on disk, so the loop
 here drives the strategy's own configure/aggregate steps with absolute round numbers: that is
 what makes resume exact (no round twice, FedAdam's bias correction continuing) and gives a
-checkpoint and a metrics line per round. Bookkeeping lives in `server/rounds.py`.
-
-With central DP on (`ServerPlan.central_noise_multiplier`), the strategy is wrapped by
-`with_central_dp` (equal-weight averaging, clipping, noise; see `server/strategies.py`) and
-each round's release is appended to the coordinator's ledger right after aggregation, before
-the noisy model goes out for evaluation and before the round is committed.
-
-With SecAgg+ on (`ServerPlan.secagg`), training travels through `SecureRounds`
-(`server/secure_aggregation.py`) instead of the Message-API strategy: the coordinator sees
-only the sum of the sites' masked updates. Everything around it (participation, ledger,
-checkpoint, metrics line, resume) is this one loop either way. Each round step waits a
-bounded time for its sites (`server/participation.py`): a site that died does not stall it.
-
-`app` reads its plan from the run config (`flwr run`) and needs the coordinator's site
-registry (`site-registry`): a deployed run takes each reply's site id from it, by the node the
-request went to, never from the reply. `simulation_server_app(plan)` closes over a plan built
-in Python (run_simulation has no run config); its in-process sites may name themselves.
+checkpoint and a metrics line per round (bookkeeping: `server/rounds.py`). Plain or SecAgg+
+(`round_driver`), with or without central DP (`build_plan_strategy`), the loop around it is the
+same, and every wait for sites is bounded (`server/participation.py`). `app` serves a
+deployment, where each reply's site id comes from the coordinator's site registry by the node
+the request went to, never from the reply; `simulation_server_app(plan)` serves a simulation.
 """
 
 from __future__ import annotations
@@ -36,6 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from fedrad.common.privacy.coordinator_ledger import CoordinatorLedger
 from fedrad.common.protocol.messages import SITE_ID_FIELD, SITE_KEY
 from fedrad.common.run_dir import append_failed_round
 from fedrad.server.participation import (
@@ -46,7 +35,6 @@ from fedrad.server.participation import (
     wait_for_sites,
 )
 from fedrad.server.rounds import (
-    CoordinatorLedger,
     EvalOutcome,
     RunBook,
     ServerPlan,
@@ -94,7 +82,8 @@ def _site_metrics(replies: list[Message], grid: RoundGrid) -> dict[str, dict[str
 
 
 def build_plan_strategy(plan: ServerPlan) -> Strategy:
-    """The plan's strategy, wrapped for central DP when the plan asks for it."""
+    """The plan's strategy, wrapped for central DP when the plan asks for it (equal-weight
+    averaging, clipping, noise: `server/strategies.py`)."""
     strategy = build_strategy(
         plan.strategy,
         num_sites=plan.num_sites,
@@ -172,7 +161,8 @@ class PlainRounds:
 
 
 def round_driver(plan: ServerPlan, state: dict[str, np.ndarray]) -> RoundDriver:
-    """SecAgg+ when the plan asks for it, else the plain Message-API strategy."""
+    """SecAgg+ when the plan asks for it (the coordinator sees only the sum of the sites'
+    masked updates), else the plain Message-API strategy."""
     if plan.secagg:
         from fedrad.server.secure_aggregation import SecureRounds
 
@@ -233,6 +223,8 @@ def run_server(grid: Grid, plan: ServerPlan, *, on_round: OnRound | None = None)
             append_failed_round(plan.run_dir, round_no, outcome.failures or ["no replies"])
             raise FederationError(f"round {round_no}: no usable update ({reasons})")
         central_epsilon = None
+        # The release is on the ledger before the noisy model goes out for evaluation and
+        # before the round is committed.
         if ledger is not None and plan.central_noise_multiplier is not None:
             central_epsilon = ledger.record_release(
                 round_no,
@@ -266,6 +258,8 @@ def run_server(grid: Grid, plan: ServerPlan, *, on_round: OnRound | None = None)
 
 
 def simulation_server_app(plan: ServerPlan, *, on_round: OnRound | None = None) -> ServerApp:
+    """A ServerApp over a plan built in Python (run_simulation has no run config); its
+    in-process sites may name themselves."""
     app = ServerApp()
 
     @app.main()

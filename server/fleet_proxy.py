@@ -1,15 +1,8 @@
-"""The site-facing door of the coordinator: an nginx TLS proxy that passes Flower's Fleet API
-and nothing else.
-
-Flower 1.41's SuperLink serves its Fleet, Control and Runtime APIs on one listener, and without
-its enterprise OIDC plugin the Control API lets every caller submit, stop and list runs and
-register or remove nodes. So the SuperLink binds 127.0.0.1 only, and the address the sites
-reach is this proxy: `POST /v1/fleet/...` is passed upstream over TLS (verified against the
-federation CA), every other method or path is answered 403 by nginx, before Flower sees it.
-No hand-written proxy: nginx from the OS packages, configured from the federation's own
-certificates. Access lines log the method, path and status only: node authentication signs a
-timestamp that must never be written down.
-"""
+"""The sites' only door to the coordinator: an nginx TLS proxy that passes Flower's Fleet API
+(`POST /v1/fleet/...`) to the loopback SuperLink and answers 403 to everything else before
+Flower sees it, because the SuperLink's Control API, on the same listener, lets any caller
+submit runs and register nodes. Access lines log method, path and status only: node
+authentication signs a timestamp that must never be written down."""
 
 from __future__ import annotations
 

@@ -1,20 +1,7 @@
-"""Which sites take part in a round, and what each of them answered: every wait bounded.
-
-Flower's strategies sample nodes by waiting, without a time limit, until their minimum number
-is connected, so a site that dies and never comes back would stall the next round forever.
-Here each round step (training, evaluation) first waits at most `connect-timeout` for every
-configured site, then goes on with the sites connected if there are at least `min-sites`
-(one clear log line names the shortfall), or stops the run with a one-line FederationError.
-The step then sees a `RoundGrid`: a fixed set of node ids, so no strategy waits for a site
-that has gone, plus a record of which site answered, failed (and why) or stayed silent past
-`round-timeout`, and how many payload bytes each sent.
-
-In a deployment the coordinator's `SiteRegistry` (its nodes.json: the node id Flower assigned
-to each admitted site's key) is the only source of a site's identity: a reply's site id is the
-registry's for the node its request went to, never what the reply says, and a connected node
-that is not in the registry gets no message and does not count toward num-sites or min-sites.
-Simulations have no registry: their virtual sites are in-process and name themselves.
-"""
+"""Which sites take part in a round, and what each of them answered. Every wait is bounded
+(Flower's strategies wait for their nodes without a limit, so one dead site would stall the
+federation), and in a deployment `SiteRegistry`, the coordinator's nodes.json, is the only
+source of who a reply is from: never the reply itself. Simulated sites name themselves."""
 
 from __future__ import annotations
 

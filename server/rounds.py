@@ -6,15 +6,8 @@ The metrics line is the commit point: on resume the last round listed there is t
 done, its checkpoint is where training continues, and a round is never counted twice.
 Checkpoint directories past that point are leftovers of an interrupted round and are
 overwritten when the round is run again. Site ledgers are never touched here: a site that
-trained in an interrupted round did spend that privacy, and its ledger keeps saying so.
-
-With central DP on, the coordinator keeps its own ledger of the noise it adds, in the site
-ledger format (`coordinator/ledger.jsonl`, key `coordinator/ledger_key.pem` and its .pub), so
-`fedrad-audit RUN_DIR` verifies it with the sites'. One entry per released aggregate, written
-after the round's aggregation and before the noisy model leaves for evaluation or is
-committed. A round interrupted after its entry and run again on resume is a second release
-(the first noisy model already went to the sites), so it has two entries and both count; a
-round interrupted before its entry released nothing and has none.
+trained in an interrupted round did spend that privacy, and its ledger keeps saying so. With
+central DP on, the coordinator's own ledger is `common/privacy/coordinator_ledger.py`.
 """
 
 from __future__ import annotations
@@ -31,15 +24,15 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
 from fedrad.common.model.checkpoint import read_metadata, write_checkpoint_from
-from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key
-from fedrad.common.protocol.messages import DEFAULT_LR, WEIGHT_KEY, RoundConfig
+from fedrad.common.privacy.budget import DEFAULT_DELTA
+from fedrad.common.protocol.messages import WEIGHT_KEY, RoundConfig
 from fedrad.common.protocol.release_app import given_settings
-from fedrad.common.run_dir import append_metrics, read_metrics
+from fedrad.common.protocol.run_config import REQUIRED_KEYS, SETTINGS, run_default
+from fedrad.common.run_dir import ResumeError, append_metrics, read_metrics
 
 logger = logging.getLogger(__name__)
 
 STRATEGY_STATE_FILE: Final[str] = "strategy_state.safetensors"
-COORDINATOR_ID: Final[str] = "coordinator"  # site_id of the coordinator's ledger entries
 CENTRAL_KEYS: Final[dict[str, str]] = {  # run config key -> ServerPlan field
     "central-noise": "central_noise_multiplier",
     "central-clip": "central_clipping_norm",
@@ -53,10 +46,6 @@ SECAGG_KEYS: Final[dict[str, tuple[str, type]]] = {  # run config key -> (field,
 }
 SECAGG_STRATEGIES: Final[tuple[str, ...]] = ("fedavg", "fedprox")
 SECAGG_MIN_SITES: Final[int] = 3  # with two, each site reads the other's update off the sum
-
-
-class ResumeError(Exception):
-    """The run directory cannot be resumed as it is; the message says why."""
 
 
 def checkpoint_dir(run_dir: Path, round_no: int) -> Path:
@@ -79,7 +68,7 @@ class ServerPlan:
     connect_timeout_s: float = 300.0  # waiting for every configured site to connect
     central_noise_multiplier: float | None = None  # central DP: sigma per round; None = off
     central_clipping_norm: float = 1.0  # central DP: L2 bound on one site's whole update
-    central_delta: float = 1e-5  # central DP: delta of the coordinator's site-level epsilon
+    central_delta: float = DEFAULT_DELTA  # central DP: delta of the site-level epsilon
     min_sites: int | None = None  # a round goes on with this many (None: 1; SecAgg+: threshold)
     secagg: bool = False  # SecAgg+: the coordinator sees only the sum of masked updates
     secagg_shares: int | None = None  # key shares per site (None: every site holds one)
@@ -174,71 +163,49 @@ class ServerPlan:
 
     @staticmethod
     def from_run_config(run_config: Mapping[str, Any]) -> ServerPlan:
-        """From `[tool.flwr.app.config]` / `--run-config` (hyphenated keys, unknown refused):
-        run-dir, foundation-dir, num-sites, num-rounds, strategy, proximal-mu, server-lr,
-        run-id, local-steps, batch-size, lr, seed, dp, epsilon, delta, max-grad-norm,
-        accountant, eval-reports, eval-questions, round-timeout, connect-timeout, and for
-        central DP central-noise (turns it on), central-clip, central-delta, min-sites, and
-        for SecAgg+ secagg (turns it on), secagg-shares, secagg-threshold, secagg-clip,
-        secagg-max-weight, and site-registry (the coordinator's node id -> site id file).
-        A setting left at the release app's declared default counts as not given."""
+        """The plan of a run config (`run_config.RUN_SETTINGS`: hyphenated keys, unknown ones
+        refused), as a deployment's `--run-config` or a simulation's settings give it. A
+        setting left at its declared default counts as not given."""
         run_config = given_settings(run_config)
-        own = {
-            "site-registry",
-            "run-dir",
-            "foundation-dir",
-            "num-sites",
-            "num-rounds",
-            "strategy",
-            "proximal-mu",
-            "server-lr",
-            "round-timeout",
-            "connect-timeout",
-            "epsilon",
-            "min-sites",
-            "secagg",
-            *CENTRAL_KEYS,
-            *SECAGG_KEYS,
-        }
-        round_keys = {f.name.replace("_", "-") for f in fields(RoundConfig)} - {
-            "server-round",
-            "planned-rounds",
-            "target-epsilon",
-        }
-        unknown = set(run_config) - own - round_keys
+        unknown = set(run_config) - set(SETTINGS)
         if unknown:
             raise ValueError(f"unknown run config key(s): {', '.join(sorted(unknown))}")
-        missing = {"run-dir", "foundation-dir", "num-sites", "num-rounds"} - set(run_config)
+        missing = REQUIRED_KEYS - set(run_config)
         if missing:
             raise ValueError(f"run config lacks {', '.join(sorted(missing))}")
+
+        def value(key: str) -> Any:
+            return run_config.get(key, run_default(key))
+
         rounds = int(run_config["num-rounds"])
-        record: dict[str, Any] = {k: v for k, v in run_config.items() if k in round_keys}
-        record.setdefault("run-id", Path(str(run_config["run-dir"])).name)
-        record.setdefault("local-steps", 50)
-        record.setdefault("batch-size", 16)
-        record.setdefault("lr", DEFAULT_LR)
-        record.setdefault("seed", 0)
+        record: dict[str, Any] = {key: value(key) for key in _ROUND_KEYS}
+        record["run-id"] = run_config.get("run-id", Path(str(run_config["run-dir"])).name)
         record["server-round"] = 1
         record["planned-rounds"] = rounds
-        if "epsilon" in run_config:
-            record["target-epsilon"] = run_config["epsilon"]
+        record["target-epsilon"] = value("epsilon")
         return ServerPlan(
             run_dir=Path(str(run_config["run-dir"])),
             foundation_dir=Path(str(run_config["foundation-dir"])),
             num_sites=int(run_config["num-sites"]),
             rounds=rounds,
             round_config=RoundConfig.from_record(record),
-            strategy=str(run_config.get("strategy", "fedavg")),
-            proximal_mu=float(run_config.get("proximal-mu", 0.0)),
-            server_lr=float(run_config.get("server-lr", 1e-2)),
-            round_timeout_s=float(run_config.get("round-timeout", 3600.0)),
-            connect_timeout_s=float(run_config.get("connect-timeout", 300.0)),
+            strategy=str(value("strategy")),
+            proximal_mu=float(value("proximal-mu")),
+            server_lr=float(value("server-lr")),
+            round_timeout_s=float(value("round-timeout")),
+            connect_timeout_s=float(value("connect-timeout")),
             site_registry=(
                 Path(str(run_config["site-registry"])) if "site-registry" in run_config else None
             ),
             **_central_settings(run_config),
             **_secagg_settings(run_config),
         )
+
+
+# The run config keys RoundConfig carries as they are (the rest it derives, or are the plan's).
+_ROUND_KEYS: Final[frozenset[str]] = frozenset(
+    f.name.replace("_", "-") for f in fields(RoundConfig)
+) - {"server-round", "planned-rounds", "target-epsilon"}
 
 
 def _central_settings(run_config: Mapping[str, Any]) -> dict[str, float]:
@@ -386,73 +353,6 @@ class RunBook:
         append_metrics(self.run_dir, dict(record))
         self.completed = round_no
         return directory
-
-
-class CoordinatorLedger:
-    """The coordinator's signed ledger of central-DP releases (site-level DP).
-
-    Each round's aggregate is one Gaussian release: sample rate 1 (every configured site is
-    asked to train), one step, `max_grad_norm` = the clipping norm of a site's update. The
-    noise std is sigma * C / n for n configured sites, while the mean is over the m updates
-    actually received, which one site moves by at most C / m: the noise multiplier that really
-    protected the round is sigma * m / n, and that is what is recorded (with a warning) when a
-    site refused or did not answer. With m = n it is sigma.
-    """
-
-    def __init__(self, run_dir: Path, *, run_id: str, delta: float) -> None:
-        directory = Path(run_dir) / "coordinator"
-        self.path = directory / "ledger.jsonl"
-        self.key_path = directory / "ledger_key.pem"  # its .pub is written beside it
-        self.run_id = run_id
-        self.delta = delta
-        self._ledger = Ledger(self.path, load_or_create_signing_key(self.key_path))
-
-    def check_covers(self, completed: int) -> None:
-        """A resumed run needs an entry for every committed round of this run."""
-        recorded = {int(e["round"]) for e in self._ledger.entries() if e["run_id"] == self.run_id}
-        missing = [r for r in range(1, completed + 1) if r not in recorded]
-        if missing:
-            raise ResumeError(
-                f"central DP is on but the coordinator ledger {self.path} has no entry for "
-                f"committed round(s) {', '.join(map(str, missing))}"
-            )
-
-    def record_release(
-        self,
-        round_no: int,
-        *,
-        noise_multiplier: float,
-        clipping_norm: float,
-        updates: int,
-        configured: int,
-    ) -> float:
-        """Appends one round's release; returns the coordinator's cumulative epsilon."""
-        if updates < 1:
-            raise ValueError("a release averages at least one update")
-        effective = noise_multiplier * updates / configured
-        if updates != configured:
-            logger.warning(
-                "round %d: central noise was sized for %d sites but %d updates were averaged; "
-                "the ledger records the effective noise multiplier %.4g (not %.4g)",
-                round_no,
-                configured,
-                updates,
-                effective,
-                noise_multiplier,
-            )
-        entry = self._ledger.append(
-            site_id=COORDINATOR_ID,
-            run_id=self.run_id,
-            round=round_no,
-            sample_rate=1.0,
-            noise_multiplier=effective,
-            steps=1,
-            max_grad_norm=clipping_norm,
-            delta=self.delta,
-            accountant="rdp",
-        )
-        epsilon = entry["epsilon"]
-        return float("inf") if epsilon is None else float(epsilon)
 
 
 def _declared(foundation_dir: Path) -> frozenset[str]:

@@ -2,28 +2,13 @@
 inside fedrad's own round loop (`server/app.py`), so checkpoints, metrics.jsonl, exact resume
 and the central-DP ledger work as without it.
 
-Flower 1.41 has SecAgg+ only in its legacy API: the workflow drives a legacy `Strategy` in a
-`LegacyContext`. Here that strategy is `_OneRound`: it gives the round's sites their FitIns
-(the global trainable arrays in `array_order`, and the round config) and receives what the
-workflow unmasked, the weighted mean of the sites' updates, which is all the coordinator ever
-sees of them. The new global model is the old one plus that mean (FedAvg; FedProx differs only
-at the sites). Per-site metrics (epsilon, loss) come in the clear beside the masked vectors, as
-without SecAgg+; they are recorded under the site id the round's grid gives the node (the
-coordinator's registry in a deployment), never the one they name.
-
-The ranges are set from what the sites send (`SecAggSettings.for_plan`): an update value is
-at most AdamW's bound for the round's local steps and learning rate (or the central clipping
-norm), so nothing is clipped by `secaggplus_mod`; a site that would be clipped refuses instead.
-
-Central DP under SecAgg+ follows Flower's fl-dp-sa pattern: the sites clip their updates
-(`fixedclipping_mod`, told the norm by Flower's `DifferentialPrivacyClientSideFixedClipping`)
-and the coordinator adds Gaussian noise to the unmasked mean. It protects each site against
-the other sites (they see only the noisy model), not against the coordinator, which sees the
-mean before adding the noise; DP-SGD at every site (the default) protects against both.
-
-Dropouts: a site that fails or goes silent at any stage is left out by the workflow; with at
-least `threshold` sites left the others' keys reconstruct its masks and the round completes
-without it. Each stage waits at most `round-timeout`.
+Of the sites' updates the coordinator only ever sees their unmasked weighted mean; their
+metrics come in the clear, as without SecAgg+, under the site id the round's grid gives the
+node, never the one they name. Central DP here (Flower's fl-dp-sa pattern: the sites clip, the
+coordinator adds noise to the unmasked mean) protects each site against the other sites, not
+against the coordinator, which sees the mean before adding the noise; DP-SGD at every site
+(the default) protects against both. A site that fails or goes silent at any stage is left
+out, and with at least `threshold` sites left the round completes without it.
 """
 
 from __future__ import annotations
@@ -94,7 +79,8 @@ class SecAggSettings:
         """Ranges from what the sites send: AdamW's bound on an update value for the round's
         local steps and learning rate (or `secagg-clip`), within the central clipping norm
         when central DP is on (an L2 bound bounds every value), each with `RANGE_MARGIN`;
-        unit weights under central DP.
+        unit weights under central DP. So `secaggplus_mod` clips nothing: a site whose update
+        would still be clipped refuses the round instead.
         """
         config = plan.round_config
         clip = plan.secagg_clip or with_margin(
@@ -131,7 +117,11 @@ class _SecAggPlus(SecAggPlusWorkflow):
 
 
 class _OneRound(Strategy):
-    """The legacy strategy the SecAgg+ workflow drives for one round."""
+    """The legacy strategy the SecAgg+ workflow drives for one round (Flower 1.41 has SecAgg+
+    only in its legacy API, in a `LegacyContext`): it gives the round's sites their FitIns (the
+    global trainable arrays in `array_order`, and the round config) and receives the weighted
+    mean of their updates that the workflow unmasked. The new global model is the old one plus
+    that mean (FedAvg; FedProx differs only at the sites)."""
 
     def __init__(self, grid: RoundGrid, config: RoundValues) -> None:
         self.proxies = [GridClientProxy(node, grid, run_id=0) for node in grid.node_ids]  # type: ignore[arg-type]

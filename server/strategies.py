@@ -1,19 +1,10 @@
 """Strategy choice by name (FedAvg, FedProx, FedAdam) on Flower's Message API, sized to the
 federation actually configured, plus the metric aggregation and FedAdam state the round
-loop needs to resume.
+loop needs to resume, and site-level central DP (`with_central_dp`).
 
 Minimum node counts are the number of configured sites, never Flower's default of 2 (which
 makes a one-site federation wait forever). Sites send their new trainable values; every
 strategy here aggregates those (FedAdam turns the average into a server-side Adam step).
-
-Central DP (site-level: the unit of privacy is one site's whole update) wraps FedAvg or FedProx
-in Flower's `DifferentialPrivacyServerSideFixedClipping`: each update (new values minus the
-global) is clipped to L2 norm C, the clipped values are averaged, and Gaussian noise of std
-sigma * C / n is added. That std bounds one site's influence only for an UNWEIGHTED mean, so
-under central DP the arrays are averaged with equal weights: the coordinator stamps a unit
-weight (`UNIT_WEIGHT_KEY`) into every reply it received, so no site can change its own
-weight; metrics are still averaged by example count. FedAdam is refused: the wrapper would
-add the noise after the Adam step, to a value whose sensitivity it does not bound.
 """
 
 from __future__ import annotations
@@ -187,7 +178,15 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
 def with_central_dp(
     strategy: FedAvg, *, noise_multiplier: float, clipping_norm: float, num_sites: int
 ) -> CentralDP:
-    """Site-level central DP around an equal-weight FedAvg or FedProx (see the module doc)."""
+    """Site-level central DP (the unit of privacy is one site's whole update) around an
+    equal-weight FedAvg or FedProx, with Flower's `DifferentialPrivacyServerSideFixedClipping`:
+    each update (new values minus the global) is clipped to L2 norm C, the clipped values are
+    averaged, and Gaussian noise of std sigma * C / n is added. That std bounds one site's
+    influence only for an UNWEIGHTED mean, so the arrays are averaged with equal weights: the
+    coordinator stamps a unit weight (`UNIT_WEIGHT_KEY`) into every reply it received, so no
+    site can change its own weight; metrics are still averaged by example count. FedAdam is
+    refused: the noise would come after the Adam step, whose sensitivity it does not bound.
+    """
     if isinstance(strategy, FedAdam):
         raise ValueError(CENTRAL_DP_FEDADAM)
     if strategy.weighted_by_key != UNIT_WEIGHT_KEY:

@@ -28,10 +28,13 @@ from fedrad.common.audit.ledger_audit import (
 from fedrad.common.cli_support import (
     EXIT_FINDINGS,
     EXIT_OK,
+    JsonOpt,
+    VerboseOpt,
     emit_json,
     fail,
     setup_logging,
 )
+from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON
 
 LEDGER_NAME = "ledger.jsonl"
 BESIDE_KEY_NAME = "ledger_key.pub"
@@ -149,8 +152,8 @@ def ledger(
         Path | None,
         typer.Option(help="An earlier `--json` audit: flag ledgers rolled back since then."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     setup_logging(verbose)
     keys = {}
@@ -218,8 +221,10 @@ def empirical(
     site: Annotated[
         str | None, typer.Option(help="The site folder to audit (default: the first).")
     ] = None,
-    epsilon: Annotated[float, typer.Option(help="The DP target of the audited training.")] = 8.0,
-    delta: Annotated[float, typer.Option(help="The DP delta.")] = 1e-5,
+    epsilon: Annotated[
+        float, typer.Option(help="The DP target of the audited training.")
+    ] = DEFAULT_EPSILON,
+    delta: Annotated[float, typer.Option(help="The DP delta.")] = DEFAULT_DELTA,
     steps: Annotated[int, typer.Option(help="Optimizer steps of each training run.")] = 200,
     canaries: Annotated[int, typer.Option(help="Canary records (half trained on).")] = 128,
     batch_size: Annotated[int, typer.Option(help="Expected batch size (Poisson).")] = 16,
@@ -231,8 +236,8 @@ def empirical(
     out: Annotated[
         Path | None, typer.Option(help="Also write the result and its config as JSON here.")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     from fedrad.simulations.empirical_audit import (
         EmpiricalAuditConfig,

@@ -17,11 +17,17 @@ from typing import Any
 
 from fedrad.client.ingest.dataset import TrainingExamples
 from fedrad.client.training.evaluate import EvalConfig, evaluate
-from fedrad.client.training.train import DPConfig, TrainConfig, calibrate_noise, train_local
+from fedrad.client.training.train import DPConfig, TrainConfig, train_local
 from fedrad.common.model.checkpoint import save_checkpoint
 from fedrad.common.model.config import model_config_for
 from fedrad.common.model.foundation import FoundationRecipe, build_foundation
-from fedrad.common.privacy.accounting import MechanismStep, cumulative_epsilon
+from fedrad.common.privacy.accounting import (
+    MechanismStep,
+    calibrate_noise,
+    cumulative_epsilon,
+    poisson_sample_rate,
+)
+from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON
 from fedrad.common.run_dir import append_metrics, new_run_dir, plot_run, write_config, write_summary
 from fedrad.simulations.cohort_data import load_cohort, pooled
 
@@ -39,8 +45,8 @@ class CentralizedConfig:
     batch_size: int = 16
     lr: float = 1e-3
     dp: bool = False
-    epsilon: float = 8.0
-    delta: float = 1e-5
+    epsilon: float = DEFAULT_EPSILON
+    delta: float = DEFAULT_DELTA
     max_grad_norm: float = 1.0
     seed: int = 0
     eval_reports: int = 64
@@ -73,7 +79,7 @@ def run_centralized(
     model_config = model.config  # as built: frozen encoder, the base LM's verified hash
     run_dir = new_run_dir(runs_root, "centralized")
     total_steps = config.rounds * config.steps_per_round
-    sample_rate = min(config.batch_size, len(train)) / len(train)
+    sample_rate = poisson_sample_rate(config.batch_size, len(train))
     noise = (
         calibrate_noise(
             target_epsilon=config.epsilon,

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from fedrad.common.cli_support import (
+    JsonOpt,
     SecAggFlag,
     SecAggShares,
     SecAggThreshold,
+    VerboseOpt,
     emit_json,
     fail,
     setup_logging,
 )
+from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON
 from fedrad.common.protocol.messages import DEFAULT_LR
+from fedrad.common.protocol.run_config import run_option
 from fedrad.common.run_dir import site_order
 
 app = typer.Typer(
@@ -29,6 +35,48 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Measurements written as JSON.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
+# Options several commands share, declared once; a run setting's help is its declaration's
+# (`common/protocol/run_config.py`), as `fedrad-coordinator run` shows it.
+PresetOpt = Annotated[str, typer.Option("--preset", help="Model preset: tiny, small or base.")]
+LmOpt = Annotated[
+    str | None,  # a path, resolved (and checked) where the model config is made
+    typer.Option(
+        "--lm",
+        metavar="PATH",
+        help="Base LM instead of the preset's: a local Hugging Face causal-LM directory or "
+        "GGUF file (frozen; LoRA trains). The preset's image side stays.",
+    ),
+]
+CohortOpt = Annotated[
+    Path, typer.Option("--data", help="A cohort directory (one folder per site).")
+]
+RunsRootOpt = Annotated[Path, typer.Option("--out", help="Runs root; a new runs/<id>/ is created.")]
+NoDpOpt = Annotated[bool, typer.Option("--no-dp", help="No DP-SGD (baseline only).")]
+RoundsOpt = Annotated[int, run_option("num-rounds", "--rounds")]
+EpsilonOpt = Annotated[float, run_option("epsilon")]
+DeltaOpt = Annotated[float, run_option("delta")]
+StrategyOpt = Annotated[str, run_option("strategy")]
+LocalStepsOpt = Annotated[int, run_option("local-steps")]
+BatchSizeOpt = Annotated[int, run_option("batch-size")]
+LrOpt = Annotated[float, run_option("lr")]
+SeedOpt = Annotated[int, run_option("seed")]
+EvalReportsOpt = Annotated[int, run_option("eval-reports")]
+CentralNoiseOpt = Annotated[float | None, run_option("central-noise", metavar="SIGMA")]
+CentralClipOpt = Annotated[float | None, run_option("central-clip", metavar="C")]
+CentralDeltaOpt = Annotated[float | None, run_option("central-delta", metavar="D")]
+MinSitesOpt = Annotated[int | None, run_option("min-sites", metavar="K")]
+
+
+def _config(kind: type, params: Mapping[str, Any], **overrides: Any) -> Any:
+    """`kind` (a settings dataclass) from a command's parameters: each field the command
+    takes under the field's own name, given (not None); one line and exit 2 if refused."""
+    names = {f.name for f in fields(kind)}
+    values = {k: v for k, v in params.items() if k in names and v is not None}
+    try:
+        return kind(**{**values, **overrides})
+    except ValueError as exc:
+        fail(str(exc))
+
 
 @app.command()
 def synth(
@@ -37,8 +85,8 @@ def synth(
     studies_per_site: Annotated[int, typer.Option(help="Mean studies per site.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives identical files.")] = 0,
     workers: Annotated[int, typer.Option(help="Processes (0 = one per core).", min=0)] = 0,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Write a synthetic multi-hospital cohort of real DICOM files, reports and ground truth."""
     from fedrad.common.synthetic.cohort import generate_cohort
@@ -67,15 +115,12 @@ def synth(
         typer.echo(f"cohort written to {out}")
 
 
-def _federated_config(**kwargs: object) -> object:
+def _federated_config(params: Mapping[str, Any], **overrides: Any) -> Any:
     from fedrad.simulations.federated import FederatedConfig
 
-    lm = kwargs.get("lm")
-    _check_model(str(kwargs["preset"]), None if lm is None else str(lm))
-    try:
-        return FederatedConfig(**kwargs)  # type: ignore[arg-type]
-    except ValueError as exc:
-        fail(str(exc))
+    lm = params.get("lm")
+    _check_model(str(params["preset"]), None if lm is None else str(lm))
+    return _config(FederatedConfig, params, **overrides)
 
 
 def _recipe(steps: int) -> object:
@@ -84,18 +129,6 @@ def _recipe(steps: int) -> object:
     if steps < 1:
         fail("--foundation-steps must be >= 1")
     return FoundationRecipe(steps=steps)
-
-
-PresetOpt = Annotated[str, typer.Option("--preset", help="Model preset: tiny, small or base.")]
-LmOpt = Annotated[
-    str | None,  # a path, resolved (and checked) where the model config is made
-    typer.Option(
-        "--lm",
-        metavar="PATH",
-        help="Base LM instead of the preset's: a local Hugging Face causal-LM directory or "
-        "GGUF file (frozen; LoRA trains). The preset's image side stays.",
-    ),
-]
 
 
 def _check_model(preset_name: str, lm: str | None) -> None:
@@ -116,8 +149,8 @@ def _run_errors() -> tuple[type[Exception], ...]:
     from fedrad.common.model.base_lm import BaseLMError
     from fedrad.common.model.checkpoint import CheckpointError
     from fedrad.common.privacy.ledger import LedgerError
+    from fedrad.common.run_dir import ResumeError
     from fedrad.server.app import FederationError
-    from fedrad.server.rounds import ResumeError
     from fedrad.simulations.cohort_data import CohortError
 
     return (
@@ -136,66 +169,36 @@ def run(
     data: Annotated[
         Path | None, typer.Option(help="Cohort directory: one virtual site per folder.")
     ] = None,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 5,
-    out: Annotated[Path, typer.Option(help="Runs root; a new runs/<id>/ is created.")] = Path(
-        "runs"
-    ),
-    epsilon: Annotated[float, typer.Option(help="Each site's epsilon for the whole run.")] = 8.0,
-    delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
-    no_dp: Annotated[bool, typer.Option("--no-dp", help="No DP-SGD (baseline only).")] = False,
-    strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam.")] = "fedavg",
-    preset_name: PresetOpt = "tiny",
+    rounds: RoundsOpt = 5,
+    out: RunsRootOpt = Path("runs"),
+    epsilon: EpsilonOpt = DEFAULT_EPSILON,
+    delta: DeltaOpt = DEFAULT_DELTA,
+    no_dp: NoDpOpt = False,
+    strategy: StrategyOpt = "fedavg",
+    preset: PresetOpt = "tiny",
     lm: LmOpt = None,
-    local_steps: Annotated[int, typer.Option(help="DP-SGD steps per site per round.")] = 50,
-    batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = 16,
-    lr: Annotated[float, typer.Option(help="Local learning rate.")] = DEFAULT_LR,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    local_steps: LocalStepsOpt = 50,
+    batch_size: BatchSizeOpt = 16,
+    lr: LrOpt = DEFAULT_LR,
+    seed: SeedOpt = 0,
     resume: Annotated[
         Path | None, typer.Option(help="Continue a killed run from its last checkpoint.")
     ] = None,
-    eval_reports: Annotated[int, typer.Option(help="Reports generated per site per round.")] = 64,
+    eval_reports: EvalReportsOpt = 64,
     foundation_steps: Annotated[
         int, typer.Option(help="Pretraining steps of the public foundation LM (cached).")
     ] = 600,
-    central_noise: Annotated[
-        float | None,
-        typer.Option(
-            "--central-noise",
-            metavar="SIGMA",
-            help="Central DP on the coordinator (site-level): noise multiplier per round. "
-            "Off unless given; fedavg or fedprox only.",
-        ),
-    ] = None,
-    central_clip: Annotated[
-        float | None,
-        typer.Option(
-            "--central-clip",
-            metavar="C",
-            help="Central DP: L2 bound on one site's update per round (default 1.0).",
-        ),
-    ] = None,
-    central_delta: Annotated[
-        float | None,
-        typer.Option(
-            "--central-delta",
-            metavar="D",
-            help="Central DP: delta of the coordinator's epsilon (default 1e-5).",
-        ),
-    ] = None,
+    central_noise: CentralNoiseOpt = None,
+    central_clip: CentralClipOpt = None,
+    central_delta: CentralDeltaOpt = None,
     secagg: SecAggFlag = False,
     secagg_shares: SecAggShares = None,
     secagg_threshold: SecAggThreshold = None,
-    min_sites: Annotated[
-        int | None,
-        typer.Option(
-            metavar="K",
-            help="A round goes on with K sites if the others are gone (default 1; SecAgg+: "
-            "the threshold).",
-        ),
-    ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    min_sites: MinSitesOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Federated simulation on Flower's simulation engine (one virtual site per cohort folder)."""
+    params = dict(locals())
     from fedrad.simulations.federated import resume_federated, run_federated
 
     setup_logging(verbose)
@@ -210,39 +213,13 @@ def run(
         return
     if data is None:
         fail("--data COHORT is required (or --resume RUN_DIR)")
-    central: dict[str, float] = {}
-    if central_noise is not None:
-        central["central_noise"] = central_noise
-        if central_clip is not None:
-            central["central_clip"] = central_clip
-        if central_delta is not None:
-            central["central_delta"] = central_delta
-    elif central_clip is not None or central_delta is not None:
+    if central_noise is None and (central_clip is not None or central_delta is not None):
         fail("--central-clip and --central-delta need --central-noise SIGMA")
     if not secagg and (secagg_shares is not None or secagg_threshold is not None):
         fail("--secagg-shares and --secagg-threshold need --secagg")
-    config = _federated_config(
-        preset=preset_name,
-        lm=lm,
-        rounds=rounds,
-        local_steps=local_steps,
-        batch_size=batch_size,
-        lr=lr,
-        strategy=strategy,
-        dp=not no_dp,
-        epsilon=epsilon,
-        delta=delta,
-        seed=seed,
-        eval_reports=eval_reports,
-        foundation=_recipe(foundation_steps),
-        secagg=secagg,
-        secagg_shares=secagg_shares,
-        secagg_threshold=secagg_threshold,
-        min_sites=min_sites,
-        **central,
-    )
+    config = _federated_config(params, dp=not no_dp, foundation=_recipe(foundation_steps))
     try:
-        run_dir = run_federated(data, out, config, on_round=_print_round)  # type: ignore[arg-type]
+        run_dir = run_federated(data, out, config, on_round=_print_round)
     except _run_errors() as exc:
         fail(str(exc))
     typer.echo(f"run directory: {run_dir}")
@@ -250,51 +227,33 @@ def run(
 
 @app.command()
 def centralized(
-    data: Annotated[Path, typer.Option(help="A cohort directory (one folder per site).")],
-    out: Annotated[Path, typer.Option(help="Runs root; a new runs/<id>/ is created.")] = Path(
-        "runs"
-    ),
+    data: CohortOpt,
+    out: RunsRootOpt = Path("runs"),
     epsilon: Annotated[
         float | None, typer.Option(help="Train with DP-SGD to this total epsilon.")
     ] = None,
-    no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without DP (baseline).")] = False,
-    delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
-    preset_name: PresetOpt = "tiny",
+    no_dp: NoDpOpt = False,
+    delta: DeltaOpt = DEFAULT_DELTA,
+    preset: PresetOpt = "tiny",
     lm: LmOpt = None,
     rounds: Annotated[int, typer.Option(help="Evaluation rounds.")] = 5,
     steps_per_round: Annotated[int, typer.Option(help="Optimizer steps per round.")] = 200,
-    batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = 16,
+    batch_size: BatchSizeOpt = 16,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 2e-3,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    seed: SeedOpt = 0,
     eval_reports: Annotated[int, typer.Option(help="Reports generated per evaluation.")] = 64,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Centralized baseline: all sites' training studies pooled, same run directory format."""
+    params = dict(locals())
     from fedrad.simulations.centralized import CentralizedConfig, run_centralized
     from fedrad.simulations.cohort_data import CohortError
 
     setup_logging(verbose)
     if no_dp and epsilon is not None:
         fail("choose either --epsilon E or --no-dp")
-    if not no_dp and epsilon is None:
-        epsilon = 8.0
-    try:
-        config = CentralizedConfig(
-            preset=preset_name,
-            lm=lm,
-            rounds=rounds,
-            steps_per_round=steps_per_round,
-            batch_size=batch_size,
-            lr=lr,
-            dp=not no_dp,
-            epsilon=epsilon or 8.0,
-            delta=delta,
-            seed=seed,
-            eval_reports=eval_reports,
-        )
-    except ValueError as exc:
-        fail(str(exc))
-    _check_model(preset_name, lm)
+    config = _config(CentralizedConfig, params, dp=not no_dp, epsilon=epsilon or DEFAULT_EPSILON)
+    _check_model(preset, lm)
     try:
         run_dir = run_centralized(data, out, config, on_round=_print_round)
     except (CohortError, *_run_errors()) as exc:
@@ -345,38 +304,28 @@ def _print_round(record: dict) -> None:
 
 @app.command()
 def local(
-    data: Annotated[Path, typer.Option(help="Cohort directory: one site per folder.")],
+    data: CohortOpt,
     rounds: Annotated[int, typer.Option(help="Rounds (evaluation points).")] = 5,
-    out: Annotated[Path, typer.Option(help="Runs root.")] = Path("runs"),
-    epsilon: Annotated[float, typer.Option(help="Each site's epsilon.")] = 8.0,
-    delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
-    no_dp: Annotated[bool, typer.Option("--no-dp", help="No DP-SGD.")] = False,
-    preset_name: PresetOpt = "tiny",
+    out: RunsRootOpt = Path("runs"),
+    epsilon: EpsilonOpt = DEFAULT_EPSILON,
+    delta: DeltaOpt = DEFAULT_DELTA,
+    no_dp: NoDpOpt = False,
+    preset: PresetOpt = "tiny",
     lm: LmOpt = None,
-    local_steps: Annotated[int, typer.Option(help="Steps per site per round.")] = 50,
-    batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = 16,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = DEFAULT_LR,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    local_steps: LocalStepsOpt = 50,
+    batch_size: BatchSizeOpt = 16,
+    lr: LrOpt = DEFAULT_LR,
+    seed: SeedOpt = 0,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Local-only baseline: each site trains alone; same run directory format."""
+    params = dict(locals())
     from fedrad.simulations.federated import run_local_only
 
     setup_logging(verbose)
-    config = _federated_config(
-        preset=preset_name,
-        lm=lm,
-        rounds=rounds,
-        local_steps=local_steps,
-        batch_size=batch_size,
-        lr=lr,
-        dp=not no_dp,
-        epsilon=epsilon,
-        delta=delta,
-        seed=seed,
-    )
+    config = _federated_config(params, dp=not no_dp)
     try:
-        run_dir = run_local_only(data, out, config, on_round=_print_round)  # type: ignore[arg-type]
+        run_dir = run_local_only(data, out, config, on_round=_print_round)
     except _run_errors() as exc:
         fail(str(exc))
     typer.echo(f"run directory: {run_dir}")
@@ -400,7 +349,7 @@ def bench_labeler(
     column: Annotated[
         str | None, typer.Option(help="The report column of --labels (default: report, text...).")
     ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the full JSON.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Labeler accuracy: on a cohort's ground truth, on radlabels' independent labels, and on
     your own labelled reports."""
@@ -459,8 +408,8 @@ def bench_model(
     batch_size: Annotated[int, typer.Option(help="Batch size.", min=1)] = 16,
     threads: Annotated[int, typer.Option(help="Torch threads (0 = default).", min=0)] = 0,
     lm: LmOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Step time and peak memory, DP vs non-DP, per preset, on this machine (one JSON object
     for one preset; with several, {"machine", "results": [...]})."""
@@ -501,13 +450,13 @@ def bench_model(
 @app.command()
 def foundation(
     out: Annotated[Path, typer.Option(help="New checkpoint directory for the starting model.")],
-    preset_name: PresetOpt = "tiny",
+    preset: PresetOpt = "tiny",
     lm: LmOpt = None,
     foundation_steps: Annotated[
         int, typer.Option(help="Pretraining steps of the public language model.", min=1)
     ] = 600,
     seed: Annotated[int, typer.Option(help="Seed of the image side.")] = 0,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """The federation's starting checkpoint (public LM + LoRA + a seeded image side) for a real
     deployment: the coordinator passes it to `fedrad-coordinator run --foundation`, and every
@@ -517,13 +466,13 @@ def foundation(
     from fedrad.common.model.foundation import FoundationRecipe, build_foundation
 
     setup_logging(verbose)
-    _check_model(preset_name, lm)
+    _check_model(preset, lm)
     if out.exists() and any(out.iterdir()):
         fail(f"{out} exists and is not empty")
     typer.echo("building the public foundation (cached after the first time) ...", err=True)
     try:
         model, lm_dir = build_foundation(
-            model_config_for(preset_name, lm),
+            model_config_for(preset, lm),
             recipe=FoundationRecipe(steps=foundation_steps),
             seed=seed,
         )
@@ -532,31 +481,32 @@ def foundation(
     save_checkpoint(
         model,
         out,
-        metadata={"kind": "initial", "source": str(lm_dir), "preset": preset_name, "seed": seed},
+        metadata={"kind": "initial", "source": str(lm_dir), "preset": preset, "seed": seed},
     )
     typer.echo(f"foundation checkpoint written to {out}")
 
 
 @bench_app.command("utility")
 def bench_utility(
-    data: Annotated[Path, typer.Option(help="A cohort (one folder per site).")],
+    data: CohortOpt,
     out: Annotated[Path, typer.Option(help="Where the six run directories and utility.json go.")],
-    rounds: Annotated[int, typer.Option(help="Federated rounds.", min=1)] = 4,
-    local_steps: Annotated[int, typer.Option(help="DP-SGD steps per site per round.", min=1)] = 80,
+    rounds: Annotated[int, run_option("num-rounds", "--rounds", min=1)] = 4,
+    local_steps: Annotated[int, run_option("local-steps", min=1)] = 80,
     lr: Annotated[float, typer.Option(help="Every arm's learning rate.")] = DEFAULT_LR,
     seed: Annotated[int, typer.Option(help="Seed for every arm.")] = 0,
     arms: Annotated[
         list[str] | None, typer.Option("--arm", help="Only these arms (default: all six).")
     ] = None,
-    preset_name: Annotated[
+    preset: Annotated[
         str, typer.Option("--preset", help="Model preset of every arm: tiny, small or base.")
     ] = "tiny",
     lm: LmOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Quality under privacy and federation: centralized and federated without DP, federated
     with DP at epsilon 1/3/8, and each site alone; one cohort, one seed, equal total steps."""
+    params = dict(locals())
     from fedrad.simulations.benchmarks.utility import (
         ARMS,
         UtilityBenchConfig,
@@ -567,17 +517,9 @@ def bench_utility(
     setup_logging(verbose)
     if not data.is_dir():
         fail(f"not a directory: {data}")
-    _check_model(preset_name, lm)
+    _check_model(preset, lm)
+    config = _config(UtilityBenchConfig, params, arms=tuple(arms or ARMS))
     try:
-        config = UtilityBenchConfig(
-            rounds=rounds,
-            local_steps=local_steps,
-            lr=lr,
-            seed=seed,
-            arms=tuple(arms or ARMS),
-            preset=preset_name,
-            lm=lm,
-        )
         result = run_utility_bench(
             data, out, config, progress=lambda line: typer.echo(line, err=True)
         )
@@ -595,19 +537,20 @@ def bench_secagg(
     data: Annotated[Path, typer.Option(help="A cohort (one folder per site, 3 or more).")],
     out: Annotated[Path, typer.Option(help="Where the run directories and secagg.json go.")],
     rounds: Annotated[int, typer.Option(help="Rounds per run (round 1 is the cold start).")] = 3,
-    local_steps: Annotated[int, typer.Option(help="DP-SGD steps per site per round.")] = 20,
+    local_steps: LocalStepsOpt = 20,
     repeats: Annotated[int, typer.Option(help="Plain / SecAgg+ pairs, alternated.")] = 2,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """What SecAgg+ costs: seconds per round and bytes per site, against plain FedAvg."""
+    params = dict(locals())
     from fedrad.simulations.benchmarks.secagg import SecAggBenchConfig, run_secagg_bench
 
     setup_logging(verbose)
     if not data.is_dir():
         fail(f"not a directory: {data}")
+    config = _config(SecAggBenchConfig, params)
     try:
-        config = SecAggBenchConfig(rounds=rounds, local_steps=local_steps, repeats=repeats)
         result = run_secagg_bench(data, out, config, progress=lambda x: typer.echo(x, err=True))
     except _run_errors() as exc:
         fail(str(exc))

@@ -1,45 +1,16 @@
 """Empirical privacy audit: a canary membership-inference test giving a LOWER bound on epsilon.
 
-The accountant's epsilon is an upper bound proved for the mechanism. This module measures from
-the other side, in one training run, as in Steinke, Nasr and Jagielski, "Privacy auditing with
-one (1) training run" (NeurIPS 2023):
-
-1. `m` canary records are built: a synthetic image no real study resembles (a seeded random
-   pattern, preprocessed like every cached image) with findings drawn independently at random
-   (p = 1/2 each) and a report written for exactly those findings. Nothing about one canary helps
-   the model fit another, so a model only fits a canary it memorised. Each canary is inserted
-   into the site's training studies independently with probability 1/2 (seeded).
-2. The site's model is trained twice from the same starting checkpoint with the same
-   `train_local`: with the site's DP-SGD settings (Poisson sampling, noise calibrated to the
-   target epsilon for exactly these steps) and without DP (same steps, lr and batch size).
-3. Each canary gets a score from the trained model: how much its own loss fell from the starting
-   model to the trained one. The auditor guesses the `k+` top-scored canaries were included, the
-   `k-` bottom-scored were not, and abstains on the rest.
-4. If training is (eps, delta)-DP, the number of correct guesses W among r guesses satisfies
-   (the paper's approximate-DP result; the same p-value as its reference code and as
-   jax_privacy's `epsilon_one_run`, so the delta-aware form, not the pure-eps one)::
-
-       P[W >= v] <= P[Binomial(r, q) >= v] + 2 m delta alpha,   q = e^eps / (1 + e^eps),
-       alpha = max_{1 <= i <= v} P[v - i <= Binomial(r, q) < v] / i.
-
-   The reported lower bound is the largest eps that this p-value rejects at level beta, i.e. a
-   claim "eps' < bound" is refuted with confidence 1 - beta.
-
-The guess sizes come from a small grid fixed in the config (never tuned on the run being
-audited). Every grid point is tested at level beta / len(grid) (Bonferroni), so the maximum over
-the grid is still a valid bound at confidence 1 - beta.
-
-What the numbers mean: the DP run's bound must stay below its claimed epsilon (otherwise the
-implementation or the accounting is broken); the non-private run's bound shows the audit has
-power (its canaries are detectably memorised). A DP bound far below the claim is expected: one
-run with ~100 canaries cannot certify more than a few units of epsilon, and DP-SGD's analysis
-assumes an adversary who sees every intermediate step.
-
-Caveats, stated rather than hidden: with Poisson sampling q = batch_size / N is computed from
-the training set size N, which moves by one with each canary (treated as public, as every
-DP-SGD accountant does); and the canaries are synthetic, so this audits the mechanism, not the
-privacy of any real study. Canary scores and inclusion bits never leave this module; the result
-holds only counts.
+The accountant's epsilon is an upper bound proved for the mechanism; this measures from the
+other side in one training run, as in Steinke, Nasr and Jagielski, "Privacy auditing with one (1)
+training run" (NeurIPS 2023): canaries each included with probability 1/2 (`make_canaries`), the
+site's model trained from one start with its DP-SGD settings and without DP, each canary scored
+by how far its own loss fell, and the largest epsilon its guesses refute at confidence 1 - beta
+(`audit_p_value`, `best_guess`). The DP run's bound must stay below its claim (else the
+implementation or the accounting is broken), and far below is expected: ~100 canaries in one
+run cannot certify more than a few units of epsilon, and DP-SGD's analysis assumes an adversary
+who sees every step. The non-private run's bound shows the audit has power. Canaries are
+synthetic, so this audits the mechanism, not any real study; their scores and inclusion bits
+never leave this module, and the result holds only counts.
 """
 
 from __future__ import annotations
@@ -70,6 +41,7 @@ from fedrad.common.model.checkpoint import CheckpointError, load_checkpoint
 from fedrad.common.model.config import PRESETS, preset
 from fedrad.common.model.preprocess import PreprocessConfig, preprocess
 from fedrad.common.model.radiology_model import RadiologyModel
+from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +77,8 @@ class EmpiricalAuditConfig:
     steps: int = 200  # optimizer steps of each training run (DP and non-private)
     batch_size: int = 16  # expected batch size (Poisson rate q = batch_size / N under DP)
     lr: float = 1e-3  # learning rate of both runs (train_local's AdamW)
-    epsilon: float = 8.0  # DP target for the whole `steps` schedule at `delta`
-    delta: float = 1e-5  # DP delta, also the delta of the audited (eps, delta) claim
+    epsilon: float = DEFAULT_EPSILON  # DP target for the whole `steps` schedule at `delta`
+    delta: float = DEFAULT_DELTA  # DP delta, also the delta of the audited (eps, delta) claim
     max_grad_norm: float = 1.0  # per-sample clipping bound
     accountant: Literal["rdp", "prv"] = "rdp"  # how the DP run's noise is calibrated
     beta: float = 0.05  # the bound holds with confidence 1 - beta
@@ -159,7 +131,15 @@ class EmpiricalAuditConfig:
 def audit_p_value(
     *, epsilon: float, correct: int, guesses: int, canaries: int, delta: float
 ) -> float:
-    """P[at least `correct` right out of `guesses`] under an (epsilon, delta)-DP hypothesis."""
+    """P[at least `correct` right out of `guesses`] under an (epsilon, delta)-DP hypothesis.
+
+    The paper's approximate-DP result, with the same p-value as its reference code and as
+    jax_privacy's `epsilon_one_run` (the delta-aware form, not the pure-eps one); W counts the
+    correct guesses among r = `guesses`, m = `canaries`::
+
+        P[W >= v] <= P[Binomial(r, q) >= v] + 2 m delta alpha,   q = e^eps / (1 + e^eps),
+        alpha = max_{1 <= i <= v} P[v - i <= Binomial(r, q) < v] / i.
+    """
     q = float(scipy.special.expit(epsilon))
     tail = float(scipy.stats.binom.sf(correct - 1, guesses, q))
     if delta == 0 or correct == 0:
@@ -235,7 +215,9 @@ def best_guess(
     delta: float,
     beta: float,
 ) -> GuessOutcome:
-    """The grid point with the largest bound, each tested at beta / len(grid)."""
+    """The grid point with the largest bound, each tested at beta / len(grid) (Bonferroni), so
+    the maximum is still a bound at confidence 1 - beta; the grid is fixed in the config, never
+    tuned on the run being audited."""
     m = len(scores)
     level = beta / len(grid)
     best: GuessOutcome | None = None
@@ -316,7 +298,13 @@ def _canary_report(present: tuple[str, ...], rng: np.random.Generator) -> str:
 
 
 def make_canaries(m: int, *, image_size: int, seed: int) -> Canaries:
-    """`m` independent canaries, each included with probability 1/2; identical for one seed."""
+    """`m` independent canaries, each included with probability 1/2; identical for one seed.
+
+    A canary is an image no real study resembles (a seeded random pattern, preprocessed like
+    every cached image) with findings drawn independently (p = 1/2 each) and a report for
+    exactly those: nothing about one canary helps the model fit another, so a model only fits
+    a canary it memorised.
+    """
     if m < 1:
         raise EmpiricalAuditError("need at least one canary")
     root = np.random.SeedSequence(seed, spawn_key=(CANARY_SEED_NAMESPACE,))
@@ -508,6 +496,8 @@ def _run(
 ) -> RunAudit:
     name = "DP-SGD" if private else "non-private"
     model = copy.deepcopy(start)
+    # Poisson sampling's q = batch_size / N counts the members: N moves by one with each
+    # canary, treated as public, as every DP-SGD accountant does.
     train = _combine(site, canaries.members())
     examples = TrainingExamples(train, model.tokenizer, model.config, seed=config.seed)
     dp = (

@@ -1,11 +1,8 @@
-"""Federated simulation on Flower's simulation engine, and the local-only baseline.
-
-One virtual site per usable cohort folder, each with its own prepared cache, ledger and
-signing key under `runs/<run_id>/sites/<site_id>/`, running the same ClientApp and site
-agent a hospital runs. The coordinator side is the same ServerApp round loop a real
-federation runs. Output follows the run directory contract (config.toml, metrics.jsonl,
-checkpoints/round_NNN, plots/, summary.json), like the centralized baseline's.
-"""
+"""Federated simulation on Flower's simulation engine, and the local-only baseline. One
+virtual site per usable cohort folder (its cache, ledger and key under
+`runs/<run_id>/sites/<site_id>/`) runs the ClientApp and site agent a hospital runs, against
+the ServerApp round loop and plan parser a deployment uses; output follows the run directory
+contract."""
 
 from __future__ import annotations
 
@@ -36,6 +33,8 @@ from fedrad.common.model.checkpoint import load_checkpoint, save_checkpoint
 from fedrad.common.model.config import ModelConfig, model_config_for
 from fedrad.common.model.foundation import FoundationRecipe, build_foundation
 from fedrad.common.model.preprocess import PreprocessConfig
+from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON
+from fedrad.common.privacy.coordinator_ledger import CoordinatorLedger
 from fedrad.common.privacy.ledger import (
     LedgerError,
     load_or_create_signing_key,
@@ -44,6 +43,7 @@ from fedrad.common.privacy.ledger import (
     verify_ledger,
 )
 from fedrad.common.protocol.messages import DEFAULT_LR, RoundConfig
+from fedrad.common.protocol.run_config import RunValue, settings_among
 from fedrad.common.run_dir import (
     append_metrics,
     new_run_dir,
@@ -54,7 +54,6 @@ from fedrad.common.run_dir import (
 )
 from fedrad.server.rounds import (
     SECAGG_STRATEGIES,
-    CoordinatorLedger,
     RunBook,
     ServerPlan,
     checkpoint_dir,
@@ -92,8 +91,8 @@ class FederatedConfig:
     proximal_mu: float = 0.01  # fedprox only: weight of the proximal term
     server_lr: float = 1e-2  # fedadam only: server learning rate (eta)
     dp: bool = True  # DP-SGD at every site (off only for baselines)
-    epsilon: float = 8.0  # each site's target for the whole planned schedule
-    delta: float = 1e-5
+    epsilon: float = DEFAULT_EPSILON  # each site's target for the whole planned schedule
+    delta: float = DEFAULT_DELTA
     max_grad_norm: float = 1.0  # per-sample clipping bound
     accountant: str = "rdp"  # rdp or prv
     seed: int = 0
@@ -103,7 +102,7 @@ class FederatedConfig:
     cpus_per_site: float = 1.0  # Ray resources per virtual site: 2 cores -> 2 in parallel
     central_noise: float | None = None  # central DP on the coordinator: sigma (None = off)
     central_clip: float = 1.0  # central DP: L2 bound on one site's whole update per round
-    central_delta: float = 1e-5  # central DP: delta of the site-level (coordinator) epsilon
+    central_delta: float = DEFAULT_DELTA  # central DP: delta of the coordinator's epsilon
     secagg: bool = False  # SecAgg+: the coordinator sees only the sum of masked updates
     secagg_shares: int | None = None  # SecAgg+ key shares per site (None: every site)
     secagg_threshold: int | None = None  # SecAgg+ shares that unmask (None: a majority, >= 2)
@@ -115,6 +114,23 @@ class FederatedConfig:
         problem = _problem(self)
         if problem:
             raise ValueError(problem)
+
+    def run_config(
+        self, run_dir: Path, foundation_dir: Path, *, num_sites: int
+    ) -> dict[str, RunValue]:
+        """These settings as a run config (`run_config.RUN_SETTINGS`, each field named as its
+        key): the proximal term goes out with fedprox only, central DP's bounds with it only."""
+        values: dict[str, RunValue] = {
+            "run-dir": str(run_dir),
+            "foundation-dir": str(foundation_dir),
+            "num-sites": num_sites,
+            "num-rounds": self.rounds,
+            **settings_among({f.name: getattr(self, f.name) for f in fields(self)}),
+            "proximal-mu": self.proximal_mu if self.strategy == "fedprox" else 0.0,
+        }
+        if self.central_noise is None:
+            del values["central-clip"], values["central-delta"]
+        return values
 
     def round_config(self, run_id: str) -> RoundConfig:
         return RoundConfig(
@@ -321,23 +337,10 @@ def _run_config(
 def server_plan(
     config: FederatedConfig, run_dir: Path, foundation_dir: Path, *, num_sites: int
 ) -> ServerPlan:
-    """The coordinator's plan for this simulation; ValueError for settings that cannot work."""
-    return ServerPlan(
-        run_dir=run_dir,
-        foundation_dir=foundation_dir,
-        num_sites=num_sites,
-        rounds=config.rounds,
-        round_config=config.round_config(run_dir.name),
-        strategy=config.strategy,
-        proximal_mu=config.proximal_mu,
-        server_lr=config.server_lr,
-        central_noise_multiplier=config.central_noise,
-        central_clipping_norm=config.central_clip,
-        central_delta=config.central_delta,
-        min_sites=config.min_sites,
-        secagg=config.secagg,
-        secagg_shares=config.secagg_shares,
-        secagg_threshold=config.secagg_threshold,
+    """The coordinator's plan for this simulation, read by the parser a deployment's run config
+    goes through; ValueError for settings that cannot work."""
+    return ServerPlan.from_run_config(
+        config.run_config(run_dir, foundation_dir, num_sites=num_sites)
     )
 
 

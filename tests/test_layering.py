@@ -106,7 +106,7 @@ def test_the_check_catches_an_upward_import(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("own", "source", "expected"),
     [
-        ("client", "from fedrad.server import deploy\n", "fedrad.server"),
+        ("client", "from fedrad.server import submission\n", "fedrad.server"),
         ("server", "import fedrad.client.cli\n", "fedrad.client.cli"),
         ("common/audit", "from fedrad.common.privacy.ledger import x\n", "fedrad.common.privacy"),
     ],

@@ -3,17 +3,9 @@
 Independent of the training code on purpose: it checks what is actually in the outgoing
 message against what is declared (the foundation checkpoint's trainable parameter names and
 the metric whitelists in `fedrad.common.protocol.messages`), so a bug or a change elsewhere cannot
-widen what a site sends. Anything unexpected raises and the reply never leaves (fail closed).
-
-It also keeps failure messages from carrying data: an exception from the site agent goes back
-as its type name only (details stay in the site's own log), except the agent's own refusals,
-whose messages are written to be safe to send.
-
-The SecAgg+ ClientApp has its own gate (`make_secure_privacy_mod`): at each protocol stage a
-reply may hold only that stage's own fields (`fedrad.common.protocol.secagg`), checked for
-type, size and the node ids the request named; the training stage's update may leave only as
-masked integer vectors shaped like the declared trainable arrays, never as floats; and a
-training message that is not part of SecAgg+ is refused outright.
+widen what a site sends. Anything unexpected raises and the reply never leaves (fail closed);
+failure messages carry no data either. The SecAgg+ ClientApp has its own gate,
+`make_secure_privacy_mod`.
 """
 
 from __future__ import annotations
@@ -134,7 +126,9 @@ def check_reply(request: Message, reply: Message, declared_trainable: frozenset[
 
 
 def _run_safely(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Runs the app; whatever goes wrong goes back as an error that carries no data."""
+    """Runs the app; whatever goes wrong goes back as an error that carries no data: an
+    exception's type name only (details stay in the site's own log), except the agent's own
+    refusals, whose messages are written to be safe to send."""
     try:
         reply = call_next(message, context)
     except (SiteRefusalError, ProtocolError) as exc:
@@ -375,7 +369,11 @@ def check_secure_reply(
 
 def make_secure_privacy_mod(declared: Callable[[Context], frozenset[str]]) -> Mod:
     """The SecAgg+ ClientApp's gate, outermost: it reads what the request allows before the
-    protocol runs, then lets the reply out only if `check_secure_reply` passes."""
+    protocol runs, then lets the reply out only if `check_secure_reply` passes. At each stage a
+    reply may hold only that stage's own fields (`fedrad.common.protocol.secagg`), checked for
+    type, size and the node ids the request named; the update may leave only as masked integer
+    vectors shaped like the declared trainable arrays, never as floats; and a training message
+    that is not part of SecAgg+ is refused outright."""
 
     def secure_privacy_mod(
         message: Message, context: Context, call_next: ClientAppCallable

@@ -1,24 +1,10 @@
 """The site's SecAgg+ ClientApp: Flower's legacy API (where SecAgg+ lives) over the same site
 agent as the default ClientApp, so choosing SecAgg+ is configuration, not another training path.
 
-`SiteClient` is the whole adapter: `fit` calls `train_site`, `evaluate` calls `evaluate_site`.
-Around it, outermost first, the mods are:
-
-1. the SecAgg+ privacy gate (`make_secure_privacy_mod`): only each stage's own fields leave;
-2. Flower's `secaggplus_mod`: keys, encrypted key shares, masking, unmasking;
-3. `update_mod`: turns the new trainable values into the update (new minus global, in float64
-   so the quantization is as fine as the range allows) and refuses, before masking, an update
-   that `secaggplus_mod` would clip silently (outside its clipping range once scaled by
-   weight / max_weight): a clipped update is a wrong model, so the round is refused instead;
-4. `central_clipping_mod`: Flower's `fixedclipping_mod`, only when the coordinator runs central
-   DP (its `DifferentialPrivacyClientSideFixedClipping` wrapper sends the clipping norm).
-
-Weights: a site's update counts by its training studies, or once under central DP (the noise
-is sized for an unweighted mean). Under SecAgg+ the weight travels inside the masked vector, so
-the coordinator cannot check it: it relies on the site running this ClientApp.
-
-`app` serves a deployed SuperNode (site from `--node-config`, as `...federation.app:app`);
-`simulation_secure_client_app(sites)` serves a simulation.
+`SiteClient` is the whole adapter: `fit` calls `train_site`, `evaluate` calls `evaluate_site`;
+the mods around it (`build_secure_client_app`) gate what leaves, mask, and refuse an update
+that SecAgg+ would clip. `app` serves a deployed SuperNode (site from `--node-config`, as
+`...federation.app:app`); `simulation_secure_client_app(sites)` serves a simulation.
 """
 
 from __future__ import annotations
@@ -61,7 +47,12 @@ def _plan(config: dict[str, Scalar]) -> tuple[RoundConfig, bool]:
 
 
 class SiteClient(NumPyClient):
-    """The legacy-API face of one site: arrays travel in `array_order` of the declared names."""
+    """The legacy-API face of one site: arrays travel in `array_order` of the declared names.
+
+    A site's update counts by its training studies, or once under central DP (the noise is
+    sized for an unweighted mean). Under SecAgg+ the weight travels inside the masked vector,
+    so the coordinator cannot check it: it relies on the site running this ClientApp.
+    """
 
     def __init__(self, spec: SiteSpec) -> None:
         self.spec = spec
@@ -154,7 +145,17 @@ def central_clipping_mod(
 
 
 def build_secure_client_app(resolve: SiteResolver) -> ClientApp:
-    """The SecAgg+ ClientApp for the site `resolve(context)` names."""
+    """The SecAgg+ ClientApp for the site `resolve(context)` names. Its mods, outermost first:
+
+    1. the SecAgg+ privacy gate (`make_secure_privacy_mod`): only each stage's own fields leave;
+    2. Flower's `secaggplus_mod`: keys, encrypted key shares, masking, unmasking;
+    3. `update_mod`: the new trainable values become the update (new minus global, in float64
+       so the quantization is as fine as the range allows), and an update that
+       `secaggplus_mod` would clip silently is refused before masking: a clipped update is a
+       wrong model;
+    4. `central_clipping_mod`: Flower's `fixedclipping_mod`, only when the coordinator runs
+       central DP (its `DifferentialPrivacyClientSideFixedClipping` sends the clipping norm).
+    """
 
     def client_fn(context: Context) -> Client:
         return SiteClient(resolve(context)).to_client()

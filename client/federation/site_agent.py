@@ -3,15 +3,9 @@
 The Flower ClientApp (`federation/app.py`) only converts messages to and from the types here, so
 this module runs and tests without Flower (as MONAI's `ClientAlgo` does). Per process it keeps
 one model per foundation checkpoint and a few sites' studies: in a simulation several virtual
-sites share a worker process and must not each hold their own copy.
-
-Privacy: the noise multiplier is calibrated so that what the ledger already holds plus every
-remaining planned step (rounds left x local steps) stays within the site's target epsilon. On
-a fresh run that is the classic "calibrate once for the whole schedule"; after a resume or a
-repeated round it is still within budget. A round that cannot fit is refused. The site's own
-policy (site.toml [policy]) caps a run's epsilon the same way and refuses rounds below its
-noise floor or above its per-round epsilon. Every such refusal comes before any training step
-and is recorded in the ledger as a refusal entry that spends nothing.
+sites share a worker process and must not each hold their own copy. What a round may spend is
+decided by `common/privacy/budget.py` before any training step; a refusal is recorded in the
+ledger and spends nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +15,7 @@ import hashlib
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -41,19 +35,14 @@ from fedrad.common.findings import FINDINGS
 from fedrad.common.model.checkpoint import load_checkpoint, read_metadata
 from fedrad.common.model.preprocess import PreprocessConfig
 from fedrad.common.model.radiology_model import RadiologyModel
-from fedrad.common.privacy.accounting import (
-    MechanismStep,
-    cumulative_epsilon,
-    epsilon_from_rdp,
-    rdp_of,
-)
+from fedrad.common.privacy.accounting import poisson_sample_rate
+from fedrad.common.privacy.budget import BudgetError, RoundBudget, budget_refusal, capped_target
 from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key
 from fedrad.common.protocol.messages import EVAL_METRIC_KEYS, WEIGHT_KEY, RoundConfig
 
 logger = logging.getLogger(__name__)
 
 MAX_CACHED_SITES: Final[int] = 16  # studies of this many sites stay in memory per process
-MAX_NOISE: Final[float] = 50.0  # beyond this a round is noise only: refuse instead
 
 
 class SiteRefusalError(Exception):
@@ -75,8 +64,8 @@ class SiteSpec:
     manifest: Path | None = None
     data_dir: Path | None = None
     held_out_fraction: float = 0.2  # deterministic by study id (`split_held_out`)
-    budget_epsilon: float | None = None  # the hospital's own cap, over its whole ledger
-    budget_delta: float | None = None  # the largest delta the site's budget holds at
+    epsilon: float | None = None  # the site's own budget over its whole ledger (site.toml)
+    delta: float | None = None  # the largest delta that budget holds at
     threads: int = 0  # torch threads (0 = leave as the process has it)
     cache_dir: Path | None = None  # where data_dir is prepared (default: inside it)
     policy: SitePolicy = field(default_factory=SitePolicy)  # what the site takes part in
@@ -86,10 +75,10 @@ class SiteSpec:
             raise ValueError("give exactly one of manifest or data_dir")
         if not 0 < self.held_out_fraction < 1:
             raise ValueError("held_out_fraction must be in (0, 1)")
-        if self.budget_epsilon is not None and self.budget_epsilon <= 0:
-            raise ValueError("budget_epsilon must be positive")
-        if self.budget_delta is not None and not 0 < self.budget_delta < 1:
-            raise ValueError("budget_delta must be in (0, 1)")
+        if self.epsilon is not None and self.epsilon <= 0:
+            raise ValueError("epsilon must be positive")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError("delta must be in (0, 1)")
 
     @staticmethod
     def from_site_config(config: SiteConfig, foundation_dir: Path | None = None) -> SiteSpec:
@@ -105,8 +94,8 @@ class SiteSpec:
             ledger_path=config.ledger,
             key_path=config.ledger_key,
             data_dir=config.data_dir,
-            budget_epsilon=config.epsilon,
-            budget_delta=config.delta,
+            epsilon=config.epsilon,
+            delta=config.delta,
             cache_dir=config.cache_dir,
             policy=config.policy,
         )
@@ -131,7 +120,7 @@ class SiteSpec:
             raise SiteRefusalError(f"node config lacks {', '.join(missing)}")
         data_dir = Path(str(node_config["data-dir"]))
         state = data_dir / ".fedrad-site"
-        budget = node_config.get("epsilon-budget")
+        epsilon = node_config.get("epsilon-budget")
         cache = node_config.get("cache-dir")
         return SiteSpec(
             site_id=str(node_config["site-id"]),
@@ -139,7 +128,7 @@ class SiteSpec:
             ledger_path=Path(str(node_config.get("ledger", state / "ledger.jsonl"))),
             key_path=Path(str(node_config.get("signing-key", state / "ledger_key.pem"))),
             data_dir=data_dir,
-            budget_epsilon=None if budget is None else float(budget),  # type: ignore[arg-type]
+            epsilon=None if epsilon is None else float(epsilon),  # type: ignore[arg-type]
             cache_dir=None if cache is None else Path(str(cache)),
         )
 
@@ -239,77 +228,7 @@ def trainable_arrays(model: RadiologyModel) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.trainable_state().items()}
 
 
-# -- privacy -------------------------------------------------------------------------------
-
-
-def calibrate_remaining(
-    history: list[MechanismStep],
-    *,
-    sample_rate: float,
-    steps: int,
-    target_epsilon: float,
-    delta: float,
-    accountant: str,
-) -> float:
-    """Smallest noise multiplier (within 0.1 %) such that `history` plus `steps` more steps at
-    `sample_rate` stays within `target_epsilon`. Raises SiteRefusalError when none can.
-
-    With RDP the search composes cached per-step RDP curves exactly as Opacus' RDPAccountant
-    does (RDP is linear in steps): Opacus computes one (q, sigma) curve in 0.05-0.25 s here,
-    and a search needs a dozen. The spend actually recorded is recomputed by the ledger with
-    `cumulative_epsilon`, and `train_site` withholds an update that would exceed the target."""
-    acct: Any = accountant
-    if accountant == "rdp":
-        spend, already = _rdp_spend(history, sample_rate, steps, delta)
-    else:
-        already = cumulative_epsilon(history, delta=delta, accountant=acct)
-
-        def spend(sigma: float) -> float:
-            step = MechanismStep(sigma, sample_rate, steps)
-            return cumulative_epsilon([*history, step], delta=delta, accountant=acct)
-
-    if already >= target_epsilon:
-        raise SiteRefusalError(
-            f"privacy budget exhausted: epsilon {already:.3f} spent of {target_epsilon:.3f}"
-        )
-    if spend(MAX_NOISE) > target_epsilon:
-        raise SiteRefusalError(
-            f"privacy budget nearly exhausted: the remaining {target_epsilon - already:.3g} "
-            f"epsilon cannot cover {steps} more steps at any useful noise (sigma <= {MAX_NOISE:g})"
-        )
-    # Warm start: on a run that goes as planned the answer is the previous round's sigma,
-    # found with two evaluations instead of a dozen.
-    same = [h.noise_multiplier for h in history if h.sample_rate == sample_rate and h.steps]
-    guess, step = (same[-1], 1e-3) if same and same[-1] > 0 else (1.0, 0.5)
-    if spend(guess) <= target_epsilon:
-        high, low = guess, guess * (1 - step)
-        while spend(low) <= target_epsilon:
-            high, low = low, low / 2
-    else:
-        low, high = guess, guess * (1 + step)
-        while spend(high) > target_epsilon:
-            low, high = high, high * 2
-    while high - low > 1e-3 * high:
-        mid = (low + high) / 2
-        if spend(mid) > target_epsilon:
-            low = mid
-        else:
-            high = mid
-    return high
-
-
-def _rdp_spend(
-    history: list[MechanismStep], sample_rate: float, steps: int, delta: float
-) -> tuple[Callable[[float], float], float]:
-    """(epsilon of history + `steps` at sigma, epsilon of history alone)."""
-    base = rdp_of(history)
-
-    def spend(sigma: float) -> float:
-        return epsilon_from_rdp(
-            base + rdp_of([MechanismStep(sigma, sample_rate, steps)]), delta=delta
-        )
-
-    return spend, epsilon_from_rdp(base, delta=delta)
+# -- training ------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -349,15 +268,11 @@ def _site_seed(site_id: str, seed: int, server_round: int) -> int:
 
 def check_round_against_budget(spec: SiteSpec, plan: RoundConfig) -> None:
     """Refusals that need no arithmetic: a round the site's budget can never allow."""
-    if spec.budget_epsilon is not None and not plan.dp:
-        raise SiteRefusalError(
-            f"site {spec.site_id} has an epsilon budget and refuses a round without DP"
-        )
-    if plan.dp and spec.budget_delta is not None and plan.delta > spec.budget_delta:
-        raise SiteRefusalError(
-            f"the round asks delta {plan.delta:g}, above this site's delta budget "
-            f"{spec.budget_delta:g}"
-        )
+    reason = budget_refusal(
+        spec.site_id, epsilon=spec.epsilon, delta=spec.delta, dp=plan.dp, round_delta=plan.delta
+    )
+    if reason is not None:
+        raise SiteRefusalError(reason)
 
 
 @dataclass(frozen=True)
@@ -365,8 +280,7 @@ class Admission:
     """A round the site has agreed to: how it trains and what it may spend."""
 
     dp: DPConfig
-    sample_rate: float  # Poisson sampling rate the noise was calibrated for
-    target: float  # cumulative epsilon the round must stay within (plan capped by budget)
+    target_epsilon: float  # cumulative epsilon the round must stay within (plan capped by budget)
 
 
 def admit_round(spec: SiteSpec, plan: RoundConfig, ledger: Ledger, n_train: int) -> Admission:
@@ -380,68 +294,32 @@ def admit_round(spec: SiteSpec, plan: RoundConfig, ledger: Ledger, n_train: int)
         raise SiteRefusalError(
             f"delta {plan.delta:g} is not below 1/N for this site's {n} training studies"
         )
-    sample_rate = min(plan.batch_size, n) / n  # what train_local's Poisson sampler uses
-    remaining_steps = (plan.planned_rounds - plan.server_round + 1) * plan.local_steps
     check_round_against_budget(spec, plan)
-    target = plan.target_epsilon
     if not plan.dp:
         reason = check_round(spec.policy, noise_multiplier=None, round_epsilon=0, run_epsilon=0)
         if reason is not None:
             raise SiteRefusalError(reason)
-        return Admission(DPConfig(enabled=False), sample_rate, target)
-    if spec.budget_epsilon is not None and spec.budget_epsilon < target:
-        logger.info("site budget %.3g caps the planned epsilon %.3g", spec.budget_epsilon, target)
-        target = spec.budget_epsilon
-    noise = calibrate_remaining(
-        ledger.history(),
-        sample_rate=sample_rate,
-        steps=remaining_steps,
-        target_epsilon=target,
-        delta=plan.delta,
-        accountant=plan.accountant,
-    )
+        return Admission(DPConfig(enabled=False), plan.target_epsilon)
+    target_epsilon = capped_target(plan.target_epsilon, spec.epsilon)
     policy = spec.policy
-    run_history = ledger.history(plan.run_id)
-    if policy.max_epsilon_per_run is not None:
-        # The run's own entries and its remaining schedule within the policy's cap: more noise
-        # where the plan asks for more than the site takes in one run (every bound holds at
-        # the larger sigma, since epsilon only falls as the noise grows).
-        try:
-            run_noise = calibrate_remaining(
-                run_history,
-                sample_rate=sample_rate,
-                steps=remaining_steps,
-                target_epsilon=policy.max_epsilon_per_run,
-                delta=plan.delta,
-                accountant=plan.accountant,
-            )
-        except SiteRefusalError:
-            raise SiteRefusalError(
-                f"site policy: this run cannot stay within this site's max_epsilon_per_run "
-                f"{policy.max_epsilon_per_run:.3g} (its remaining {remaining_steps} steps at "
-                f"any noise up to {MAX_NOISE:g})"
-            ) from None
-        if run_noise > noise:
-            logger.info(
-                "site policy max_epsilon_per_run %.3g raises the noise from %.3f to %.3f",
-                policy.max_epsilon_per_run,
-                noise,
-                run_noise,
-            )
-            noise = run_noise
-    this_round = MechanismStep(noise, sample_rate, plan.local_steps)
-    acct: Any = plan.accountant
-
-    def epsilon(steps: list[MechanismStep]) -> float:
-        return cumulative_epsilon(steps, delta=plan.delta, accountant=acct)
-
-    reason = check_round(  # each epsilon only where the policy caps it (Opacus takes ~0.1 s)
+    budget = RoundBudget(
+        history=ledger.history(),
+        run_history=ledger.history(plan.run_id),
+        sample_rate=poisson_sample_rate(plan.batch_size, n),  # what train_local samples at
+        local_steps=plan.local_steps,
+        remaining_steps=(plan.planned_rounds - plan.server_round + 1) * plan.local_steps,
+        delta=plan.delta,
+        accountant=plan.accountant,  # type: ignore[arg-type]
+    )
+    try:
+        noise = budget.noise(target_epsilon, max_epsilon_per_run=policy.max_epsilon_per_run)
+    except BudgetError as exc:
+        raise SiteRefusalError(str(exc)) from None
+    reason = check_round(  # each epsilon only where the policy caps it (docs/results/privacy.md)
         policy,
         noise_multiplier=noise,
-        round_epsilon=0.0 if policy.max_epsilon_per_round is None else epsilon([this_round]),
-        run_epsilon=0.0
-        if policy.max_epsilon_per_run is None
-        else epsilon([*run_history, this_round]),
+        round_epsilon=0.0 if policy.max_epsilon_per_round is None else budget.round_epsilon(noise),
+        run_epsilon=0.0 if policy.max_epsilon_per_run is None else budget.run_epsilon(noise),
     )
     if reason is not None:
         raise SiteRefusalError(reason)
@@ -453,7 +331,7 @@ def admit_round(spec: SiteSpec, plan: RoundConfig, ledger: Ledger, n_train: int)
         max_grad_norm=plan.max_grad_norm,
         accountant=plan.accountant,  # type: ignore[arg-type]
     )
-    return Admission(dp, sample_rate, target)
+    return Admission(dp, target_epsilon)
 
 
 def train_site(
@@ -498,13 +376,13 @@ def train_site(
         delta=plan.delta,
         accountant=plan.accountant,  # type: ignore[arg-type]
     )
-    if not math.isclose(result.sample_rate, admitted.sample_rate):
-        raise SiteRefusalError("sample rate differs from the calibrated one")  # fail closed
-    epsilon, target = entry["epsilon"], admitted.target
-    if plan.dp and (epsilon is None or epsilon > target * (1 + 1e-6)):
+    epsilon, target_epsilon = entry["epsilon"], admitted.target_epsilon
+    if plan.dp and (epsilon is None or epsilon > target_epsilon * (1 + 1e-6)):
         # The ledger's own recomputation disagrees with the calibration: the spend is on
         # record, but the update does not leave (fail closed).
-        raise SiteRefusalError(f"round spent epsilon {epsilon} past the target {target:.3f}")
+        raise SiteRefusalError(
+            f"round spent epsilon {epsilon} past the target {target_epsilon:.3f}"
+        )
     finite = [v for v in result.losses if math.isfinite(v)]
     return SiteUpdate(
         arrays=trainable_arrays(model),

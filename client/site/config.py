@@ -1,10 +1,9 @@
 """A hospital site's own configuration and keys: what the site decides, never the coordinator.
 
-`fedrad-site init DIR` writes `DIR/site.toml` and the site's keys under `DIR/keys/`:
-the Ed25519 ledger signing key (PKCS#8 PEM) and the SuperNode authentication key (ECDSA P-384,
-OpenSSH format, as Flower's `--auth-supernode-private-key` reads it). Private keys are created
-0600 with O_EXCL and never overwritten; only the `.pub` halves are meant to leave the host.
-An optional `[policy]` table says what the site takes part in (`client/site/policy.py`).
+`fedrad-site init DIR` writes `DIR/site.toml` (its budget, data, ledger; an optional `[policy]`
+table, `client/site/policy.py`) and the site's keys under `DIR/keys/`: the Ed25519 ledger key
+and the SuperNode key (ECDSA P-384, OpenSSH, as Flower reads it). Private keys are created 0600
+with O_EXCL and never overwritten; only the `.pub` halves are meant to leave the host.
 """
 
 from __future__ import annotations
@@ -30,13 +29,11 @@ from fedrad.client.site.policy import (
     policy_to_table,
 )
 from fedrad.common.atomic_file import replace_file
-from fedrad.common.privacy.accounting import AccountantName
+from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON, budget_status
 from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key, public_key_path
 from fedrad.common.protocol.messages import SITE_ID_PATTERN
 
 CONFIG_NAME: Final[str] = "site.toml"
-DEFAULT_EPSILON: Final[float] = 8.0
-DEFAULT_DELTA: Final[float] = 1e-5
 # where init puts them, relative to the site directory (and the defaults when absent)
 DEFAULT_LEDGER: Final[str] = "ledger.jsonl"
 DEFAULT_LEDGER_KEY: Final[str] = "keys/ledger_key.pem"
@@ -318,29 +315,17 @@ def shareable_files(config: SiteConfig) -> list[Path]:
 
 def site_budget(config: SiteConfig) -> dict[str, Any]:
     """Spent and left, recomputed from every entry of the site's ledger (verified with the
-    site's own key): the same numbers the site enforces before each round."""
+    site's own key) at the terms of its latest entry: the numbers the site last enforced."""
     if not config.ledger_key.is_file():
         raise SiteConfigError(
             f"ledger key {config.ledger_key} is missing: the ledger cannot be verified"
         )
     ledger = Ledger(config.ledger, load_or_create_signing_key(config.ledger_key))
     entries = ledger.entries()  # privacy entries only: refusals spend nothing
-    accountant: AccountantName = (
-        "prv" if entries and all(e["accountant"] == "prv" for e in entries) else "rdp"
-    )
-    spent = ledger.spent(config.delta, accountant)
-    unbounded = math.isinf(spent)
-    left = None if unbounded else max(config.epsilon - spent, 0.0)
     return {
         "site_id": config.site_id,
         "ledger": str(config.ledger),
-        "budget_epsilon": config.epsilon,
-        "delta": config.delta,
-        "accountant": accountant,
-        "spent_epsilon": None if unbounded else spent,
-        "left_epsilon": left,
-        "unbounded": unbounded,
-        "exhausted": unbounded or spent >= config.epsilon,
+        **budget_status(ledger, epsilon=config.epsilon, delta=config.delta),
         "rounds": len(entries),
         "runs": len({e["run_id"] for e in entries}),
         "refusals": len(ledger.refusals()),

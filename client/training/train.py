@@ -1,9 +1,9 @@
 """Local training at a site: DP-SGD with Opacus (Poisson sampling, per-sample clipping, calibrated
 Gaussian noise) or plain SGD for baselines. Framework-free: no Flower import here.
 
-The privacy mechanism's raw parameters (sample rate, noise multiplier, steps, clip, delta) are
-returned so the caller can append them to the site ledger; epsilon is always recomputed from
-those, never carried as an opaque number.
+The mechanism's raw parameters (sample rate, noise multiplier, steps, clip, delta) are returned
+so the caller can append them to the site ledger: epsilon is recomputed from those, never
+carried as an opaque number.
 """
 
 from __future__ import annotations
@@ -18,14 +18,20 @@ from typing import Any, Literal
 
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
 from fedrad.client.ingest.dataset import TrainingExamples
 from fedrad.common.devices import Precision, autocast, select_device
 from fedrad.common.model.radiology_model import RadiologyModel
-from fedrad.common.privacy.accounting import MechanismStep, cumulative_epsilon
+from fedrad.common.privacy.accounting import (
+    AccountantName,
+    MechanismStep,
+    calibrate_noise,
+    cumulative_epsilon,
+    poisson_sample_rate,
+)
+from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON
 from fedrad.common.protocol.secagg import ADAM_BETAS
 
 logger = logging.getLogger(__name__)
@@ -38,12 +44,12 @@ class DPConfig:
     """Differential privacy settings; `noise_multiplier` None means calibrate from the budget."""
 
     enabled: bool = True
-    target_epsilon: float | None = 8.0  # what the planned schedule may spend in total
-    delta: float = 1e-5
+    target_epsilon: float | None = DEFAULT_EPSILON  # what the planned schedule may spend in all
+    delta: float = DEFAULT_DELTA
     max_grad_norm: float = 1.0  # per-sample clipping bound
     noise_multiplier: float | None = None  # set explicitly to skip calibration
     planned_steps: int | None = None  # whole schedule (all rounds); default: this call's steps
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: AccountantName = "rdp"
     secure_mode: bool = False  # cryptographically secure noise: on outside simulation
     grad_sample_mode: GradSampleMode = "hooks"
 
@@ -98,21 +104,6 @@ class TrainResult:
     accountant: str | None = None
 
 
-def calibrate_noise(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
-) -> float:
-    """Smallest noise multiplier whose schedule stays within the target epsilon at delta."""
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-        )
-    )
-
-
 def _trim(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Drops padding columns beyond the longest example (right-padded): same loss, less work."""
     images, ids, attention, target_mask, *rest = batch
@@ -136,8 +127,7 @@ def train_local(
     torch.manual_seed(train.seed)
     generator = torch.Generator().manual_seed(train.seed)
     n = len(examples)
-    batch_size = min(train.batch_size, n)
-    sample_rate = batch_size / n
+    sample_rate = poisson_sample_rate(train.batch_size, n)
     device = select_device(train.device)
     # Onto the device before parameters are collected and Opacus' hooks attach: a LoRA
     # tensor replaced by a move afterwards would never be updated (the Opacus + peft hazard).
@@ -166,11 +156,11 @@ def train_local(
             noise = dp.noise_multiplier
         else:
             assert dp.target_epsilon is not None
-            noise = calibrate_noise(
-                target_epsilon=dp.target_epsilon,
-                delta=dp.delta,
+            noise = calibrate_noise(  # the whole planned schedule, from nothing spent
                 sample_rate=sample_rate,
                 steps=planned,
+                target_epsilon=dp.target_epsilon,
+                delta=dp.delta,
                 accountant=dp.accountant,
             )
         if dp.delta >= 1.0 / n:

@@ -2,47 +2,13 @@
 
 Site labels come from report text, as MIMIC-CXR labels come from the CheXpert labeler, so this
 module decides what every finding in ``FINDINGS`` is for a study: 1 present, 0 absent (negated,
-resolved or never mentioned), -1 uncertain. It is deterministic, never raises on a ``str`` and
-labels thousands of reports per second on one core.
-
-Pipeline per report:
-
-1. Sections. INDICATION / HISTORY / COMPARISON / TECHNIQUE and similar are dropped (the clinical
-   question "rule out pneumothorax" is not a finding). IMPRESSION / CONCLUSION mentions override
-   the rest of the report for a finding they mention; text without headers is used whole.
-2. Sentences, then mentions from a synonym lexicon per finding. A few phrases carry their own
-   status ("heart size is normal" -> cardiomegaly 0, "top-normal heart size" -> -1,
-   "lungs are clear" -> consolidation 0, "sharp costophrenic angles" -> effusion 0).
-3. Context triggers with NegEx-style scope: a pre-trigger reaches forward to the first mention
-   within a few words and on through a list ("no effusion, pneumothorax, or consolidation"); a
-   post-trigger reaches back the same way ("effusion and pneumothorax are not seen"). Scope stops
-   at terminators ("but", "however", "although", ";", "which", "aside from", "except", ...).
-   Pseudo-triggers ("no change in", "not only", "nearly resolved") are consumed first so that
-   they trigger nothing. When a mention is reached by both a negation and an uncertainty
-   trigger, the nearer one wins, except that an evidential cue under a preceding negation
-   ("no focal consolidation to suggest pneumonia") stays a negation.
-4. Aggregation per finding (CheXpert rule): any 1 -> 1, else any -1 -> -1, else 0.
-
-Choices worth knowing:
-
-* "no definite X" is a negation (0), as in the CheXpert labeler's negation patterns; only
-  explicit uncertainty cues ("cannot be excluded", "possible", "?") give -1.
-* "no acute cardiopulmonary process" names no finding, so every finding stays 0 unless the
-  report mentions it elsewhere; it never overrides an explicit mention.
-* Resolution ("has resolved", "no longer seen", "interval resolution of") is a negation, while
-  "resolving", "improving", "decreased" or "nearly resolved" keep the finding present.
-* Old or healed fractures are present (the fracture is there); "no new fracture" negates only
-  that mention, so a separately described old fracture still gives 1.
-* "borderline" / "top-normal" heart size is uncertain (-1), as CheXpert does; so are "presumed",
-  "small if any" and "cardiomegaly cannot be assessed" (the reader could not tell).
-* "Probably unchanged effusions" keeps the effusion present: the hedge is about the change.
-* Non-assertions count as 0: "the sensitivity to detect pneumothorax is diminished",
-  "extrapleural air simulating pneumothorax", "not to be mistaken for a nodule".
-* Consolidation covers pneumonia, infiltrate, airspace disease and "infection" / "infectious
-  process" (as CheXpert's pneumonia class does); a plain "opacity" is not consolidation.
-* A mass counts as a nodule, except mediastinal, neck, breast or soft-tissue masses.
-* Fractured sternotomy wires or pacer leads are not fractures.
-* Plural "effusions" / "pneumothoraces" without a stated side are taken as bilateral.
+resolved or never mentioned), -1 uncertain. It is deterministic and never raises on a ``str``.
+Per report: sections (INDICATION and the like dropped; IMPRESSION overrides the rest for what it
+mentions), sentences, mentions from a synonym lexicon, NegEx-style trigger scope (the nearer of
+a negation and an uncertainty cue wins), then CheXpert's aggregation (any 1, else any -1, else
+0). The conventions for ambiguous phrasings ("no definite X", resolution, old fractures,
+hedges), pinned by tests/common/test_labeler.py, and the labeler's scores:
+docs/results/labeler.md.
 """
 
 from __future__ import annotations

@@ -3,38 +3,13 @@
 radlabels (MIT) ships the reports with RadGraph-derived present / uncertain / absent labels for
 48 findings and the evidence behind each (alias, status, RadGraph token). The package is never
 imported: importing it downloads a model. The foundation builder pretrains on the text; the
-labeler benchmark scores against the labels.
+labeler benchmark scores against the labels. A finding of ours is the CheXpert-style collapse
+(present > uncertain > absent) of the evidence `RADLABELS_MAPPING` maps onto it; none means 0,
+since radlabels' "missing key" means "no evidence found", our "not mentioned".
 
-radlabels (MIT) ships 1,000 chest radiograph reports with RadGraph-derived present / uncertain /
-absent labels for 48 findings, plus the evidence behind each label (which alias fired, with what
-status, at which RadGraph token). The package is read as files and never imported: importing it
-downloads a model.
-
-Mapping from radlabels findings (and aliases) to ours. A finding of ours is the CheXpert-style
-collapse (present > uncertain > absent) of the mapped evidence; no mapped evidence means 0, since
-radlabels' "missing key" means "no evidence found", which is our "not mentioned".
-
-* nodule <- ``lung_nodule_or_mass`` (all aliases: nodule, mass, nodular opacity, granuloma,
-  lung lesion, tumour). ``lung_lesion`` is skipped: its extra aliases are "cavitation" and
-  "lytic lesion" (bone), which are not nodules.
-* pleural_effusion <- ``pleural_effusion`` (its aliases include hemothorax and empyema, as ours
-  do; pericardial effusion is excluded by radlabels itself).
-* cardiomegaly <- ``cardiomegaly``. ``enlarged_cardiomediastinum`` is skipped (a widened
-  mediastinum is not an enlarged heart; CheXpert keeps them apart too).
-* pneumothorax <- ``pneumothorax``.
-* consolidation <- ``consolidation``, ``pneumonia``, ``infiltration`` and those aliases of
-  ``air_space_opacity`` that name consolidation, pneumonia, infiltrate or airspace / alveolar
-  disease. Skipped: ground-glass, patchy, confluent and parenchymal "opacity" (CheXpert's
-  separate "lung opacity" class; an opacity may be atelectasis), ``lung_opacity`` and
-  ``atelectasis``. Our consolidation finding covers pneumonia (as the cohort's display name
-  says), so pneumonia evidence, including "infection" / "infectious process", counts.
-* fracture <- ``fracture_generic``, ``acute_rib_fracture``, ``non_acute_rib_fracture``: old and
-  healed fractures are present for us too.
-
-Reference labels come from RadGraph reading the whole report, including the INDICATION
-("? pneumonia") that our labeler deliberately ignores. With ``drop_ignored_sections`` (the
-default), evidence whose tokens lie in a section the labeler ignores is dropped, so the figures
-measure the labeler against its own contract; ``False`` scores against the labels as shipped.
+With ``drop_ignored_sections`` (the default), evidence whose tokens lie in a section our labeler
+ignores (the INDICATION's "? pneumonia") is dropped, so the figures measure the labeler against
+its own contract; ``False`` scores against the labels as shipped.
 """
 
 from __future__ import annotations
@@ -57,6 +32,9 @@ _STATUS: Final[dict[str, int]] = {
     "definitely absent": ABSENT,
 }
 
+# Aliases of ``air_space_opacity`` that name no consolidation: CheXpert's separate "lung opacity"
+# class (an opacity may be atelectasis). Its aliases naming consolidation, pneumonia, infiltrate
+# or airspace / alveolar disease count.
 _AIRSPACE_SKIPPED_ALIASES: Final[frozenset[str]] = frozenset(
     {
         "groundglass opacity",
@@ -72,15 +50,22 @@ _AIRSPACE_SKIPPED_ALIASES: Final[frozenset[str]] = frozenset(
     }
 )
 
+# Left out on purpose: ``lung_lesion`` (its extra aliases, "cavitation" and "lytic lesion" (bone),
+# are not nodules), ``enlarged_cardiomediastinum`` (a widened mediastinum is not an enlarged
+# heart; CheXpert keeps them apart too), ``lung_opacity`` and ``atelectasis``.
 RADLABELS_MAPPING: Final[dict[str, tuple[str, ...]]] = {
+    # every alias: nodule, mass, nodular opacity, granuloma, lung lesion, tumour
     "lung_nodule_or_mass": ("nodule",),
+    # hemothorax and empyema included, as ours; radlabels itself excludes pericardial effusion
     "pleural_effusion": ("pleural_effusion",),
     "cardiomegaly": ("cardiomegaly",),
     "pneumothorax": ("pneumothorax",),
+    # ours covers pneumonia (as the cohort's display name says), "infection" included
     "consolidation": ("consolidation",),
     "pneumonia": ("consolidation",),
     "infiltration": ("consolidation",),
     "air_space_opacity": ("consolidation",),
+    # old and healed fractures are present for us too
     "fracture_generic": ("fracture",),
     "acute_rib_fracture": ("fracture",),
     "non_acute_rib_fracture": ("fracture",),

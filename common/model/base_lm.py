@@ -45,8 +45,8 @@ CHAT_EOS: Final[str] = "<|im_end|>"  # ChatML models end a turn here, not at <|e
 HASHED_SUFFIXES: Final[tuple[str, ...]] = (".safetensors", ".bin", ".json", ".model", ".txt")
 # Peak memory of LoRA training over a base of N float32 parameters: weights, the
 # de-quantisation transient while loading, and the activations of a batch of 16 x 112 tokens
-# through every layer. Measured on SmolLM2-135M (0.54 GB of weights): 5.6 GB peak RSS, i.e.
-# about 8 x the weights plus a fixed 1.5 GB (torch, transformers, the rest of the model).
+# through every layer, as a multiple of the weights plus a fixed part (torch, transformers, the
+# rest of the model). Fitted to SmolLM2-135M's peak RSS (docs/results/model.md).
 MEMORY_FACTOR: Final[float] = 8.0
 MEMORY_BASE_BYTES: Final[int] = 1536 * 2**20
 
@@ -249,10 +249,10 @@ def load_base_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 # -- the dequantized copy of a GGUF base ------------------------------------------------------
-# Reading a GGUF means parsing it and dequantizing every tensor: 15 s for SmolLM2-135M on 2
-# cores, paid by every process that loads it (each SuperNode message, each `fedrad-site report`).
+# Reading a GGUF means parsing it and dequantizing every tensor, paid by every process that
+# loads it (each SuperNode message, each `fedrad-site report`; timings: docs/results/model.md).
 # The float32 weights it yields are saved once, keyed by the GGUF's sha256 and the transformers
-# and gguf versions that dequantized it, and read back in under a second. The GGUF stays what
+# and gguf versions that dequantized it, and later loads read that copy. The GGUF stays what
 # checkpoints name and what is hashed; the copy is derived from it, rebuilt if absent or broken.
 
 DEQUANTIZED_MARKER: Final[str] = "fedrad_dequantized.json"

@@ -1,14 +1,12 @@
 """The starting model every run shares: a language model and an image encoder trained on public
 data only.
 
-Nothing can be downloaded here, so a from-config model would start as noise. Instead the
-coordinator trains both once, non-privately, on public material: the LM and tokenizer on
-radlabels' 1,000 shipped reports and report prose from the open cohort generator, the image
-encoder on labelled public images from the same generator (`public_images`; a seed namespace no
-cohort uses, no patients). That plays the part a public pretrained LLM and a public CXR encoder
-play for a real federation: the federation's DP training only has to ground the language in the
-image through the projector, the diagnosis head and the LoRA adapters, while the encoder stays
-frozen and never travels. Each part is cached by content hash.
+Nothing can be downloaded here, so a from-config model would start as noise. The coordinator
+trains both once, non-privately, on public material (radlabels' shipped reports, the open
+generator's prose and labelled images in a seed namespace no cohort uses), as a real federation
+starts from a public LLM and a public CXR encoder: DP training then only grounds the language in
+the image (projector, head, LoRA) while the encoder stays frozen and never travels. Each part is
+cached by content hash. What each part buys: docs/results/model.md.
 """
 
 from __future__ import annotations
@@ -138,7 +136,7 @@ def _prefixed_loss(
     """LM loss with `prefix_tokens` random vectors in front of the text, where the visual prefix
     will sit: the LM learns to read text that starts after K foreign embeddings at positions
     K.., so fine-tuning does not have to unlearn a text-at-position-0 habit and stays faithful
-    to the prompt (measured: without it, LoRA fine-tuning drifted away from the suggestions)."""
+    to the prompt's suggestions (docs/results/model.md)."""
     embed = lm.get_input_embeddings()
     text = embed(input_ids)
     scale = float(embed.weight.detach().std())
@@ -311,7 +309,7 @@ def warm_up_base_lora(
     """Trains a pretrained base's LoRA (base frozen) on the public report and question text the
     from-config LM pretrains on, once per base and recipe (cached), and loads it into `model`.
     Without it a base that never saw the report format spends a site's whole DP budget
-    learning it (measured on SmolLM2 at epsilon 8, 2 x 40 steps: BLEU-4 0.002, QA 0.004)."""
+    learning it (docs/results/model.md)."""
     config = model.config
     key = base_lora_key(config, recipe)
     directory = (cache_root or default_cache_root()) / f"base-lora-{key}"

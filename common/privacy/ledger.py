@@ -1,29 +1,10 @@
 """The site privacy ledger: one signed, hash-chained JSON line per local training round.
 
-Format (one UTF-8 JSON object per line, written in canonical form: sorted keys, no spaces,
-ASCII only, newline-terminated):
-
-- ``site_id``, ``run_id``, ``round``: where the spend happened.
-- ``mechanism`` (``"subsampled_gaussian"``), ``sample_rate``, ``noise_multiplier``, ``steps``,
-  ``max_grad_norm``, ``delta``, ``accountant``: the raw DP-SGD parameters of that round.
-- ``epsilon``: cumulative for the site after this entry, over EVERY entry of the file (across
-  runs), recomputed from the raw parameters with `privacy.accounting` at ``delta`` with
-  ``accountant``; ``null`` means unbounded (a round without noise).
-- ``timestamp`` (UTC, ISO 8601), ``key_id`` (first 16 hex of SHA-256 of the raw public key).
-- ``prev_hash``: SHA-256 hex of the previous line's bytes, newline excluded; ``"0" * 64`` first.
-- ``signature``: base64 Ed25519 signature by the site key over the canonical JSON (as above,
-  UTF-8) of the entry without ``signature``.
-
-A refusal (the site declined a round or run before spending anything) is a line of its own,
-signed and chained like the others, with exactly ``event`` (``"refusal"``), ``site_id``,
-``run_id``, ``round``, ``reason`` (one line), ``timestamp``, ``key_id``, ``prev_hash`` and
-``signature``. It spends nothing: it carries no mechanism field, and every epsilon skips it.
-Privacy entries have no ``event`` field, so ledgers written before refusals existed verify as
-they are.
-
-Entries are appended with one ``os.write`` of the whole line and an fsync under an exclusive
-lock; earlier lines are never rewritten. A torn last line (a crash mid-write) is reported with
-`TornLedgerError` and left for a person to inspect: the site refuses to train until then.
+A site's spending must survive crashes, resumes and new runs, and a privacy officer must be able
+to check it without trusting the site's software: so every round's raw DP-SGD parameters are
+appended (never rewritten) under the site's Ed25519 key, and every epsilon is recomputed from
+them. The format is the contract `common/audit` checks independently; it is described beside
+the field lists below.
 """
 
 from __future__ import annotations
@@ -53,6 +34,24 @@ from fedrad.common.privacy.accounting import AccountantName, MechanismStep, cumu
 
 logger = logging.getLogger(__name__)
 
+# One UTF-8 JSON object per line, in canonical form (sorted keys, no spaces, ASCII only,
+# newline-terminated). A privacy entry has exactly REQUIRED_FIELDS:
+# - site_id, run_id, round: where the spend happened;
+# - mechanism (MECHANISM), sample_rate, noise_multiplier, steps, max_grad_norm, delta,
+#   accountant: the raw DP-SGD parameters of that round;
+# - epsilon: cumulative for the site after this entry, over EVERY privacy entry of the file
+#   (across runs), recomputed from the raw parameters with `accounting.cumulative_epsilon` at
+#   that entry's delta and accountant; null means unbounded (a round without noise);
+# - timestamp (UTC, ISO 8601), key_id (first 16 hex of SHA-256 of the raw public key);
+# - prev_hash: SHA-256 hex of the previous line's bytes, newline excluded (GENESIS_HASH first);
+# - signature: base64 Ed25519 signature by the site key over the canonical JSON of the entry
+#   without signature.
+# A refusal (a round or run the site declined before spending anything) is signed and chained
+# the same way, has exactly REFUSAL_FIELDS (event = "refusal", reason: one line) and no
+# mechanism field: every epsilon skips it. Privacy entries have no event field, so ledgers
+# written before refusals existed verify as they are.
+# A line is appended with one os.write and an fsync under an exclusive lock; a torn last line
+# (a crash mid-write) raises TornLedgerError and is left for a person to inspect.
 MECHANISM: Final[str] = "subsampled_gaussian"
 GENESIS_HASH: Final[str] = "0" * 64
 ACCOUNTANTS: Final[frozenset[str]] = frozenset({"rdp", "prv"})
@@ -121,10 +120,6 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 
 def _sign(entry: Mapping[str, Any], key: Ed25519PrivateKey) -> str:
     return base64.b64encode(key.sign(canonical_json(entry))).decode("ascii")
-
-
-def _epsilon_value(epsilon: float) -> float | None:
-    return None if math.isinf(epsilon) else epsilon
 
 
 def is_refusal(entry: Mapping[str, Any]) -> bool:
@@ -453,10 +448,26 @@ class Ledger:
             return list(self._history)
         return [_history_step(e) for e in self.entries() if e["run_id"] == run_id]
 
-    def spent(self, delta: float, accountant: AccountantName = "rdp") -> float:
-        """Cumulative epsilon at `delta` over every privacy entry (inf after a round without
-        noise); refusals spend nothing."""
-        return cumulative_epsilon(self._history, delta=delta, accountant=accountant)
+    def terms(self) -> tuple[float, AccountantName] | None:
+        """(delta, accountant) of the latest privacy entry: the terms its epsilon was recorded
+        at, and the site enforced its budget at, last; None before anything was spent."""
+        for entry in reversed(self._entries):
+            if not is_refusal(entry):
+                return float(entry["delta"]), entry["accountant"]
+        return None
+
+    def spent(self, delta: float | None = None, accountant: AccountantName | None = None) -> float:
+        """Cumulative epsilon over every privacy entry (inf after a round without noise), at
+        `delta` with `accountant`, each by default the latest entry's (`terms`): what the
+        ledger last recorded. 0 before anything was spent; refusals spend nothing."""
+        latest = self.terms()
+        if latest is None:
+            return 0.0
+        return cumulative_epsilon(
+            self._history,
+            delta=latest[0] if delta is None else delta,
+            accountant=latest[1] if accountant is None else accountant,
+        )
 
     def append(
         self,
@@ -492,7 +503,7 @@ class Ledger:
                 "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
                 "delta": float(delta),
                 "accountant": accountant,
-                "epsilon": _epsilon_value(epsilon),
+                "epsilon": None if math.isinf(epsilon) else epsilon,
             }
 
         entry = self._append_signed(site_id, build)

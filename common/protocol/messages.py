@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Final
 
 from fedrad.common.findings import FINDINGS
+from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON
 
 ARRAYS_KEY: Final[str] = "arrays"  # Flower strategies' default ArrayRecord key
 CONFIG_KEY: Final[str] = "config"  # Flower strategies' default ConfigRecord key
@@ -24,8 +25,8 @@ SITE_ID_FIELD: Final[str] = "site-id"
 SITE_ID_PATTERN: Final[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 WEIGHT_KEY: Final[str] = "num-examples"  # Flower strategies weight averages by this key
 # The sites' local AdamW learning rate unless a run sets one (LoRA adapters take a quarter
-# of it). Measured on the demo cohort, 4 rounds x 40 DP-SGD steps at epsilon 8: macro AUROC
-# 0.887 at 2e-3, 0.923 at 5e-3, 0.928 at 1e-2; without DP 5e-3 costs nothing (0.948).
+# of it): high enough for DP-SGD's few noisy steps to get somewhere, at no cost without DP
+# (measurements: docs/results/training.md).
 DEFAULT_LR: Final[float] = 5e-3
 
 TRAIN_METRIC_KEYS: Final[frozenset[str]] = frozenset(
@@ -72,8 +73,8 @@ class RoundConfig:
     lr: float
     seed: int
     dp: bool = True
-    target_epsilon: float = 8.0  # for the planned schedule at `delta`
-    delta: float = 1e-5
+    target_epsilon: float = DEFAULT_EPSILON  # for the planned schedule at `delta`
+    delta: float = DEFAULT_DELTA
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     proximal_mu: float = 0.0  # FedProx: Flower's FedProx strategy injects "proximal-mu"

@@ -17,9 +17,7 @@ from typing import Final
 
 import tomli_w
 
-from fedrad.common.protocol.messages import DEFAULT_LR
-
-RunValue = int | float | str | bool
+from fedrad.common.protocol.run_config import RUN_SETTINGS, RunValue
 
 SERVER_APP: Final[str] = "fedrad.server.app:app"
 CLIENT_APP: Final[str] = "fedrad.client.federation.app:app"
@@ -28,41 +26,8 @@ SECURE_CLIENT_APP: Final[str] = "fedrad.client.federation.secure_aggregation:app
 # The only ClientApps a site's runner will run, by the run's `secagg` setting.
 CLIENT_APPS: Final[dict[bool, str]] = {False: CLIENT_APP, True: SECURE_CLIENT_APP}
 
-# Every run setting the ServerApp reads, with the value that means "not set": the server's own
-# default, or an empty string / zero for a setting that is off or derived when absent.
-RELEASE_RUN_CONFIG: Final[dict[str, RunValue]] = {
-    "run-dir": "",  # required per run
-    "foundation-dir": "",  # required per run
-    "num-sites": 0,  # required per run
-    "num-rounds": 0,  # required per run
-    "site-registry": "",  # the coordinator's node id -> site id file (deployment)
-    "strategy": "fedavg",
-    "proximal-mu": 0.0,
-    "server-lr": 1e-2,
-    "round-timeout": 3600.0,
-    "connect-timeout": 300.0,
-    "epsilon": 8.0,
-    "min-sites": 0,  # 0: the server decides (1; SecAgg+: its threshold)
-    "secagg": False,
-    "central-noise": 0.0,  # 0: central DP off
-    "central-clip": 1.0,
-    "central-delta": 1e-5,
-    "secagg-shares": 0,  # 0: every site holds one
-    "secagg-threshold": 0,  # 0: a majority
-    "secagg-clip": 0.0,  # 0: derived from the optimiser's bound
-    "secagg-max-weight": 100_000.0,
-    "run-id": "",  # "": the run directory's name
-    "local-steps": 50,
-    "batch-size": 16,
-    "lr": DEFAULT_LR,
-    "seed": 0,
-    "dp": True,
-    "delta": 1e-5,
-    "max-grad-norm": 1.0,
-    "accountant": "rdp",
-    "eval-reports": 64,
-    "eval-questions": 128,
-}
+# Every run setting, with the value that means "not set" (`run_config.RUN_SETTINGS`).
+RELEASE_RUN_CONFIG: Final[dict[str, RunValue]] = {s.key: s.default for s in RUN_SETTINGS}
 
 
 def _same(value: object, default: RunValue) -> bool:

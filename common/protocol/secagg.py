@@ -1,18 +1,12 @@
 """What SecAgg+ puts on the wire, defined once for the coordinator and the sites.
 
 Flower 1.41 has SecAgg+ only in its legacy API (`secaggplus_mod` at a site, the
-`SecAggPlusWorkflow` at the coordinator). A site's update travels there as an ordered list
-of arrays, scaled by `weight / max_weight`, clipped to `[-clipping_range, clipping_range]`,
-stochastically quantized to `quantization_range` levels and masked; the coordinator only ever
-unmasks the sum. What is fixed here:
-
-- the order in which the declared trainable arrays travel (legacy Parameters have no names);
-- which SecAgg+ records a site may send at each protocol stage (the privacy mod's whitelist);
-- the ranges: the clipping range comes from a bound on what a site sends (its update under
-  AdamW, see `adam_update_bound`), never from a guess, because `secaggplus_mod` clips
-  silently and a clipped update is a wrong model; the quantization range is as fine as the
-  number of summed sites allows without overflow;
-- the error bound of the unmasked mean against the exact weighted mean.
+`SecAggPlusWorkflow` at the coordinator): a site's update travels as an ordered list of arrays,
+scaled by `weight / max_weight`, clipped to `[-clipping_range, clipping_range]`, stochastically
+quantized and masked; the coordinator only ever unmasks the sum. Fixed here: the arrays' order,
+each stage's reply fields, the ranges and the error bound of the unmasked mean. The clipping
+range comes from a bound on what a site sends (`adam_update_bound`), never from a guess:
+`secaggplus_mod` clips silently, and a clipped update is a wrong model.
 """
 
 from __future__ import annotations
@@ -47,8 +41,8 @@ FIT_RES_RECORDS: Final[frozenset[str]] = frozenset(
 EVALUATE_RES_RECORDS: Final[frozenset[str]] = frozenset(
     {"evaluateres.metrics", "evaluateres.num_examples", "evaluateres.loss", "evaluateres.status"}
 )
-# An encrypted key share (612 bytes in Flower 1.41 at any threshold) or a plain share (52 or
-# 324 bytes) fits well below this; a model-sized payload does not.
+# Key shares, encrypted or plain, fit well below this (sizes in Flower 1.41:
+# docs/results/training.md); a model-sized payload does not.
 MAX_SECRET_BYTES: Final[int] = 1024
 MODULUS_RANGE: Final[int] = 2**32  # Flower's default; masks are drawn below it
 MAX_QUANTIZATION_RANGE: Final[int] = 2**30  # quantized values are int32 in secaggplus_mod

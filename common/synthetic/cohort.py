@@ -430,8 +430,9 @@ def _worker_init() -> None:
     """Keep freed image buffers in the heap instead of returning them to the OS.
 
     Each study allocates tens of MB of short-lived float arrays; glibc's default mmap/trim
-    thresholds unmap and re-fault them every time, which cost ~40% of a worker's time in system
-    calls (measured). Only our own pool workers are tuned; the caller's process is left alone.
+    thresholds unmap and re-fault them every time, a large share of a worker's time in system
+    calls (docs/results/synthetic-cohort.md). Only our own pool workers are tuned; the caller's
+    process is left alone.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

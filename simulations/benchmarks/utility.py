@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
+from fedrad.common.privacy.budget import DEFAULT_DELTA
 from fedrad.common.protocol.messages import DEFAULT_LR
 from fedrad.common.run_dir import read_metrics
 from fedrad.simulations.centralized import CentralizedConfig, run_centralized
@@ -46,7 +47,7 @@ class UtilityBenchConfig:
     batch_size: int = 16  # expected batch size everywhere
     lr: float = DEFAULT_LR  # every arm's learning rate: only privacy and federation differ
     seed: int = 0
-    delta: float = 1e-5
+    delta: float = DEFAULT_DELTA
     eval_reports: int = 48  # generated reports per site (or pooled) per evaluation
     eval_questions: int = 96
     arms: tuple[str, ...] = ARMS  # which of ARMS to run

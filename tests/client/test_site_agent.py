@@ -17,12 +17,11 @@ from fedrad.client.federation.site_agent import (
     SiteRefusalError,
     SiteSpec,
     cached_model,
-    calibrate_remaining,
     evaluate_site,
     train_site,
     trainable_arrays,
 )
-from fedrad.common.privacy.accounting import MechanismStep, cumulative_epsilon
+from fedrad.common.privacy.accounting import MechanismStep, calibrate_noise, cumulative_epsilon
 from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key, verify_ledger
 from fedrad.common.protocol.messages import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS, ProtocolError
 from tests.fl_fixtures import micro_foundation, micro_site, round_config
@@ -30,7 +29,8 @@ from tests.fl_fixtures import micro_foundation, micro_site, round_config
 
 @pytest.fixture(autouse=True)
 def _fresh_caches_one_thread() -> Iterator[None]:
-    """One torch thread: two spin-waiting threads on a busy 2-core machine run 30x slower."""
+    """One torch thread: spin-waiting threads crawl on a busy 2-core machine (see
+    docs/results/privacy.md)."""
     site_agent.clear_caches()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -78,7 +78,7 @@ def test_budget_and_plan_are_enforced(tmp_path: Path) -> None:
     spec = micro_site(tmp_path, "site_a", foundation)
     start = trainable_arrays(cached_model(foundation))
     train_site(spec, start, round_config(planned_rounds=1))
-    capped = dataclasses.replace(spec, budget_epsilon=1.0)  # the hospital's own, lower cap
+    capped = dataclasses.replace(spec, epsilon=1.0)  # the hospital's own, lower cap
     with pytest.raises(SiteRefusalError, match="budget exhausted"):
         train_site(capped, start, round_config(run_id="second-run", planned_rounds=1))
     with pytest.raises(ProtocolError, match="past the plan"):
@@ -92,7 +92,7 @@ def test_a_repeated_round_still_fits_the_budget() -> None:
     """After a crash a round may run twice: the remaining schedule is recalibrated to fit."""
     q, steps = 0.1, 20
     history = [MechanismStep(1.5, q, steps)]  # epsilon about 2 already spent
-    sigma = calibrate_remaining(
+    sigma = calibrate_noise(
         history, sample_rate=q, steps=steps, target_epsilon=8.0, delta=1e-5, accountant="rdp"
     )
     total = cumulative_epsilon([*history, MechanismStep(sigma, q, steps)], delta=1e-5)
@@ -138,7 +138,7 @@ def test_a_deployed_site_names_itself_in_its_node_config(tmp_path: Path) -> None
             "epsilon-budget": 3.0,
         }
     )
-    assert spec.site_id == "st_hildegard" and spec.budget_epsilon == 3.0
+    assert spec.site_id == "st_hildegard" and spec.epsilon == 3.0
     assert spec.ledger_path == tmp_path / "data" / ".fedrad-site" / "ledger.jsonl"
     with pytest.raises(SiteRefusalError, match="data-dir, foundation-dir"):
         SiteSpec.from_node_config({"site-id": "x"})

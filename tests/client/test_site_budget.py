@@ -19,7 +19,6 @@ from fedrad.client.federation.site_agent import (
     SiteRefusalError,
     SiteSpec,
     cached_model,
-    calibrate_remaining,
     check_round_against_budget,
     clear_caches,
     train_site,
@@ -31,7 +30,12 @@ from fedrad.client.site.config import (
     load_site_config,
     site_budget,
 )
-from fedrad.common.privacy.accounting import MechanismStep, cumulative_epsilon
+from fedrad.common.privacy.accounting import (
+    CalibrationError,
+    MechanismStep,
+    calibrate_noise,
+    cumulative_epsilon,
+)
 from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key
 from tests.fl_fixtures import micro_foundation, micro_site, round_config
 
@@ -77,7 +81,7 @@ def test_no_schedule_ever_spends_past_the_budget(
             break
         remaining = (rounds - round_no + 1) * local_steps
         try:
-            sigma = calibrate_remaining(
+            sigma = calibrate_noise(
                 spent,
                 sample_rate=sample_rate,
                 steps=remaining,
@@ -85,7 +89,7 @@ def test_no_schedule_ever_spends_past_the_budget(
                 delta=1e-5,
                 accountant="rdp",
             )
-        except SiteRefusalError:
+        except CalibrationError:
             break
         spent.append(MechanismStep(sigma, sample_rate, local_steps))
         after = cumulative_epsilon(spent, delta=1e-5)
@@ -99,7 +103,7 @@ def test_no_schedule_ever_spends_past_the_budget(
 
 def test_an_exhausted_budget_is_refused_before_training(tmp_path: Path) -> None:
     foundation = micro_foundation(tmp_path)
-    spec = dataclasses.replace(micro_site(tmp_path, "site_a", foundation), budget_epsilon=2.0)
+    spec = dataclasses.replace(micro_site(tmp_path, "site_a", foundation), epsilon=2.0)
     start = trainable_arrays(cached_model(foundation))
     plan = round_config(planned_rounds=1, target_epsilon=50.0)  # the coordinator asks for more
     update = train_site(spec, start, plan)
@@ -108,7 +112,7 @@ def test_an_exhausted_budget_is_refused_before_training(tmp_path: Path) -> None:
     assert second.metrics["epsilon"] <= 2.0 * (1 + 1e-6)  # what is left, at more noise
     assert second.metrics["noise_multiplier"] > update.metrics["noise_multiplier"]
     before = Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path)).entries()
-    lowered = dataclasses.replace(spec, budget_epsilon=1.5)  # the hospital lowers its cap
+    lowered = dataclasses.replace(spec, epsilon=1.5)  # the hospital lowers its cap
     with pytest.raises(SiteRefusalError, match="budget exhausted"):
         train_site(lowered, start, round_config(run_id="third-run", planned_rounds=1))
     after = Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path))
@@ -125,8 +129,8 @@ def test_rounds_the_budget_can_never_allow_are_refused() -> None:
         ledger_path=Path("l"),
         key_path=Path("k"),
         manifest=Path("m"),
-        budget_epsilon=4.0,
-        budget_delta=1e-6,
+        epsilon=4.0,
+        delta=1e-6,
     )
     with pytest.raises(SiteRefusalError, match="without DP"):
         check_round_against_budget(spec, round_config(dp=False))
@@ -202,7 +206,7 @@ def test_a_deployed_site_takes_everything_from_its_site_config(tmp_path: Path) -
     spec = SiteSpec.from_node_config(
         {"site-config": str(tmp_path / "site" / "site.toml"), "foundation-dir": "/f"}
     )
-    assert (spec.site_id, spec.budget_epsilon, spec.budget_delta) == ("st_anna", 3.0, 1e-5)
+    assert (spec.site_id, spec.epsilon, spec.delta) == ("st_anna", 3.0, 1e-5)
     assert spec.ledger_path == config.ledger and spec.data_dir == data.resolve()
     assert spec.cache_dir is None  # prepared inside the data directory
     with pytest.raises(SiteRefusalError, match="no site config"):
@@ -272,6 +276,35 @@ def test_budget_cli_reports_spent_and_left(tmp_path: Path) -> None:
     assert status["left_epsilon"] == pytest.approx(4.0 - status["spent_epsilon"])
     text = runner.invoke(site_cli, ["budget", "--config", str(config_path)])
     assert "spent epsilon" in text.output and "of 4" in text.output
+
+
+def test_budget_is_reported_at_the_terms_the_site_last_enforced(tmp_path: Path) -> None:
+    """A run at a smaller delta than the site's (and with PRV) is reported as its ledger
+    recorded it and as the site enforced it, not at the site's delta."""
+    data = tmp_path / "data"
+    data.mkdir()
+    config = init_site(tmp_path / "site", site_id="st_anna", data_dir=data, epsilon=4.0)
+    status = site_budget(config)
+    assert (status["delta"], status["accountant"], status["spent_epsilon"]) == (1e-5, "rdp", 0.0)
+    ledger = Ledger(config.ledger, load_or_create_signing_key(config.ledger_key))
+    for round_no in (1, 2):
+        last = ledger.append(
+            site_id="st_anna",
+            run_id="r1",
+            round=round_no,
+            sample_rate=0.1,
+            noise_multiplier=2.0,
+            steps=20,
+            max_grad_norm=1.0,
+            delta=1e-7,
+            accountant="prv",
+        )
+    status = site_budget(config)
+    assert (status["delta"], status["accountant"]) == (1e-7, "prv")
+    assert status["spent_epsilon"] == pytest.approx(last["epsilon"])
+    assert status["spent_epsilon"] > ledger.spent(config.delta, "prv")  # the site's delta
+    assert status["left_epsilon"] == pytest.approx(4.0 - status["spent_epsilon"])
+    assert status["left_epsilon"] > 0 and not status["exhausted"]
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ from fedrad.client.site.supernode import (
 from fedrad.common.flower_process import FLOWER_ENV
 from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key
 from fedrad.common.protocol.release_app import fab_sha256
-from fedrad.server.pki import init_federation
+from fedrad.server.certificates import init_federation
 
 APPROVED = fab_sha256(b"the app bundle this site approved")
 
@@ -200,7 +200,7 @@ def test_node_config_is_what_flower_parses_and_the_client_app_reads(
     spec = SiteSpec.from_node_config(parsed)
     assert spec.site_id == "st_anna"
     assert spec.foundation_dir == (tmp_path / "foundation").resolve()
-    assert spec.budget_epsilon == 2.0 and spec.data_dir == tmp_path / "data"
+    assert spec.epsilon == 2.0 and spec.data_dir == tmp_path / "data"
     assert node_config_arg({"a": 1, "b": 0.5, "c": True}) == "a=1 b=0.5 c=true"
     with pytest.raises(SupernodeError):
         node_config_arg({"site-config": "/tmp/o'brien/site.toml"})

@@ -85,6 +85,22 @@ def test_entries_chain_sign_and_accumulate_across_runs(tmp_path: Path, key_path:
     assert verify_ledger(path, key.public_key()) == []
 
 
+def test_spent_is_by_default_at_the_terms_of_the_latest_entry(
+    tmp_path: Path, key_path: Path
+) -> None:
+    """What the ledger last recorded: the latest privacy entry's delta and accountant, over
+    every entry; a refusal after it changes nothing."""
+    ledger = Ledger(tmp_path / "ledger.jsonl", load_or_create_signing_key(key_path))
+    assert ledger.terms() is None and ledger.spent() == 0.0
+    _append(ledger, "run-1", 1)
+    last = _append(ledger, "run-2", 1, delta=1e-6, accountant="prv")
+    ledger.append_refusal(site_id="site_a", run_id="run-3", round=0, reason="declined")
+    assert ledger.terms() == (1e-6, "prv")
+    assert ledger.spent() == pytest.approx(last["epsilon"])
+    steps = [MechanismStep(1.1, 0.05, 40)] * 2
+    assert ledger.spent(1e-5, "rdp") == pytest.approx(cumulative_epsilon(steps, delta=1e-5))
+
+
 def test_round_without_noise_is_recorded_as_unbounded(tmp_path: Path, key_path: Path) -> None:
     key = load_or_create_signing_key(key_path)
     ledger = Ledger(tmp_path / "l.jsonl", key)

@@ -26,6 +26,12 @@ from fedrad.common.protocol.release_app import (
     run_config_toml,
     write_release_app,
 )
+from fedrad.common.protocol.run_config import (
+    REQUIRED_KEYS,
+    RUN_SETTINGS,
+    SETTINGS,
+    settings_among,
+)
 from fedrad.server.rounds import ServerPlan
 
 
@@ -110,6 +116,36 @@ def test_every_round_setting_the_server_sends_is_declared() -> None:
     derived = {"server-round", "planned-rounds", "target-epsilon"}
     round_keys = {f.name.replace("_", "-") for f in fields(RoundConfig)} - derived
     assert round_keys <= set(RELEASE_RUN_CONFIG), round_keys - set(RELEASE_RUN_CONFIG)
+
+
+# -- the one declaration of every run setting ------------------------------------------------
+
+
+def test_every_run_setting_is_declared_once_with_a_default_of_its_type() -> None:
+    keys = [setting.key for setting in RUN_SETTINGS]
+    assert len(set(keys)) == len(keys) == len(SETTINGS)
+    assert list(RELEASE_RUN_CONFIG) == keys  # the pyproject, and so the sha256, in this order
+    assert {"run-dir", "foundation-dir", "num-sites", "num-rounds"} == REQUIRED_KEYS
+    for setting in RUN_SETTINGS:
+        assert type(setting.default) is setting.kind, setting.key  # no bool for an int
+        assert RELEASE_RUN_CONFIG[setting.key] == setting.default
+        assert setting.help and "\n" not in setting.help
+        assert setting.name == setting.key.replace("-", "_")
+
+
+def test_settings_among_a_command_s_parameters() -> None:
+    params = {
+        "run_dir": "runs/r1",  # a run's own: set by its own option
+        "rounds": 3,  # not a setting's name
+        "lr": 0.01,
+        "epsilon": None,  # not given
+        "secagg": False,  # a switch left off
+        "dp": False,  # off is a value: the default is on
+        "local_steps": 7,
+    }
+    assert settings_among(params) == {"lr": 0.01, "dp": False, "local-steps": 7}
+    assert list(settings_among({"seed": 1, "delta": 1e-6})) == ["seed", "delta"]  # their order
+    assert settings_among({"secagg": True}) == {"secagg": True}
 
 
 # -- given settings and the server's reading of them -----------------------------------------

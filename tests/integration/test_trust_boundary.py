@@ -28,8 +28,9 @@ import httpx
 import pytest
 import tomli_w
 
+from fedrad.common.flower_process import flower_process_env
 from fedrad.common.protocol.release_app import release_pyproject
-from fedrad.server.deploy import accepts_connections
+from fedrad.server.superlink import accepts_connections
 from tests.integration.deployment_support import (
     BIN,
     Process,
@@ -49,7 +50,7 @@ TWO_SITES = ("site_1", "site_2")
 def flwr_json(home: Path, *args: str, timeout: float = 60) -> dict:
     """One `flwr` CLI call with FLWR_HOME=home; its JSON reply (`flwr log` has none: its
     output is the reply's "text")."""
-    env = child_env() | {"FLWR_HOME": str(home)}
+    env = flower_process_env(home, child_env())
     if args[0] == "log":
         done = subprocess.run(
             [str(BIN / "flwr"), *args, "--show"],

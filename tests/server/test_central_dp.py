@@ -36,9 +36,9 @@ from fedrad.common.protocol.messages import (
     SITE_KEY,
     WEIGHT_KEY,
 )
-from fedrad.common.run_dir import read_metrics
+from fedrad.common.run_dir import ResumeError, read_metrics
 from fedrad.server.app import build_plan_strategy, run_server
-from fedrad.server.rounds import ResumeError, RunBook, ServerPlan
+from fedrad.server.rounds import RunBook, ServerPlan
 from fedrad.server.strategies import (
     UNIT_WEIGHT_KEY,
     CentralDP,

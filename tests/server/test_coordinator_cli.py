@@ -222,7 +222,7 @@ def test_init_encrypts_the_ca_key_from_a_file_the_environment_or_the_terminal(
     serialization.load_pem_private_key(
         (tmp_path / "b" / "ca.key").read_bytes(), password=b"from env"
     )
-    monkeypatch.setattr("fedrad.server.cli._can_prompt", lambda: True)
+    monkeypatch.setattr("fedrad.server.cli_setup._can_prompt", lambda: True)
     asked = runner.invoke(app, ["init", str(tmp_path / "c"), "--encrypt-ca-key"], input="pw\npw\n")
     assert asked.exit_code == 0, asked.output
     assert "CA key (0600): " in asked.stdout and "encrypted with your passphrase" in asked.stdout

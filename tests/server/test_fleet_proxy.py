@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedrad.server import fleet_proxy
-from fedrad.server.deploy import proxy_tls_name
+from fedrad.server.certificates import CA_CERT, SERVER_CERT, SERVER_KEY, init_federation
 from fedrad.server.fleet_proxy import (
     CONFIG_FILE,
     INSTALL_HINT,
@@ -25,7 +25,7 @@ from fedrad.server.fleet_proxy import (
     nginx_config,
     write_config,
 )
-from fedrad.server.pki import CA_CERT, SERVER_CERT, SERVER_KEY, init_federation
+from fedrad.server.superlink import proxy_tls_name
 
 
 def _config(directory: Path, host: str = "0.0.0.0", port: int = 9092, **over: object) -> str:

@@ -139,7 +139,7 @@ def test_server_loop_resumes_after_a_crash_without_counting_a_round_twice(
 def test_a_round_with_no_usable_update_stops_with_the_reasons(tmp_path: Path) -> None:
     foundation = micro_foundation(tmp_path)
     spec = micro_site(tmp_path / "sites", "site_0", foundation)
-    capped = dataclasses.replace(spec, budget_epsilon=1e-9)
+    capped = dataclasses.replace(spec, epsilon=1e-9)
     plan = ServerPlan(
         run_dir=_run_dir(tmp_path),
         foundation_dir=foundation,
@@ -157,7 +157,7 @@ def test_a_site_that_refuses_is_logged_and_the_round_goes_on(
 ) -> None:
     foundation = micro_foundation(tmp_path)
     specs = [micro_site(tmp_path / "sites", f"site_{i}", foundation, seed=i) for i in range(2)]
-    specs[1] = dataclasses.replace(specs[1], budget_epsilon=1e-9)  # nothing left to spend
+    specs[1] = dataclasses.replace(specs[1], epsilon=1e-9)  # nothing left to spend
     run_dir = _run_dir(tmp_path)
     plan = ServerPlan(
         run_dir=run_dir,

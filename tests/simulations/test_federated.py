@@ -12,13 +12,16 @@ import torch
 
 from fedrad.client.federation import site_agent
 from fedrad.common.model.checkpoint import load_checkpoint
+from fedrad.common.protocol.release_app import run_config_toml
 from fedrad.common.synthetic.cohort import generate_cohort
+from fedrad.server.rounds import ServerPlan
 from fedrad.simulations.cohort_data import CohortError
 from fedrad.simulations.federated import (
     FederatedConfig,
     config_from_toml,
     run_federated,
     run_local_only,
+    server_plan,
 )
 from tests.fl_fixtures import micro_foundation
 
@@ -45,6 +48,27 @@ def test_bad_settings_fail_at_once_with_one_line(settings: dict, message: str) -
     with pytest.raises(ValueError, match=re.escape(message)) as info:
         FederatedConfig(**settings)
     assert "\n" not in str(info.value)
+
+
+def test_a_simulation_s_plan_is_read_from_its_run_config_as_a_deployment_s(
+    tmp_path: Path,
+) -> None:
+    run_dir, foundation = tmp_path / "runs" / "r1", tmp_path / "runs" / "r1" / "round_000"
+    for config, mu in [
+        (FederatedConfig(), 0.0),  # the proximal term goes out with fedprox only
+        (FederatedConfig(strategy="fedprox", proximal_mu=0.3, epsilon=3.0, seed=4), 0.3),
+        (FederatedConfig(central_noise=1.1, central_clip=0.5, central_delta=1e-6), 0.0),
+        (FederatedConfig(secagg=True, secagg_threshold=2, min_sites=2, dp=False), 0.0),
+    ]:
+        values = config.run_config(run_dir, foundation, num_sites=3)
+        run_config_toml(values)  # every key declared: it could be a deployment's --run-config
+        plan = server_plan(config, run_dir, foundation, num_sites=3)
+        assert plan == ServerPlan.from_run_config(values)
+        assert (plan.run_dir, plan.foundation_dir, plan.num_sites) == (run_dir, foundation, 3)
+        assert plan.round_config == config.round_config("r1")
+        assert plan.proximal_mu == mu and plan.central_noise_multiplier == config.central_noise
+        assert (plan.secagg, plan.min_sites) == (config.secagg, config.min_sites)
+    assert "central-clip" not in FederatedConfig().run_config(run_dir, foundation, num_sites=3)
 
 
 def test_no_usable_site_is_a_cohort_error(tmp_path: Path) -> None:

@@ -1,39 +1,13 @@
-"""Federation PKI on the coordinator: the federation CA, the SuperLink's TLS certificate, and the
-registry of the sites' public node keys. Framework-free: `cryptography` only.
-
-A coordinator directory holds:
-
-- `ca.pem` (the federation CA certificate: the one file every site gets), `ca.key` (0600);
-- `superlink.pem` + `superlink.key` (0600): the SuperLink's TLS certificate and key, signed by the
-  CA, naming every host name and IP address sites use to reach it;
-- `sites.toml`: site id -> OpenSSH ECDSA public node key, its SHA-256 fingerprint, date added,
-  and a copy of each key as `site_keys/<site_id>.pub` for Flower's CLI;
-- `flwr/config.toml`: a Flower CLI connection (`FLWR_HOME`) to the local SuperLink.
-
-How a registered key reaches Flower 1.41 (read from its source): `flower-superlink` has no key
-file; `--auth-list-public-keys` is refused. With `--enable-supernode-auth` it admits only keys in
-its LinkState, added through the Control API by `flwr supernode register KEY.pub CONNECTION`,
-where CONNECTION names `[superlink.<name>]` (address, root-certificates) in
-`$FLWR_HOME/config.toml`.
-The LinkState is in memory unless `flower-superlink --database FILE` is given.
-
-Private keys are created 0600 with O_EXCL and never overwritten (the SuperLink key is replaced only
-by `renew_server_certificate`, atomically); nothing here copies a private key anywhere.
-
-The CA key may be kept encrypted with a passphrase (PKCS#8, `init_federation(ca_passphrase=...)`)
-or moved off the SuperLink host altogether: only `renew_server_certificate` reads it, so code on
-the coordinator host cannot mint certificates without it. Starting, checking and registering
-sites need `ca.pem` and the SuperLink's own key only.
-"""
+"""The federation's PKI on the coordinator: the CA every site trusts, the SuperLink's TLS
+certificate, and the connection of the coordinator's own `flwr` CLI, which trusts that CA.
+Framework-free (`cryptography` only). Private keys are created 0600 and never overwritten, and
+only `renew_server_certificate` reads the CA key: it may be kept encrypted, or off this host."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import ipaddress
 import os
 import re
-import tomllib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -44,23 +18,20 @@ import tomli_w
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedrad.common.atomic_file import replace_file
-from fedrad.common.protocol.messages import SITE_ID_PATTERN
 
 KeyAlgorithm = Literal["ec-p384", "rsa-3072"]
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-CA_CERT: Final[str] = "ca.pem"
-CA_KEY: Final[str] = "ca.key"
+CA_CERT: Final[str] = "ca.pem"  # the one file every site gets
+CA_KEY: Final[str] = "ca.key"  # 0600; only renew-cert needs it
 SERVER_CERT: Final[str] = "superlink.pem"
-SERVER_KEY: Final[str] = "superlink.key"
-SITES_FILE: Final[str] = "sites.toml"
-SITE_KEYS_DIR: Final[str] = "site_keys"
-FLWR_HOME_DIR: Final[str] = "flwr"
+SERVER_KEY: Final[str] = "superlink.key"  # 0600, never leaves this host
+FLWR_HOME_DIR: Final[str] = "flwr"  # FLWR_HOME of the coordinator's `flwr` CLI
 CA_PASSPHRASE_ENV: Final[str] = "FEDRAD_CA_PASSPHRASE"  # where the CLI also looks for it
 FLWR_CONNECTION: Final[str] = "fedrad"  # the connection name in $FLWR_HOME/config.toml
 # flower-superlink serves Fleet, Control and Runtime APIs on one HTTPS --host/--port (uvicorn);
@@ -70,12 +41,6 @@ DEFAULT_CA_DAYS: Final[int] = 1826  # five years
 DEFAULT_SERVER_DAYS: Final[int] = 365
 LOOPBACK_HOSTS: Final[tuple[str, ...]] = ("localhost", "127.0.0.1")
 CLOCK_SKEW: Final[timedelta] = timedelta(minutes=5)  # certificates start this much in the past
-NODE_KEY_CURVES: Final[dict[str, str]] = {
-    "secp256r1": "P-256",
-    "secp384r1": "P-384",
-    "secp521r1": "P-521",
-}
-_MAX_PUBKEY_BYTES: Final[int] = 16_384
 _DNS_LABEL: Final[re.Pattern[str]] = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
@@ -637,141 +602,20 @@ def check_federation(
     return problems
 
 
-# -- site registry -----------------------------------------------------------------------------
+# -- the coordinator's `flwr` CLI trusts this CA ------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SiteRecord:
-    site_id: str
-    public_key: str  # "ecdsa-sha2-nistp384 AAAA..." (OpenSSH, comment dropped)
-    fingerprint: str  # "SHA256:..." as `ssh-keygen -l` prints it
-    curve: str  # P-256, P-384 or P-521
-    added: str  # ISO 8601, UTC
-
-    def as_dict(self) -> dict[str, str]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Registration:
-    record: SiteRecord
-    new: bool  # False: this site was already registered with this very key
-
-
-def ssh_fingerprint(openssh_line: str) -> str:
-    blob = base64.b64decode(openssh_line.split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-
-
-def read_site_public_key(path: Path) -> tuple[str, str]:
-    """(OpenSSH line, curve name) of a site's node key, checked the way `flwr supernode
-    register` checks it (ECDSA on a NIST curve); a private key file is refused unread-further."""
-    path = Path(path)
-    if not path.is_file():
-        raise PkiError(f"no such file: {path}" if not path.exists() else f"{path} is not a file")
-    if path.stat().st_size > _MAX_PUBKEY_BYTES:
-        raise PkiError(f"{path} is too large to be an OpenSSH public key")
-    data = path.read_bytes()
-    if b"PRIVATE KEY" in data:
-        raise PkiError(
-            f"{path} is a private key: send only the public half (keys/node_key.pub); "
-            "a private key never leaves its site"
-        )
-    if b"BEGIN PUBLIC KEY" in data:
-        raise PkiError(
-            f"{path} is a PEM public key (the ledger key?): Flower needs the site's OpenSSH "
-            "node key, keys/node_key.pub"
-        )
-    try:
-        key = serialization.load_ssh_public_key(data.strip())
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise PkiError(
-            f"{path} is not an OpenSSH public key (expected one line 'ecdsa-sha2-nistp384 AAAA...')"
-        ) from exc
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        kind = "Ed25519" if isinstance(key, ed25519.Ed25519PublicKey) else type(key).__name__
-        kind = "RSA" if isinstance(key, rsa.RSAPublicKey) else kind.removesuffix("PublicKey")
-        raise PkiError(
-            f"{path} is an {kind} key: Flower node authentication needs ECDSA on a NIST curve "
-            "(P-256, P-384, P-521), the site's keys/node_key.pub"
-        )
-    if key.curve.name not in NODE_KEY_CURVES:
-        raise PkiError(f"{path}: curve {key.curve.name} is not P-256, P-384 or P-521")
-    line = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return line.decode("ascii"), NODE_KEY_CURVES[key.curve.name]
-
-
-def list_sites(directory: Path) -> list[SiteRecord]:
-    path = Path(directory) / SITES_FILE
-    if not path.exists():
-        return []
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        return [SiteRecord(site_id=sid, **fields) for sid, fields in raw.get("sites", {}).items()]
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, TypeError) as exc:
-        raise PkiError(f"{path} is not a readable site registry ({exc!s:.80})") from exc
-
-
-def add_site(
-    directory: Path, site_id: str, pubkey_path: Path, *, now: datetime | None = None
-) -> Registration:
-    """Registers a site's public node key in `sites.toml` and copies it to `site_keys/`. The same
-    id with the same key is a no-op; a new key for a known id, or a known key under a second id,
-    is refused (re-keying a site is a deliberate removal first)."""
-    directory = Path(directory)
-    if not (directory / CA_CERT).is_file():
-        raise PkiError(
-            f"{directory} is not a coordinator directory (no {CA_CERT}; run fedrad-coordinator "
-            "init first)"
-        )
-    if not SITE_ID_PATTERN.match(site_id):
-        raise PkiError(f"site id {site_id!r}: use letters, digits, '_', '.', '-' (max 64)")
-    line, curve = read_site_public_key(pubkey_path)
-    fingerprint = ssh_fingerprint(line)
-    sites = {record.site_id: record for record in list_sites(directory)}
-    known = sites.get(site_id)
-    if known is not None:
-        if known.fingerprint == fingerprint:
-            return Registration(record=known, new=False)
-        raise PkiError(
-            f"site {site_id} is already registered with another key ({known.fingerprint})"
-        )
-    for other in sites.values():
-        if other.fingerprint == fingerprint:
-            raise PkiError(f"this key is already registered for site {other.site_id}")
-    record = SiteRecord(
-        site_id=site_id,
-        public_key=line,
-        fingerprint=fingerprint,
-        curve=curve,
-        added=(now or datetime.now(UTC)).isoformat(timespec="seconds"),
-    )
-    sites[site_id] = record
-    keys = directory / SITE_KEYS_DIR
-    keys.mkdir(exist_ok=True)
-    replace_file(keys / f"{site_id}.pub", (line + "\n").encode("ascii"), mode=0o644)
-    table = {
-        sid: {k: v for k, v in r.as_dict().items() if k != "site_id"} for sid, r in sites.items()
-    }
-    replace_file(
-        directory / SITES_FILE,
-        (
-            "# fedrad site registry: public node keys only (written by fedrad-coordinator).\n"
-            + tomli_w.dumps({"sites": table})
-        ).encode("utf-8"),
-        mode=0o644,
-    )
-    return Registration(record=record, new=True)
-
-
-# -- Flower 1.41 wiring ------------------------------------------------------------------------
+def flwr_home(directory: Path) -> Path:
+    """FLWR_HOME of every Flower process the coordinator runs (its `flwr` CLI connection and
+    the apps the SuperLink installs); their environment is `flower_process_env(flwr_home(DIR))`."""
+    return Path(directory).resolve() / FLWR_HOME_DIR
 
 
 def write_flwr_connection(directory: Path, *, address: str = DEFAULT_CONTROL_ADDRESS) -> Path:
     """Writes `DIR/flwr/config.toml` with one connection, FLWR_CONNECTION, to the SuperLink at
     `address` over TLS verified by `ca.pem`; returns the FLWR_HOME to run `flwr` with."""
     split_address(address)
-    home = Path(directory).resolve() / FLWR_HOME_DIR
+    home = flwr_home(directory)
     home.mkdir(mode=0o700, exist_ok=True)
     config = {
         "superlink": {
@@ -784,39 +628,3 @@ def write_flwr_connection(directory: Path, *, address: str = DEFAULT_CONTROL_ADD
     }
     replace_file(home / "config.toml", tomli_w.dumps(config).encode("utf-8"), mode=0o600)
     return home
-
-
-def flwr_environment(directory: Path) -> dict[str, str]:
-    """The environment `flwr_register_command` runs in (added to the caller's own)."""
-    return {"FLWR_HOME": str(Path(directory).resolve() / FLWR_HOME_DIR)}
-
-
-def flwr_register_command(directory: Path, site_id: str, *, flwr: str = "flwr") -> list[str]:
-    """The Flower 1.41 command that admits a registered site's key to the running SuperLink
-    (Control API RegisterNode); run it with `flwr_environment(directory)`."""
-    key = Path(directory).resolve() / SITE_KEYS_DIR / f"{site_id}.pub"
-    return [
-        flwr,
-        "supernode",
-        "register",
-        str(key),
-        FLWR_CONNECTION,
-        "--name",
-        site_id,
-        "--format",
-        "json",
-    ]
-
-
-def superlink_tls_args(directory: Path) -> list[str]:
-    """`flower-superlink` flags for TLS with this directory's files and node authentication."""
-    directory = Path(directory).resolve()
-    return [
-        "--ssl-ca-certfile",
-        str(directory / CA_CERT),
-        "--ssl-certfile",
-        str(directory / SERVER_CERT),
-        "--ssl-keyfile",
-        str(directory / SERVER_KEY),
-        "--enable-supernode-auth",
-    ]

@@ -1,5 +1,6 @@
 """Federation PKI: CA and SuperLink certificate (checked by our verifier and by a real TLS
-handshake), key file modes, no overwrite, and the site key registry."""
+handshake), key file modes, no overwrite, the CA key kept encrypted or elsewhere, and the
+coordinator's `flwr` connection."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import shutil
 import socket
 import ssl
 import stat
-import subprocess
 import threading
 import tomllib
 from datetime import UTC, datetime, timedelta
@@ -16,25 +16,27 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fedrad.client.site.config import init_site
-from fedrad.server import pki
-from fedrad.server.pki import (
+from fedrad.server.certificates import (
     CA_CERT,
     CA_KEY,
+    DEFAULT_CA_DAYS,
+    DEFAULT_CONTROL_ADDRESS,
+    DEFAULT_SERVER_DAYS,
+    FLWR_CONNECTION,
     SERVER_CERT,
     SERVER_KEY,
     PkiError,
-    add_site,
     build_ca,
     ca_key_is_encrypted,
+    certificate_hosts,
     check_federation,
     describe_federation,
+    flwr_home,
     init_federation,
     issue_server_certificate,
-    list_sites,
     load_ca_key,
     load_certificate,
     parse_hosts,
@@ -44,8 +46,13 @@ from fedrad.server.pki import (
     verify_certificate,
     verify_server_certificate,
 )
+from fedrad.server.site_registry import add_site, list_sites
+from tests.server.coordinator_support import site_key
 
 HOSTS = ["coord.example.org", "10.0.0.5", "*.fed.example.org", "2001:db8::7"]
+
+
+# -- certificates ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +64,6 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-# -- certificates ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -100,15 +104,15 @@ def test_certificate_extensions(federation: Path) -> None:
     assert usage.key_cert_sign and usage.crl_sign
     assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
     assert ca.public_key().curve.name == "secp384r1"
-    assert (ca.not_valid_after_utc - ca.not_valid_before_utc).days == pki.DEFAULT_CA_DAYS
-    assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days == pki.DEFAULT_SERVER_DAYS
+    assert (ca.not_valid_after_utc - ca.not_valid_before_utc).days == DEFAULT_CA_DAYS
+    assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days == DEFAULT_SERVER_DAYS
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
     aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     assert aki.key_identifier == ski.digest
-    assert pki.certificate_hosts(cert) == [
+    assert certificate_hosts(cert) == [
         "localhost",
         "coord.example.org",
         "*.fed.example.org",
@@ -385,7 +389,7 @@ def test_only_renewal_needs_the_ca_key(tmp_path: Path, kept: str) -> None:
         )
         assert describe_federation(directory).private_keys == [str(directory / SERVER_KEY)]
     assert check_federation(directory, ["coord.example.org"]) == []
-    assert add_site(directory, "site-a", _site(tmp_path, "site-a")).new
+    assert add_site(directory, "site-a", site_key(tmp_path, "site-a")).new
     assert [s.site_id for s in list_sites(directory)] == ["site-a"]
 
 
@@ -400,119 +404,16 @@ def test_read_passphrase_file(tmp_path: Path) -> None:
         read_passphrase_file(tmp_path / "missing")
 
 
-# -- site registry -----------------------------------------------------------------------------
+# -- the coordinator's flwr connection -----------------------------------------------------------
 
 
-@pytest.fixture
-def coordinator(tmp_path: Path) -> Path:
-    directory = tmp_path / "coord"
-    init_federation(directory)
-    return directory
-
-
-def _site(tmp_path: Path, site_id: str) -> Path:
-    (tmp_path / "data").mkdir(exist_ok=True)
-    config = init_site(tmp_path / site_id, site_id=site_id, data_dir=tmp_path / "data")
-    return config.node_key.with_suffix(".pub")
-
-
-def _ssh_pub(tmp_path: Path, key: object, name: str) -> Path:
-    path = tmp_path / name
-    path.write_bytes(
-        key.public_key().public_bytes(  # type: ignore[attr-defined]
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-        + b" someone@somewhere\n"
-    )
-    return path
-
-
-def test_add_site_accepts_the_key_fedrad_site_init_makes(coordinator: Path, tmp_path: Path) -> None:
-    pub = _site(tmp_path, "hospital-a")
-    when = datetime(2026, 11, 23, 9, 30, tzinfo=UTC)
-    registration = add_site(coordinator, "hospital-a", pub, now=when)
-    record = registration.record
-    assert registration.new
-    assert record.public_key == pub.read_text().strip()
-    assert record.public_key.startswith("ecdsa-sha2-nistp384 ")
-    assert record.curve == "P-384" and record.added == "2026-11-23T09:30:00+00:00"
-    assert record.fingerprint.startswith("SHA256:")
-    if shutil.which("ssh-keygen"):
-        out = subprocess.run(
-            ["ssh-keygen", "-l", "-f", str(pub)], capture_output=True, text=True, check=True
-        )
-        assert record.fingerprint in out.stdout
-    raw = tomllib.loads((coordinator / pki.SITES_FILE).read_text())
-    assert raw["sites"]["hospital-a"]["fingerprint"] == record.fingerprint
-    assert list_sites(coordinator) == [record]
-    copy = coordinator / pki.SITE_KEYS_DIR / "hospital-a.pub"
-    assert copy.read_text().strip() == record.public_key
-    # the same site and key again: nothing changes
-    again = add_site(coordinator, "hospital-a", pub)
-    assert not again.new and again.record == record
-    # a second site, and a P-256 key from elsewhere
-    add_site(coordinator, "hospital.b_2", _site(tmp_path, "hospital.b_2"))
-    p256 = _ssh_pub(tmp_path, ec.generate_private_key(ec.SECP256R1()), "p256.pub")
-    assert add_site(coordinator, "site-c", p256).record.curve == "P-256"
-    assert [r.site_id for r in list_sites(coordinator)] == ["hospital-a", "hospital.b_2", "site-c"]
-
-
-def test_add_site_refuses_conflicts(coordinator: Path, tmp_path: Path) -> None:
-    pub_a = _site(tmp_path, "hospital-a")
-    pub_b = _site(tmp_path, "hospital-b")
-    add_site(coordinator, "hospital-a", pub_a)
-    with pytest.raises(PkiError, match="already registered with another key"):
-        add_site(coordinator, "hospital-a", pub_b)
-    with pytest.raises(PkiError, match="already registered for site hospital-a"):
-        add_site(coordinator, "hospital-z", pub_a)
-    assert [r.site_id for r in list_sites(coordinator)] == ["hospital-a"]
-
-
-def test_add_site_refuses_wrong_keys(coordinator: Path, tmp_path: Path) -> None:
-    site_pub = _site(tmp_path, "hospital-a")
-    cases = {
-        "Ed25519": _ssh_pub(tmp_path, ed25519.Ed25519PrivateKey.generate(), "ed.pub"),
-        "RSA": _ssh_pub(tmp_path, rsa.generate_private_key(65537, 2048), "rsa.pub"),
-        "private key": site_pub.with_suffix(""),  # keys/node_key itself
-        "PEM public key": tmp_path / "hospital-a" / "keys" / "ledger_key.pub",
-        "not an OpenSSH public key": tmp_path / "garbage.pub",
-        "no such file": tmp_path / "missing.pub",
-    }
-    (tmp_path / "garbage.pub").write_text("ecdsa-sha2-nistp384 bm90IGEga2V5\n")
-    for expected, path in cases.items():
-        with pytest.raises(PkiError, match=expected) as info:
-            add_site(coordinator, "x", path)
-        assert "\n" not in str(info.value)
-    with pytest.raises(PkiError, match="site id"):
-        add_site(coordinator, "../etc", site_pub)
-    with pytest.raises(PkiError, match="not a coordinator directory"):
-        add_site(tmp_path / "nowhere", "hospital-a", site_pub)
-    assert not (coordinator / pki.SITES_FILE).exists()
-
-
-def test_flower_wiring(coordinator: Path, tmp_path: Path) -> None:
-    add_site(coordinator, "hospital-a", _site(tmp_path, "hospital-a"))
-    home = Path(pki.flwr_environment(coordinator)["FLWR_HOME"])
+def test_init_writes_the_flwr_connection(coordinator: Path) -> None:
+    home = flwr_home(coordinator)
+    assert home == coordinator.resolve() / "flwr"
     config = tomllib.loads((home / "config.toml").read_text())
-    assert config["superlink"]["default"] == pki.FLWR_CONNECTION
-    connection = config["superlink"][pki.FLWR_CONNECTION]
+    assert config["superlink"]["default"] == FLWR_CONNECTION
+    connection = config["superlink"][FLWR_CONNECTION]
     assert connection == {
-        "address": pki.DEFAULT_CONTROL_ADDRESS,
+        "address": DEFAULT_CONTROL_ADDRESS,
         "root-certificates": str(coordinator.resolve() / CA_CERT),
     }
-    command = pki.flwr_register_command(coordinator, "hospital-a")
-    key = coordinator.resolve() / pki.SITE_KEYS_DIR / "hospital-a.pub"
-    assert command == [
-        "flwr",
-        "supernode",
-        "register",
-        str(key),
-        "fedrad",
-        "--name",
-        "hospital-a",
-        "--format",
-        "json",
-    ]
-    args = pki.superlink_tls_args(coordinator)
-    assert args[-1] == "--enable-supernode-auth"
-    assert args[args.index("--ssl-keyfile") + 1] == str(coordinator.resolve() / SERVER_KEY)
