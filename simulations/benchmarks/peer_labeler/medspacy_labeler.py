@@ -6,40 +6,8 @@ fedrad. It reads JSON lines ``{"id": ..., "text": ...}`` on stdin and writes JSO
 ``{"id": ..., "labels": {finding: 1 | 0 | -1}}`` on stdout, in input order, then one JSON line of
 timings on stderr (``{"peer_timing": {"load_s": ..., "label_s": ..., "n": ...}}``).
 
-The pipeline is what a medspaCy user would write for chest radiograph reports from the finding
-names alone. The synonym lists were written before any scoring and not changed after; two
-structural fixes (``COLON_RULES``, blank-line section ends) came from reading medspaCy's errors on
-radlabels, mirror what fedrad's labeler does, and can be switched off to get the plain setup:
-
-* ``medspacy.load()`` default pipes: medspaCy tokenizer, PyRuSH sentence splitter, TargetMatcher,
-  ConText with its default rules (negation, uncertainty, historical, hypothetical, family) less
-  the two checklist rules in ``COLON_RULES``. All rules ship inside the wheel; nothing is
-  downloaded (QuickUMLS is not enabled).
-* TargetMatcher rules: a synonym list per finding, comparable to fedrad's lexicon (``TARGETS``).
-  Look-alikes that a user would exclude are matched as their own, ignored categories (pericardial
-  effusion, mediastinal mass, mass effect) so that the longest-match rule keeps them out.
-* Sectionizer with radiology section rules instead of its default discharge-summary rules (those
-  put INDICATION and FINDINGS in one category): INDICATION / HISTORY / COMPARISON / TECHNIQUE /
-  EXAMINATION and similar headers are ignored, as fedrad's labeler ignores them ("rule out
-  pneumonia" is a question, not a finding); any other all-caps ``HEADER:`` at the start of a line
-  (FINDINGS, IMPRESSION, WET READ, "PA AND LATERAL CHEST RADIOGRAPH") opens a section that is read.
-  medspaCy sections run to the next header; like fedrad's, an ignored section here also ends at a
-  blank line after its content (``in_ignored_section``; ``--sections-to-next-header`` turns that
-  off), since many reports follow "COMPARISON: ..." with unheaded findings.
-
-Mention -> label, then the CheXpert aggregation per finding (any 1 -> 1, else any -1 -> -1,
-else 0; never mentioned -> 0):
-
-* ``is_uncertain`` -> -1, checked before negation: the CheXpert labeler applies its
-  "pre-negation uncertainty" rules first, so "cannot be excluded" is uncertain, not negated.
-* ``is_negated`` -> 0.
-* ``is_hypothetical`` -> -1 by default (``--hypothetical absent`` gives 0): a conditional mention
-  ("if present", "should there be") is neither asserted nor denied, which is what CheXpert's
-  uncertain class means.
-* ``is_family`` -> 0 (not this patient's finding).
-* ``is_historical`` -> 1: CheXpert has no historical class and labels a mentioned finding as
-  present (fedrad likewise counts old or healed fractures as present); the HISTORY section
-  itself is ignored by the sectionizer rules above.
+How the pipeline is built and how a mention becomes a label, with the reasons: docs/labeler.md,
+"The peer labeler (medspaCy)".
 """
 
 from __future__ import annotations
