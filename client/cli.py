@@ -54,7 +54,7 @@ from fedrad.common.findings import FINDINGS
 from fedrad.common.flower_process import FlowerProcessError, flower_executable
 from fedrad.common.labeling.labeler import label_report
 from fedrad.common.model.preprocess import PreprocessConfig
-from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON
+from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
 from fedrad.common.privacy.ledger import LedgerError
 
 app = typer.Typer(

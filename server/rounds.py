@@ -24,7 +24,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
 from fedrad.common.model.checkpoint import read_metadata, write_checkpoint_from
-from fedrad.common.privacy.budget import DEFAULT_DELTA
+from fedrad.common.privacy.defaults import DEFAULT_DELTA
 from fedrad.common.protocol.messages import WEIGHT_KEY, RoundConfig
 from fedrad.common.protocol.release_app import given_settings
 from fedrad.common.protocol.run_config import REQUIRED_KEYS, SETTINGS, run_default

@@ -34,7 +34,7 @@ from fedrad.common.cli_support import (
     fail,
     setup_logging,
 )
-from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON
+from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
 
 LEDGER_NAME = "ledger.jsonl"
 BESIDE_KEY_NAME = "ledger_key.pub"

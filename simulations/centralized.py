@@ -27,7 +27,7 @@ from fedrad.common.privacy.accounting import (
     cumulative_epsilon,
     poisson_sample_rate,
 )
-from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON
+from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
 from fedrad.common.run_dir import append_metrics, new_run_dir, plot_run, write_config, write_summary
 from fedrad.simulations.cohort_data import load_cohort, pooled
 

@@ -20,7 +20,7 @@ from fedrad.common.cli_support import (
     fail,
     setup_logging,
 )
-from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON
+from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
 from fedrad.common.protocol.messages import DEFAULT_LR
 from fedrad.common.protocol.run_config import run_option
 from fedrad.common.run_dir import site_order

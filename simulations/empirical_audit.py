@@ -41,7 +41,7 @@ from fedrad.common.model.checkpoint import CheckpointError, load_checkpoint
 from fedrad.common.model.config import PRESETS, preset
 from fedrad.common.model.preprocess import PreprocessConfig, preprocess
 from fedrad.common.model.radiology_model import RadiologyModel
-from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON
+from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
 
 logger = logging.getLogger(__name__)
 

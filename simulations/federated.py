@@ -33,8 +33,8 @@ from fedrad.common.model.checkpoint import load_checkpoint, save_checkpoint
 from fedrad.common.model.config import ModelConfig, model_config_for
 from fedrad.common.model.foundation import FoundationRecipe, build_foundation
 from fedrad.common.model.preprocess import PreprocessConfig
-from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON
 from fedrad.common.privacy.coordinator_ledger import CoordinatorLedger
+from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
 from fedrad.common.privacy.ledger import (
     LedgerError,
     load_or_create_signing_key,

@@ -8,6 +8,8 @@ independent ledger audit imports nothing of the ledger writer's. Imports inside 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -123,3 +125,14 @@ def test_every_package_folder_ships() -> None:
     )
     folders = {module_name(p) for p in source_files() if p.name == "__init__.py"}
     assert folders == listed
+
+
+def test_coordinator_cli_and_protocol_load_without_torch() -> None:
+    """The defaults and run settings they read sit in light modules: starting
+    `fedrad-coordinator` must not pay for Opacus and torch."""
+    probe = (
+        "import sys, fedrad.server.cli, fedrad.common.protocol.run_config; "
+        "print(sorted({'torch', 'opacus'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

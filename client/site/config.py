@@ -29,7 +29,8 @@ from fedrad.client.site.policy import (
     policy_to_table,
 )
 from fedrad.common.atomic_file import replace_file
-from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON, budget_status
+from fedrad.common.privacy.budget import budget_status
+from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
 from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key, public_key_path
 from fedrad.common.protocol.messages import SITE_ID_PATTERN
 

@@ -31,7 +31,7 @@ from fedrad.common.privacy.accounting import (
     cumulative_epsilon,
     poisson_sample_rate,
 )
-from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON
+from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
 from fedrad.common.protocol.secagg import ADAM_BETAS
 
 logger = logging.getLogger(__name__)

@@ -1,10 +1,7 @@
-"""A site's privacy budget: the default epsilon and delta, what a ledger has spent and has left,
-and the rules that turn a round's plan into noise within every cap (the site's budget over its
-whole ledger, its policy's per-run and per-round caps). The site agent refuses with the reasons
-given here, before any training step.
-
-Light on purpose: the coordinator's modules read the defaults without loading Opacus and torch,
-so `accounting` is imported only where a rule computes an epsilon.
+"""A site's privacy budget: what a ledger has spent and has left, and the rules that turn a
+round's plan into noise within every cap (the site's budget over its whole ledger, its policy's
+per-run and per-round caps). The site agent refuses with the reasons given here, before any
+training step.
 """
 
 from __future__ import annotations
@@ -13,19 +10,19 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any
 
-if TYPE_CHECKING:
-    from fedrad.common.privacy.accounting import AccountantName, MechanismStep
-    from fedrad.common.privacy.ledger import Ledger
+from fedrad.common.privacy.accounting import (
+    MAX_NOISE,
+    AccountantName,
+    CalibrationError,
+    MechanismStep,
+    calibrate_noise,
+    cumulative_epsilon,
+)
+from fedrad.common.privacy.ledger import Ledger
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_EPSILON: Final[float] = 8.0
-"""Each site's epsilon for a run's whole planned schedule when the run sets none, and a new
-site's budget over its whole ledger when `fedrad-site init` is given none."""
-DEFAULT_DELTA: Final[float] = 1e-5
-"""The delta every epsilon holds at when a run or a site sets none (central DP's too)."""
 
 
 class BudgetError(ValueError):
@@ -80,8 +77,6 @@ class RoundBudget:
         """The round's noise multiplier: the larger of what the whole ledger needs to stay
         within `target_epsilon` and what this run needs to stay within `max_epsilon_per_run`
         (every bound holds at the larger, since epsilon only falls as the noise grows)."""
-        from fedrad.common.privacy.accounting import MAX_NOISE, CalibrationError
-
         try:
             noise = self._calibrate(self.history, target_epsilon)
         except CalibrationError as exc:
@@ -114,8 +109,6 @@ class RoundBudget:
         return self._spend([*self.run_history, self._this_round(noise)])
 
     def _calibrate(self, history: Sequence[MechanismStep], target_epsilon: float) -> float:
-        from fedrad.common.privacy.accounting import calibrate_noise
-
         return calibrate_noise(
             history,
             sample_rate=self.sample_rate,
@@ -126,13 +119,9 @@ class RoundBudget:
         )
 
     def _this_round(self, noise: float) -> MechanismStep:
-        from fedrad.common.privacy.accounting import MechanismStep
-
         return MechanismStep(noise, self.sample_rate, self.local_steps)
 
     def _spend(self, history: Sequence[MechanismStep]) -> float:
-        from fedrad.common.privacy.accounting import cumulative_epsilon
-
         return cumulative_epsilon(history, delta=self.delta, accountant=self.accountant)
 
 

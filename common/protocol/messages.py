@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Final
 
 from fedrad.common.findings import FINDINGS
-from fedrad.common.privacy.budget import DEFAULT_DELTA, DEFAULT_EPSILON
+from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
 
 ARRAYS_KEY: Final[str] = "arrays"  # Flower strategies' default ArrayRecord key
 CONFIG_KEY: Final[str] = "config"  # Flower strategies' default ConfigRecord key

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
-from fedrad.common.privacy.budget import DEFAULT_DELTA
+from fedrad.common.privacy.defaults import DEFAULT_DELTA
 from fedrad.common.protocol.messages import DEFAULT_LR
 from fedrad.common.run_dir import read_metrics
 from fedrad.simulations.centralized import CentralizedConfig, run_centralized
