@@ -18,17 +18,12 @@ from fedrad.client.cli import app as site_app
 from fedrad.server.cli import app as coordinator_app
 from fedrad.simulations.audit_cli import empirical_app, ledger_app
 from fedrad.simulations.cli import app as sim_app
+from tests.test_docs import FENCE, ROOT, pages
 
-ROOT = Path(__file__).resolve().parents[1]
-FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.MULTILINE | re.DOTALL)
 CODE_SPAN = re.compile(r"`(fedrad-[^`\n]+)`")
 PROGRAM = re.compile(r"(?:^|[\s/])(fedrad-(?:site|coordinator|sim|audit))(?=\s|$)")
 STOP = {"|", "||", "&&", ";", ">", ">>", "2>", "&", "2>&1"}
 PLACEHOLDER = re.compile(r"[<>\[\]{}|]|\.\.\.")
-
-
-def pages() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 def command_lines(text: str) -> list[str]:
