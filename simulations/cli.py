@@ -18,7 +18,9 @@ from fedrad.common.cli_support import (
     VerboseOpt,
     emit_json,
     fail,
+    progress_bar,
     setup_logging,
+    stage_bars,
 )
 from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
 from fedrad.common.protocol.messages import DEFAULT_LR
@@ -92,8 +94,6 @@ def synth(
     from fedrad.common.synthetic.cohort import generate_cohort
 
     setup_logging(verbose)
-    from fedrad.common.cli_support import progress_bar
-
     try:
         with progress_bar("synthesising") as bar:
             summary = generate_cohort(
@@ -570,7 +570,6 @@ def bench_secagg(
 
 
 def main() -> None:
-    from fedrad.common.cli_support import stage_bars
     from fedrad.common.stage_progress import showing_progress
 
     # The public foundation is built once per machine, inside whichever command needs it
