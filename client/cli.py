@@ -65,6 +65,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+ledger_app = typer.Typer(
+    help="The site's privacy ledger: recover it, on record, after it was lost or cut short.",
+    no_args_is_help=True,
+)
+app.add_typer(ledger_app, name="ledger")
+
 WorkersOpt = Annotated[int, typer.Option(help="Decoding processes (0 = one per core).", min=0)]
 
 
@@ -285,6 +291,13 @@ def init(
             "repeat for several. Default: any."
         ),
     ] = None,
+    ledger_anchor: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the ledger's signed anchor is kept (default: beside the ledger key, "
+            "keys/ledger_key.anchor.json); best where restoring the ledger does not reach."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create the site's config and keys (ledger signing key, SuperNode key); private keys 0600.
@@ -316,8 +329,9 @@ def init(
             min_noise_multiplier=min_noise,
             require_secagg=require_secagg,
             strategies=strategy or None,
+            ledger_anchor=ledger_anchor,
         )
-    except SiteConfigError as exc:
+    except (SiteConfigError, LedgerError) as exc:
         fail(str(exc))
     public = shareable_files(config)
     policy = policy_to_table(config.policy)
@@ -328,11 +342,13 @@ def init(
                 "site_id": config.site_id,
                 "public_keys": [str(p) for p in public],
                 "policy": policy,
+                "ledger_anchor": str(config.ledger_anchor_path),
             }
         )
         return
     typer.echo(f"site {config.site_id} initialised in {directory}")
     typer.echo(f"  config: {directory / CONFIG_NAME}")
+    typer.echo(f"  ledger anchor: {config.ledger_anchor_path} (keep it; never restore it)")
     typer.echo(f"  budget: epsilon {epsilon:g} at delta {delta:g}, over every run")
     if policy:
         typer.echo("  policy: " + "; ".join(f"{k} = {v}" for k, v in policy.items()))
@@ -564,9 +580,116 @@ def budget(
             f"at delta {status['delta']:g} ({status['accountant']}); left "
             f"{0.0 if left is None else left:.3f}; {status['rounds']} rounds in "
             f"{status['runs']} runs; {status['refusals']} refused"
+            + (
+                f"; {status['recoveries']} ledger recoveries on record (spend before a "
+                "recovery is not counted)"
+                if status.get("recoveries")
+                else ""
+            )
         )
     if status["exhausted"]:
         raise typer.Exit(EXIT_FINDINGS)
+
+
+@ledger_app.command()
+def recover(
+    reason: Annotated[
+        str,
+        typer.Option(
+            help="Why the loss is accepted, one line (who decided, what happened): signed into "
+            "the ledger."
+        ),
+    ],
+    config_path: ConfigOpt = Path(CONFIG_NAME),
+    acknowledged: Annotated[
+        str | None,
+        typer.Option(
+            help="The coordinator's acknowledged head LINES:SHA256, as its refusal names it, "
+            "when the coordinator's copy is what the ledger lacks.",
+            metavar="LINES:SHA256",
+        ),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Record it without asking.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Record, signed in the ledger itself, that the ledger was found missing, cut short or
+    replaced, and continue from what it holds. For the site's privacy officer.
+
+    Shows what was found (the line every start refuses with); on confirmation appends a
+    `recovery` event and rewrites the anchor. The spend of lost entries is NOT restored:
+    budgets afterwards count only what the ledger holds. Exit 0 when recorded or nothing is
+    wrong, 1 when not confirmed, 2 when it cannot be done.
+    """
+    from fedrad.common.privacy.ledger import reason_problem
+    from fedrad.common.privacy.ledger_anchor import inspect_for_recovery, recover_ledger
+
+    problem = reason_problem(reason)
+    if problem is not None:
+        fail(f"--reason: {problem}")
+    try:
+        config = load_site_config(config_path)
+        found = inspect_for_recovery(
+            config.ledger,
+            config.ledger_key,
+            config.ledger_anchor_path,
+            site_id=config.site_id,
+            acknowledged=acknowledged,
+        )
+    except SiteConfigError as exc:
+        fail(str(exc))
+    except LedgerError as exc:
+        fail(
+            f"{exc}; a recovery continues a ledger that verifies with the site's key: move this "
+            "one aside (keep it for the audit) and run recover again"
+        )
+    if found.problem is None:
+        message = f"nothing to recover: the ledger {config.ledger} and its anchor agree"
+        if as_json:
+            emit_json({"recovered": False, "found": None, "ledger": str(config.ledger)})
+        else:
+            typer.echo(message + "; nothing written")
+        return
+    if not as_json:
+        typer.echo(f"ledger:  {config.ledger}")
+        typer.echo(f"anchor:  {config.ledger_anchor_path}")
+        typer.echo(f"found:   {found.problem}")
+        typer.echo(
+            "a signed recovery event will be appended and the anchor rewritten; what the lost "
+            "entries spent is NOT restored (record it yourself: see the privacy officer's guide)"
+        )
+    if not yes and not typer.confirm("record this recovery?", default=False, err=True):
+        typer.echo("nothing written", err=True)
+        raise typer.Exit(EXIT_FINDINGS)
+    try:
+        done = recover_ledger(
+            config.ledger,
+            config.ledger_key,
+            config.ledger_anchor_path,
+            site_id=config.site_id,
+            reason=reason,
+            acknowledged=acknowledged,
+        )
+    except LedgerError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write the ledger or its anchor: {exc.strerror}")
+    if as_json:
+        emit_json(
+            {
+                "recovered": done.entry is not None,
+                "found": done.found,
+                "previous_head": done.previous_head,
+                "ledger_head": done.head,
+                "ledger": str(config.ledger),
+                "anchor": str(config.ledger_anchor_path),
+                "entry": done.entry,
+            }
+        )
+        return
+    if done.entry is None:
+        typer.echo("nothing to recover any more; nothing written")
+        return
+    typer.echo(f"recovery recorded: the ledger's head is now {done.head}")
 
 
 @app.command()

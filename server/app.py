@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import Strategy
 from fedrad.common.privacy.coordinator_ledger import CoordinatorLedger
 from fedrad.common.protocol.messages import SITE_ID_FIELD, SITE_KEY
 from fedrad.common.run_dir import append_failed_round
+from fedrad.server.ledger_heads import LedgerHeads, heads_file
 from fedrad.server.participation import (
     FederationError,
     Participation,
@@ -117,11 +118,15 @@ class RoundDriver(Protocol):
 
 class PlainRounds:
     """Flower's Message-API strategy, driven with absolute round numbers; each site's update
-    reaches the coordinator as it is (DP-SGD at the site is what protects it)."""
+    reaches the coordinator as it is (DP-SGD at the site is what protects it). Each site's
+    message carries its last acknowledged ledger head (`heads`), once one is known."""
 
-    def __init__(self, plan: ServerPlan, state: dict[str, np.ndarray]) -> None:
+    def __init__(
+        self, plan: ServerPlan, state: dict[str, np.ndarray], heads: LedgerHeads | None = None
+    ) -> None:
         self.plan = plan
         self.strategy = build_plan_strategy(plan)
+        self.heads = heads or LedgerHeads()
         restore_strategy_state(self.strategy, state)
 
     def state(self) -> dict[str, np.ndarray]:
@@ -133,7 +138,9 @@ class PlainRounds:
         size_to_sites(self.strategy, len(grid.node_ids))
         record = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
         messages = self.strategy.configure_train(round_no, record, ConfigRecord(config), grid)
+        messages = self.heads.stamp(grid, messages)
         replies = grid.send_and_receive(messages, timeout=self.plan.round_timeout_s)
+        self.heads.observe_replies(grid, replies)
         updates = [r for r in replies if not r.has_error()]  # refusals are failures
         new_arrays, metrics = self.strategy.aggregate_train(round_no, updates)
         return TrainOutcome(
@@ -151,7 +158,9 @@ class PlainRounds:
         size_to_sites(self.strategy, len(grid.node_ids))
         record = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
         messages = self.strategy.configure_evaluate(round_no, record, ConfigRecord(config), grid)
+        messages = self.heads.stamp(grid, messages)
         replies = grid.send_and_receive(messages, timeout=self.plan.round_timeout_s)
+        self.heads.observe_replies(grid, replies)
         metrics = self.strategy.aggregate_evaluate(round_no, replies)
         return EvalOutcome(
             dict(metrics or {}),  # type: ignore[arg-type]
@@ -160,16 +169,19 @@ class PlainRounds:
         )
 
 
-def round_driver(plan: ServerPlan, state: dict[str, np.ndarray]) -> RoundDriver:
+def round_driver(
+    plan: ServerPlan, state: dict[str, np.ndarray], heads: LedgerHeads | None = None
+) -> RoundDriver:
     """SecAgg+ when the plan asks for it (the coordinator sees only the sum of the sites'
-    masked updates), else the plain Message-API strategy."""
+    masked updates), else the plain Message-API strategy; either sends each site its last
+    acknowledged ledger head (`heads`)."""
     if plan.secagg:
         from fedrad.server.secure_aggregation import SecureRounds
 
         if state:
             raise FederationError("this run's checkpoint holds strategy state SecAgg+ cannot use")
-        return SecureRounds(plan)
-    return PlainRounds(plan, state)
+        return SecureRounds(plan, heads)
+    return PlainRounds(plan, state, heads)
 
 
 def load_registry(plan: ServerPlan) -> SiteRegistry | None:
@@ -196,7 +208,9 @@ def run_server(grid: Grid, plan: ServerPlan, *, on_round: OnRound | None = None)
         return point.completed
     if point.completed:
         logger.info("resuming after round %d of %d", point.completed, plan.rounds)
-    driver = round_driver(plan, point.strategy_state)
+    # each site's last acknowledged ledger head, kept across rounds (and runs, in a deployment)
+    heads = LedgerHeads(heads_file(plan.run_dir, plan.site_registry))
+    driver = round_driver(plan, point.strategy_state, heads)
     ledger: CoordinatorLedger | None = None
     if plan.central_dp:
         ledger = CoordinatorLedger(

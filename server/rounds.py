@@ -25,7 +25,7 @@ from safetensors.numpy import save_file as save_numpy
 
 from fedrad.common.model.checkpoint import read_metadata, write_checkpoint_from
 from fedrad.common.privacy.defaults import DEFAULT_DELTA
-from fedrad.common.protocol.messages import WEIGHT_KEY, RoundConfig
+from fedrad.common.protocol.messages import LEDGER_HEAD_FIELD, WEIGHT_KEY, RoundConfig
 from fedrad.common.protocol.release_app import given_settings
 from fedrad.common.protocol.run_config import REQUIRED_KEYS, SETTINGS, run_default
 from fedrad.common.run_dir import ResumeError, append_metrics, read_metrics
@@ -202,10 +202,11 @@ class ServerPlan:
         )
 
 
-# The run config keys RoundConfig carries as they are (the rest it derives, or are the plan's).
+# The run config keys RoundConfig carries as they are (the rest it derives, or are the plan's;
+# ledger-head is per site, set as each site's message is built: `server/ledger_heads.py`).
 _ROUND_KEYS: Final[frozenset[str]] = frozenset(
     f.name.replace("_", "-") for f in fields(RoundConfig)
-) - {"server-round", "planned-rounds", "target-epsilon"}
+) - {"server-round", "planned-rounds", "target-epsilon", LEDGER_HEAD_FIELD}
 
 
 def _central_settings(run_config: Mapping[str, Any]) -> dict[str, float]:
@@ -386,7 +387,6 @@ def round_record(
         if key != WEIGHT_KEY:  # the same count as n_studies
             record[key] = _finite_or_none(value)
     train = train or {}
-    record["train_loss"] = _finite_or_none(train.get("train_loss", float("nan")))
     record["steps"] = _finite_or_none(train.get("steps", float("nan")))
     record["epsilon"] = {site: _finite_or_none(eps) for site, eps in sorted(epsilon.items())}
     record["sites_trained"] = len(epsilon)

@@ -14,7 +14,7 @@ out, and with at least `threshold` sites left the round completes without it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from flwr.common import (
     Scalar,
     bytes_to_ndarray,
     ndarrays_to_parameters,
+    parameters_to_ndarrays,
 )
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import ClientManager
@@ -39,7 +40,9 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.supercore.differential_privacy import compute_stdv
 
+from fedrad.common.privacy.randomness import MechanismRandomness
 from fedrad.common.protocol.messages import SITE_FIELDS, SITE_ID_FIELD, WEIGHT_KEY
 from fedrad.common.protocol.secagg import (
     adam_update_bound,
@@ -47,9 +50,14 @@ from fedrad.common.protocol.secagg import (
     mean_error_bound,
     quantization_range,
 )
-from fedrad.server.participation import RoundGrid
+from fedrad.common.protocol.secagg_masks import MaskSeedError, install_full_strength_masks
+from fedrad.server.ledger_heads import LedgerHeads
+from fedrad.server.participation import FederationError, RoundGrid
 from fedrad.server.rounds import EvalOutcome, ServerPlan, TrainOutcome
-from fedrad.server.strategies import weighted_metrics
+from fedrad.server.strategies import add_central_noise, weighted_metrics
+
+# Masks keyed by the whole seed, not Flower's 32-bit fold; every site must do the same.
+install_full_strength_masks()
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +131,15 @@ class _OneRound(Strategy):
     mean of their updates that the workflow unmasked. The new global model is the old one plus
     that mean (FedAvg; FedProx differs only at the sites)."""
 
-    def __init__(self, grid: RoundGrid, config: RoundValues) -> None:
+    def __init__(
+        self,
+        grid: RoundGrid,
+        config: RoundValues,
+        per_node: Callable[[int], Mapping[str, str]] | None = None,
+    ) -> None:
         self.proxies = [GridClientProxy(node, grid, run_id=0) for node in grid.node_ids]  # type: ignore[arg-type]
         self.config = dict(config)
+        self.per_node = per_node or (lambda node: {})  # a site's own config (its ledger head)
         self.results: list[tuple[ClientProxy, FitRes]] | None = None
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -134,7 +148,10 @@ class _OneRound(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        return [(proxy, FitIns(parameters, dict(self.config))) for proxy in self.proxies]
+        return [
+            (proxy, FitIns(parameters, {**self.config, **self.per_node(proxy.node_id)}))  # type: ignore[attr-defined]
+            for proxy in self.proxies
+        ]
 
     def aggregate_fit(
         self,
@@ -168,16 +185,27 @@ class _CentralNoise(DifferentialPrivacyClientSideFixedClipping):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        return super().aggregate_fit(server_round, results, [])
+        """Flower's aggregate_fit, with the noise from the coordinator's CSPRNG
+        (`add_central_noise`) instead of numpy's global generator."""
+        aggregated, metrics = self.strategy.aggregate_fit(server_round, results, [])
+        if aggregated is not None:
+            std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+            noised = add_central_noise(
+                parameters_to_ndarrays(aggregated), std, MechanismRandomness()
+            )
+            aggregated = ndarrays_to_parameters(noised)
+            logger.info("central DP noise of std %.4g added to the unmasked mean", std)
+        return aggregated, metrics
 
 
 class SecureRounds:
     """Training and evaluation rounds of a SecAgg+ plan (the legacy-API ClientApp's format)."""
 
-    def __init__(self, plan: ServerPlan) -> None:
+    def __init__(self, plan: ServerPlan, heads: LedgerHeads | None = None) -> None:
         if not plan.secagg:
             raise ValueError("SecureRounds needs a plan with secagg on")
         self.plan = plan
+        self.heads = heads or LedgerHeads()  # each site's last acknowledged ledger head
         self.settings = SecAggSettings.for_plan(plan)
         logger.info("SecAgg+ settings: %s", asdict(self.settings))
 
@@ -194,7 +222,7 @@ class SecureRounds:
         names = array_order(arrays)
         if self.plan.strategy == "fedprox":  # as Flower's FedProx.configure_train does
             config = {**config, "proximal-mu": self.plan.proximal_mu}
-        one_round = _OneRound(grid, config)
+        one_round = _OneRound(grid, config, lambda node: self.heads.config_for(grid, node))
         strategy: Strategy = one_round
         if self.plan.central_noise_multiplier is not None:
             strategy = _CentralNoise(
@@ -222,14 +250,17 @@ class SecureRounds:
             settings.threshold,
             settings.clipping_range,
         )
-        _SecAggPlus(
-            settings.num_shares,
-            settings.threshold,
-            max_weight=settings.max_weight,
-            clipping_range=settings.clipping_range,
-            quantization_range=settings.quantization_range,
-            timeout=self.plan.round_timeout_s,
-        )(grid, context)  # type: ignore[arg-type]
+        try:
+            _SecAggPlus(
+                settings.num_shares,
+                settings.threshold,
+                max_weight=settings.max_weight,
+                clipping_range=settings.clipping_range,
+                quantization_range=settings.quantization_range,
+                timeout=self.plan.round_timeout_s,
+            )(grid, context)  # type: ignore[arg-type]
+        except MaskSeedError as exc:  # a site shared a seed too short to mask at full strength
+            raise FederationError(f"round {round_no}: SecAgg+ refused: {exc}") from None
         results = one_round.results or []
         summed = {proxy.node_id for proxy, _ in results}  # type: ignore[attr-defined]
         failures = [
@@ -254,10 +285,9 @@ class SecureRounds:
         }
         # The workflow keys results by a reply's source, which the RoundGrid has checked is the
         # node the request went to.
-        per_site = _per_site(
-            grid,
-            [(proxy.node_id, res.metrics) for proxy, res in results],  # type: ignore[attr-defined]
-        )
+        reported = [(proxy.node_id, res.metrics) for proxy, res in results]  # type: ignore[attr-defined]
+        per_site = _per_site(grid, reported)
+        self.heads.observe_metrics(grid, reported)
         weights = [float(res.num_examples) for _, res in results]
         bound = mean_error_bound(
             weights,
@@ -296,7 +326,8 @@ class SecureRounds:
         messages = [
             Message(
                 content=compat.evaluateins_to_recorddict(
-                    EvaluateIns(parameters, dict(config)), keep_input=True
+                    EvaluateIns(parameters, {**config, **self.heads.config_for(grid, node)}),
+                    keep_input=True,
                 ),
                 dst_node_id=node,
                 message_type=MessageType.EVALUATE,
@@ -313,6 +344,7 @@ class SecureRounds:
         reports = [_numbers(metrics) for _, metrics in results]
         failures = [f"evaluate: {line}" for line in grid.failures()]
         per_site = _per_site(grid, results)
+        self.heads.observe_metrics(grid, results)
         return EvalOutcome(_weighted(reports) if reports else {}, failures, per_site=per_site)
 
 

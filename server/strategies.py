@@ -9,12 +9,13 @@ strategy here aggregates those (FedAdam turns the average into a server-side Ada
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import Final, Literal, get_args
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
@@ -22,13 +23,17 @@ from flwr.serverapp.strategy import (
     FedProx,
     Strategy,
 )
+from flwr.supercore.differential_privacy import compute_stdv
 
+from fedrad.common.privacy.randomness import MechanismRandomness
 from fedrad.common.protocol.messages import ARRAYS_KEY, CONFIG_KEY, WEIGHT_KEY
+
+logger = logging.getLogger(__name__)
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 STRATEGIES: Final[tuple[str, ...]] = get_args(StrategyName)
-SUMMED: Final[frozenset[str]] = frozenset({"n_studies", "n_reports", "n_questions"})
-MAXED: Final[frozenset[str]] = frozenset({"eval_seconds"})
+SUMMED: Final[frozenset[str]] = frozenset({"n_studies"})
+MAXED: Final[frozenset[str]] = frozenset({"eval_epsilon"})
 UNIT_WEIGHT_KEY: Final[str] = "fedrad-unit-weight"  # stamped by the coordinator, never sent
 CENTRAL_DP_FEDADAM: Final[str] = (
     "central DP cannot be used with fedadam: the noise would be added after the server's "
@@ -150,13 +155,25 @@ def build_strategy(
 
 
 class CentralDP(DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side fixed-clipping wrapper, fed what it assumes.
+    """Flower's server-side fixed-clipping wrapper, fed what it assumes, with its noise drawn
+    from a CSPRNG-keyed `MechanismRandomness` instead of numpy's global generator (which
+    anyone who learns its state can replay).
 
     The wrapper pairs each reply's arrays with the global ones by position; sites send them in
     their model's parameter order, so each reply is first put in the global's key order (a
     reply with other names is refused). Replies carrying an error must be left out by the
     caller: the wrapper skips aggregation altogether if it sees one.
     """
+
+    randomness: MechanismRandomness = MechanismRandomness()
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        noised = add_central_noise(aggregated_arrays.to_numpy_ndarrays(), std, self.randomness)
+        logger.info("central DP noise of std %.4g added to the mean", std)
+        return ArrayRecord(
+            {k: Array(np.asarray(v)) for k, v in zip(aggregated_arrays.keys(), noised, strict=True)}
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -173,6 +190,13 @@ class CentralDP(DifferentialPrivacyServerSideFixedClipping):
                     )
                 reply.content[name] = ArrayRecord({k: record[k] for k in order})
         return super().aggregate_train(server_round, replies)
+
+
+def add_central_noise(
+    arrays: list[np.ndarray], std: float, randomness: MechanismRandomness
+) -> list[np.ndarray]:
+    """The aggregate plus N(0, std^2) per value, from the coordinator's CSPRNG."""
+    return [a + randomness.gaussian_array(a.shape, std, a.dtype) for a in arrays]
 
 
 def with_central_dp(

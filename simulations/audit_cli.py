@@ -129,8 +129,9 @@ def _eps(value: float | None, audit: LedgerAudit) -> str:
     "independent RDP and PLD accountants (Google dp_accounting). Exit 0 only when every "
     "ledger is ok. The canary audit is `fedrad-audit empirical --help`.",
     epilog="Statuses: ok, over budget, tampered, broken chain, unverifiable, torn, malformed, "
-    "empty, missing. Keep the --json output: passed back with --previous it detects a ledger "
-    "that was rolled back or rewritten since.",
+    "empty, missing. A recovery the site's privacy officer recorded is listed as a finding of "
+    "its own and leaves the status as it is. Keep the --json output: passed back with "
+    "--previous it detects a ledger that was rolled back or rewritten since.",
 )
 def ledger(
     ledgers: Annotated[
@@ -192,8 +193,11 @@ def ledger(
         console = Console(width=max(120, Console().width), soft_wrap=True)
         console.print(_table(audits))
         for audit in audits:
-            if audit.status != "ok" or audit.key_source == "beside the ledger":
+            if audit.status != "ok" or audit.key_source == "beside the ledger" or audit.recoveries:
                 console.print(f"{audit.path}: {audit.status}: {audit.reason}", highlight=False)
+            for finding in audit.findings:
+                if finding.status == "recovery":  # not tampering, but never to be missed
+                    console.print(f"{audit.path}: recovery: {finding.reason}", highlight=False)
         bad = sum(a.status != "ok" for a in audits)
         console.print(
             f"{len(audits)} ledger(s), {bad} not ok" if bad else f"all {len(audits)} ok",
@@ -232,7 +236,13 @@ def empirical(
     checkpoint: Annotated[
         Path | None, typer.Option(help="Start from this checkpoint instead of the foundation.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Canaries, inclusion and training seed.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Canaries, inclusion and the public training seed (DP noise and sampling "
+            "always come from the CSPRNG)."
+        ),
+    ] = 0,
     out: Annotated[
         Path | None, typer.Option(help="Also write the result and its config as JSON here.")
     ] = None,

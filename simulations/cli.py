@@ -23,7 +23,7 @@ from fedrad.common.cli_support import (
     stage_bars,
 )
 from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
-from fedrad.common.protocol.messages import DEFAULT_LR
+from fedrad.common.protocol.messages import ALL_EVAL_FAMILIES, DEFAULT_EVAL_EPSILON, DEFAULT_LR
 from fedrad.common.protocol.run_config import run_option
 from fedrad.common.run_dir import site_order
 
@@ -63,6 +63,16 @@ BatchSizeOpt = Annotated[int, run_option("batch-size")]
 LrOpt = Annotated[float, run_option("lr")]
 SeedOpt = Annotated[int, run_option("seed")]
 EvalReportsOpt = Annotated[int, run_option("eval-reports")]
+EvalEpsilonOpt = Annotated[float, run_option("eval-epsilon")]
+EvalMetricsOpt = Annotated[str, run_option("eval-metrics")]
+InsecureReproducibleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-reproducible",
+        help="INSECURE, simulation only: derive every site's DP noise and sampling from the "
+        "seed, so a run repeats exactly (and anyone who knows the seed can replay the noise).",
+    ),
+]
 CentralNoiseOpt = Annotated[float | None, run_option("central-noise", metavar="SIGMA")]
 CentralClipOpt = Annotated[float | None, run_option("central-clip", metavar="C")]
 CentralDeltaOpt = Annotated[float | None, run_option("central-delta", metavar="D")]
@@ -185,6 +195,9 @@ def run(
         Path | None, typer.Option(help="Continue a killed run from its last checkpoint.")
     ] = None,
     eval_reports: EvalReportsOpt = 64,
+    eval_epsilon: EvalEpsilonOpt = DEFAULT_EVAL_EPSILON,
+    eval_metrics: EvalMetricsOpt = ALL_EVAL_FAMILIES,
+    insecure_reproducible: InsecureReproducibleOpt = False,
     foundation_steps: Annotated[
         int, typer.Option(help="Pretraining steps of the public foundation LM (cached).")
     ] = 600,
@@ -295,8 +308,8 @@ def _print_round(record: dict) -> None:
         eps_text += f"; central (site-level) {record['central_epsilon']:.2f}"
     secure = record.get("secagg")
     typer.echo(
-        f"round {record['round']}: loss {fmt('train_loss')}, macro AUROC {fmt('macro_auroc')}, "
-        f"CE F1 {fmt('ce_f1')}, BLEU-4 {fmt('bleu4')}, ROUGE-L {fmt('rouge_l')}, "
+        f"round {record['round']}: macro AUROC {fmt('macro_auroc')}, "
+        f"CE F1 {fmt('ce_f1')}, ROUGE-L {fmt('rouge_l')}, "
         f"QA {fmt('qa_accuracy')}, epsilon {eps_text}"
         + (f"; SecAgg+ over {int(secure['sites_summed'])} sites" if secure else "")
     )
@@ -442,7 +455,8 @@ def bench_model(
             f"{r['preset']}: {r['params_trainable']:,} of {r['params_total']:,} params train "
             f"({r['bytes_per_update'] / 1e6:.2f} MB per update, {r['update_reduction']:.1f}x "
             f"below full-model FedAvg); step {r['step_s']['no_dp']:.3f} s without DP, "
-            f"{r['step_s']['dp']:.3f} s with DP ({r['dp_mode']}), ratio {r['dp_over_no_dp']:.2f}; "
+            f"{r['step_s']['dp']:.3f} s with DP ({r['dp_mode']}), ratio {r['dp_over_no_dp']:.2f} "
+            f"(with Opacus' torch-generator noise {r['torch_noise_dp_over_no_dp']:.2f}); "
             f"peak RSS {r['peak_rss_mb']:.0f} MB"
         )
 

@@ -85,7 +85,8 @@ def main() -> None:
     ce = (first.get("ce_f1") or 0.0, last.get("ce_f1") or 0.0)
     sys.stdout.write(
         f"macro AUROC {auroc[0]:.3f} -> {auroc[1]:.3f}, CE F1 {ce[0]:.3f} -> {ce[1]:.3f} "
-        f"over {len(records)} rounds\n"
+        f"over {len(records)} rounds (figures the sites released as noised counts, charged to "
+        "their budgets: on a few dozen held-out studies per site, mostly noise)\n"
     )
     _step(
         "4. fedrad-audit: verify every signed, hash-chained ledger and recompute each epsilon "

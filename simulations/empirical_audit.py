@@ -85,7 +85,7 @@ class EmpiricalAuditConfig:
     score: ScoreKind = "loss_drop"  # canary statistic (fixed before the run)
     guess_grid: tuple[tuple[float, float], ...] = DEFAULT_GUESS_GRID  # (k+/m, k-/m) tried
     held_out_fraction: float = 0.2  # the site's own held-out split, left out of training
-    seed: int = 0  # canaries, inclusion, image side of the foundation, training
+    seed: int = 0  # canaries, inclusion, image side of the foundation, public training draws
     threads: int = 0  # torch CPU threads (0 = leave as the process has it)
 
     def __post_init__(self) -> None:

@@ -42,7 +42,12 @@ from fedrad.common.privacy.ledger import (
     public_key_path,
     verify_ledger,
 )
-from fedrad.common.protocol.messages import DEFAULT_LR, RoundConfig
+from fedrad.common.protocol.messages import (
+    ALL_EVAL_FAMILIES,
+    DEFAULT_EVAL_EPSILON,
+    DEFAULT_LR,
+    RoundConfig,
+)
 from fedrad.common.protocol.run_config import RunValue, settings_among
 from fedrad.common.run_dir import (
     append_metrics,
@@ -98,6 +103,11 @@ class FederatedConfig:
     seed: int = 0
     eval_reports: int = 64  # reports generated per site per evaluation (the slow part)
     eval_questions: int = 128  # questions answered per site per evaluation
+    eval_metrics: str = ALL_EVAL_FAMILIES  # evaluation families asked of every site
+    eval_epsilon: float = DEFAULT_EVAL_EPSILON  # what one evaluation release spends per site
+    # INSECURE, simulation only: every site's DP noise and sampling derived from the seed, so
+    # a run repeats draw for draw; logged loudly, never sent to a site, never in deployment.
+    insecure_reproducible: bool = False
     held_out_fraction: float = 0.2  # per site, by hashed study id
     cpus_per_site: float = 1.0  # Ray resources per virtual site: 2 cores -> 2 in parallel
     central_noise: float | None = None  # central DP on the coordinator: sigma (None = off)
@@ -149,6 +159,8 @@ class FederatedConfig:
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
             eval_reports=self.eval_reports,
             eval_questions=self.eval_questions,
+            eval_metrics=self.eval_metrics,
+            eval_epsilon=self.eval_epsilon,
         )
 
 
@@ -285,6 +297,7 @@ def _site_specs(
                 manifest=manifest_path(cohort / split.site_id, config=preprocess),
                 held_out_fraction=config.held_out_fraction,
                 threads=threads,
+                insecure_reproducible=config.insecure_reproducible,
             )
         )
     return specs
@@ -403,6 +416,12 @@ def run_federated(
         )
     for site, reason in dropped.items():
         logger.warning("site %s left out of the federation: %s", site, reason)
+    if config.insecure_reproducible:
+        logger.warning(
+            "--insecure-reproducible: every site's DP noise and sampling follow from seed %d; "
+            "this run's DP guarantee does not hold against anyone who knows the seed",
+            config.seed,
+        )
     specs = _site_specs(cohort, splits, run_dir, foundation_dir, config, model_config)
     _check_ledgers(specs)
     plan = server_plan(config, run_dir, foundation_dir, num_sites=len(specs))
@@ -529,8 +548,7 @@ def run_local_only(
             update = train_site(spec, arrays[spec.site_id], plan)
             arrays[spec.site_id] = update.arrays
             train_metrics.append(update.metrics)
-            _, metrics = evaluate_site(spec, update.arrays, plan)
-            per_site[spec.site_id] = metrics
+            per_site[spec.site_id] = evaluate_site(spec, update.arrays, plan).metrics
             save_checkpoint(
                 model,  # holds this site's evaluated weights: evaluate_site just loaded them
                 run_dir / "checkpoints" / spec.site_id / f"round_{round_no:03d}",
@@ -575,10 +593,8 @@ def _local_record(
         return dict(weighted_metrics(records, "num-examples"))  # type: ignore[arg-type]
 
     evaluation = pooled(list(per_site.values()))
-    train = pooled(train_metrics)
     record: dict[str, Any] = {"round": round_no}
     record.update({k: (v if np.isfinite(v) else None) for k, v in evaluation.items()})
-    record["train_loss"] = train.get("train_loss")
     record["epsilon"] = {
         spec.site_id: (m["epsilon"] if np.isfinite(m["epsilon"]) else None)
         for spec, m in zip(specs, train_metrics, strict=True)

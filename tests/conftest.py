@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +86,19 @@ def radiograph_factory() -> Callable[..., Path]:
 @pytest.fixture
 def reports_factory() -> Callable[..., Path]:
     return write_reports
+
+
+@pytest.fixture
+def fresh_site_process() -> Iterator[None]:
+    """A site agent's process as a round finds it: no cached model or studies, one torch
+    thread (two spin-waiting threads on a busy 2-core machine run 30x slower)."""
+    import torch
+
+    from fedrad.client.federation import site_agent
+
+    site_agent.clear_caches()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    site_agent.clear_caches()

@@ -20,6 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedrad.client.federation.site_agent import SiteSpec
 from fedrad.client.ingest.dataset import SiteStudies
 from fedrad.common.model.checkpoint import save_checkpoint
+from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key
 from fedrad.common.protocol.messages import RoundConfig
 from tests.model_fixtures import micro_model, micro_studies
 
@@ -135,3 +136,10 @@ class InProcessGrid:
             replies.append(reply)
         self.replies += replies
         return replies
+
+
+def training_entries(spec: SiteSpec) -> list[dict]:
+    """A site's DP-SGD ledger entries, without its evaluation releases (one Gaussian step at
+    sample rate 1 each; no round of these tests trains a single step on its whole split)."""
+    ledger = Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path))
+    return [e for e in ledger.entries() if (e["sample_rate"], e["steps"]) != (1.0, 1)]

@@ -25,6 +25,7 @@ from fedrad.client.federation.site_agent import (
 from fedrad.common.protocol.messages import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    LEDGER_HEAD_FIELD,
     METRICS_KEY,
     SITE_ID_FIELD,
     SITE_KEY,
@@ -46,6 +47,15 @@ def _request(message: Message) -> tuple[dict, RoundConfig]:
     return arrays, RoundConfig.from_record(dict(content.config_records[CONFIG_KEY]))
 
 
+def _site_record(site_id: str, head: str) -> ConfigRecord:
+    """Who replies, and its ledger head after this task (the coordinator keeps the last one it
+    acknowledged and sends it back: a site whose ledger went back refuses to train)."""
+    fields = {SITE_ID_FIELD: site_id}
+    if head:
+        fields[LEDGER_HEAD_FIELD] = head
+    return ConfigRecord(fields)
+
+
 def build_client_app(resolve: SiteResolver) -> ClientApp:
     """A ClientApp whose site comes from `resolve(context)`."""
 
@@ -63,7 +73,7 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
             {
                 ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in update.arrays.items()}),
                 METRICS_KEY: MetricRecord(update.metrics),
-                SITE_KEY: ConfigRecord({SITE_ID_FIELD: spec.site_id}),
+                SITE_KEY: _site_record(spec.site_id, update.ledger_head),
             }
         )
         return Message(content, reply_to=message)
@@ -72,11 +82,11 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
     def evaluate(message: Message, context: Context) -> Message:
         spec = resolve(context)
         arrays, plan = _request(message)
-        _, metrics = evaluate_site(spec, arrays, plan)
+        released = evaluate_site(spec, arrays, plan)
         content = RecordDict(
             {
-                METRICS_KEY: MetricRecord(metrics),
-                SITE_KEY: ConfigRecord({SITE_ID_FIELD: spec.site_id}),
+                METRICS_KEY: MetricRecord(released.metrics),
+                SITE_KEY: _site_record(spec.site_id, released.ledger_head),
             }
         )
         return Message(content, reply_to=message)

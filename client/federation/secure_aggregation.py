@@ -31,8 +31,12 @@ from fedrad.client.federation.site_agent import (
     evaluate_site,
     train_site,
 )
-from fedrad.common.protocol.messages import SITE_ID_FIELD, RoundConfig
+from fedrad.common.protocol.messages import LEDGER_HEAD_FIELD, SITE_ID_FIELD, RoundConfig
 from fedrad.common.protocol.secagg import SECAGG_STATE, array_order, weight_ratio
+from fedrad.common.protocol.secagg_masks import install_full_strength_masks
+
+# Masks keyed by the whole seed, not Flower's 32-bit fold; the coordinator must do the same.
+install_full_strength_masks()
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +77,21 @@ class SiteClient(NumPyClient):
         names = array_order(update.arrays)
         weight = 1 if central else update.num_examples
         metrics: dict[str, Scalar] = {**update.metrics, SITE_ID_FIELD: self.spec.site_id}
+        if update.ledger_head:
+            metrics[LEDGER_HEAD_FIELD] = update.ledger_head
         return [update.arrays[name] for name in names], weight, metrics
 
     def evaluate(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, int, dict[str, Scalar]]:
         plan, _ = _plan(config)
-        n, metrics = evaluate_site(self.spec, self._named(parameters), plan)
-        return float("nan"), n, {**metrics, SITE_ID_FIELD: self.spec.site_id}
+        released = evaluate_site(self.spec, self._named(parameters), plan)
+        metrics: dict[str, Scalar] = {
+            **released.metrics,
+            SITE_ID_FIELD: self.spec.site_id,
+            LEDGER_HEAD_FIELD: released.ledger_head,
+        }
+        return float("nan"), released.num_examples, metrics
 
 
 def check_secagg_range(updates: NDArrays, weight: int, state: dict[str, object]) -> float:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,16 +27,39 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from fedrad.client.ingest.dataset import SiteStudies, TrainingExamples, split_held_out
 from fedrad.client.ingest.site_data import prepared_manifest
 from fedrad.client.site.config import SiteConfig, SiteConfigError, load_site_config
-from fedrad.client.site.policy import SitePolicy, check_round, record_refusal
-from fedrad.client.training.evaluate import EvalConfig, evaluate
+from fedrad.client.site.policy import (
+    SitePolicy,
+    check_evaluation,
+    check_round,
+    evaluation_epsilon,
+    record_refusal,
+)
+from fedrad.client.training.evaluate import EvalConfig, study_outputs
+from fedrad.client.training.private_evaluation import release
 from fedrad.client.training.train import DPConfig, TrainConfig, train_local
-from fedrad.common.findings import FINDINGS
 from fedrad.common.model.checkpoint import load_checkpoint, read_metadata
 from fedrad.common.model.preprocess import PreprocessConfig
 from fedrad.common.model.radiology_model import RadiologyModel
-from fedrad.common.privacy.accounting import poisson_sample_rate
-from fedrad.common.privacy.budget import BudgetError, RoundBudget, budget_refusal, capped_target
-from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key
+from fedrad.common.privacy.accounting import (
+    MechanismStep,
+    cumulative_epsilon,
+    poisson_sample_rate,
+)
+from fedrad.common.privacy.budget import (
+    BudgetError,
+    RoundBudget,
+    budget_refusal,
+    capped_target,
+    evaluation_noise,
+    evaluation_step,
+)
+from fedrad.common.privacy.ledger import Ledger
+from fedrad.common.privacy.ledger_anchor import (
+    LedgerContinuityError,
+    ledger_head,
+    open_site_ledger,
+)
+from fedrad.common.privacy.randomness import MechanismRandomness
 from fedrad.common.protocol.messages import EVAL_METRIC_KEYS, WEIGHT_KEY, RoundConfig
 
 logger = logging.getLogger(__name__)
@@ -69,6 +91,12 @@ class SiteSpec:
     threads: int = 0  # torch threads (0 = leave as the process has it)
     cache_dir: Path | None = None  # where data_dir is prepared (default: inside it)
     policy: SitePolicy = field(default_factory=SitePolicy)  # what the site takes part in
+    # Simulation only: DP noise and sampling derived from the plan seed, so a research run
+    # can be repeated draw for draw (and replayed by anyone who knows the plan). No deployed
+    # site sets it: `from_site_config` and `from_node_config` never do.
+    insecure_reproducible: bool = False
+    # the ledger's signed anchor (`common/privacy/ledger_anchor.py`); None: beside key_path
+    ledger_anchor: Path | None = None
 
     def __post_init__(self) -> None:
         if (self.manifest is None) == (self.data_dir is None):
@@ -98,6 +126,7 @@ class SiteSpec:
             delta=config.delta,
             cache_dir=config.cache_dir,
             policy=config.policy,
+            ledger_anchor=config.ledger_anchor,
         )
 
     @staticmethod
@@ -106,6 +135,12 @@ class SiteSpec:
         optionally ledger, signing-key (default under <data-dir>/.fedrad-site/), cache-dir
         and epsilon-budget; or `site-config` (the site's own site.toml, which then names all of
         them and the budget) with an optional foundation-dir."""
+        steering = [k for k in node_config if "seed" in str(k) or "reproducible" in str(k)]
+        if steering:
+            raise SiteRefusalError(
+                f"node config key {str(steering[0])[:40]!r} refused: a deployed site draws its "
+                "DP noise and sampling from its own CSPRNG"
+            )
         if "site-config" in node_config:
             try:
                 config = load_site_config(Path(str(node_config["site-config"])))
@@ -140,6 +175,7 @@ class SiteUpdate:
     arrays: dict[str, np.ndarray]
     num_examples: int
     metrics: dict[str, float]
+    ledger_head: str = ""  # "<lines>:<sha256>" after this round's entry (public)
 
 
 # -- per-process caches ----------------------------------------------------------------------
@@ -259,8 +295,19 @@ def proximal_term(model: RadiologyModel, mu: float) -> Iterator[None]:
 
 
 def _site_seed(site_id: str, seed: int, server_round: int) -> int:
+    """The public seed of a site's round (task prompts, dropout): from the plan, on purpose."""
     salt = int(hashlib.sha256(site_id.encode()).hexdigest()[:8], 16)
     return (seed * 1_000_003 + server_round * 7919 + salt) % (2**31)
+
+
+def mechanism_randomness(spec: SiteSpec, plan: RoundConfig, purpose: str) -> MechanismRandomness:
+    """The randomness of this round's DP mechanism: the OS CSPRNG, unless a simulation built
+    the site with `insecure_reproducible` (then derived from the plan, and logged loudly)."""
+    if not spec.insecure_reproducible:
+        return MechanismRandomness()
+    return MechanismRandomness.reproducible(
+        f"{spec.site_id}/{plan.run_id}/{plan.seed}/{plan.server_round}/{purpose}"
+    )
 
 
 # -- the round -----------------------------------------------------------------------------
@@ -273,6 +320,39 @@ def check_round_against_budget(spec: SiteSpec, plan: RoundConfig) -> None:
     )
     if reason is not None:
         raise SiteRefusalError(reason)
+
+
+def open_ledger(spec: SiteSpec, plan: RoundConfig) -> Ledger:
+    """The site's ledger, checked against its anchor and against the coordinator's last
+    acknowledged head (`plan.ledger_head`); appends keep the anchor current. A ledger found
+    missing, cut short or replaced is a refusal (one line naming the recovery command), not
+    a fresh budget."""
+    try:
+        return open_site_ledger(
+            spec.ledger_path,
+            spec.key_path,
+            spec.ledger_anchor,
+            plan.ledger_head,
+            site_id=spec.site_id,
+        )
+    except LedgerContinuityError as exc:
+        raise SiteRefusalError(str(exc)) from None
+
+
+def planned_evaluations(spec: SiteSpec, plan: RoundConfig) -> list[MechanismStep]:
+    """The evaluation releases still planned, this round's included, each at the noise the
+    policy's cap gives it; none when the plan asks for no figures."""
+    if not plan.eval_families:
+        return []
+    try:
+        noise = evaluation_noise(
+            evaluation_epsilon(spec.policy, plan.eval_epsilon),
+            delta=plan.delta,
+            accountant=plan.accountant,  # type: ignore[arg-type]
+        )
+    except BudgetError as exc:
+        raise SiteRefusalError(str(exc)) from None
+    return [evaluation_step(noise)] * (plan.planned_rounds - plan.server_round + 1)
 
 
 @dataclass(frozen=True)
@@ -310,6 +390,7 @@ def admit_round(spec: SiteSpec, plan: RoundConfig, ledger: Ledger, n_train: int)
         remaining_steps=(plan.planned_rounds - plan.server_round + 1) * plan.local_steps,
         delta=plan.delta,
         accountant=plan.accountant,  # type: ignore[arg-type]
+        reserved=planned_evaluations(spec, plan),
     )
     try:
         noise = budget.noise(target_epsilon, max_epsilon_per_run=policy.max_epsilon_per_run)
@@ -343,7 +424,7 @@ def train_site(
     model = cached_model(spec.foundation_dir)
     train, _ = site_studies(spec, model.config.image_size)
     load_global(model, global_arrays)
-    ledger = Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path))
+    ledger = open_ledger(spec, plan)
     n = len(train)
     try:
         admitted = admit_round(spec, plan, ledger, n)
@@ -364,6 +445,7 @@ def train_site(
                 threads=spec.threads,
             ),
             admitted.dp,
+            randomness=mechanism_randomness(spec, plan, "train"),
         )
     entry = ledger.append(  # what actually ran, recorded before any check can stop the reply
         site_id=spec.site_id,
@@ -383,52 +465,147 @@ def train_site(
         raise SiteRefusalError(
             f"round spent epsilon {epsilon} past the target {target_epsilon:.3f}"
         )
-    finite = [v for v in result.losses if math.isfinite(v)]
     return SiteUpdate(
         arrays=trainable_arrays(model),
         num_examples=n,
-        metrics={
+        metrics={  # public: the split's size and the mechanism (the loss stays here)
             WEIGHT_KEY: float(n),
-            "train_loss": float(np.mean(finite)) if finite else float("nan"),
             "epsilon": float("inf") if epsilon is None else float(epsilon),
             "steps": float(result.steps),
             "noise_multiplier": float(result.noise_multiplier),
             "sample_rate": float(result.sample_rate),
         },
+        ledger_head=ledger_head(ledger),
     )
+
+
+@dataclass(frozen=True)
+class EvalRelease:
+    """A site's reply to an evaluation: the figures of the families asked for (NaN where
+    undefined) and the public values, released under the mechanism its ledger entry records."""
+
+    num_examples: int  # the held-out split's size (public, as the training split's)
+    metrics: dict[str, float]
+    ledger_entry: dict[str, Any]
+    ledger_head: str  # "<lines>:<sha256>" after this release's entry (public)
+
+
+def admit_evaluation(
+    spec: SiteSpec, plan: RoundConfig, ledger: Ledger, n_held: int
+) -> tuple[float, tuple[str, ...]]:
+    """The privacy decisions of an evaluation, before the model sees a held-out study: the
+    families asked for against the policy's release_metrics, the noise of one release (the
+    plan's eval_epsilon capped by the policy), and the whole ledger, this run and this
+    release against the same caps as training. Returns (noise multiplier, families)."""
+    families = plan.eval_families
+    if not families:  # only the public split size leaves: nothing to admit
+        return 0.0, families
+    reason = check_evaluation(spec.policy, families)
+    if reason is not None:
+        raise SiteRefusalError(reason)
+    if plan.dp and plan.delta >= 1 / n_held:
+        raise SiteRefusalError(
+            f"delta {plan.delta:g} is not below 1/N for this site's {n_held} held-out studies"
+        )
+    check_round_against_budget(spec, plan)
+    policy = spec.policy
+    if not plan.dp:  # a run without DP: released exactly, recorded as unbounded
+        reason = check_round(policy, noise_multiplier=None, round_epsilon=0, run_epsilon=0)
+        if reason is not None:
+            raise SiteRefusalError(reason)
+        return 0.0, families
+    accountant = plan.accountant
+    try:
+        noise = evaluation_noise(
+            evaluation_epsilon(policy, plan.eval_epsilon),
+            delta=plan.delta,
+            accountant=accountant,  # type: ignore[arg-type]
+        )
+    except BudgetError as exc:
+        raise SiteRefusalError(str(exc)) from None
+    step = evaluation_step(noise)
+
+    def spend(history: list[MechanismStep]) -> float:
+        return cumulative_epsilon(history, delta=plan.delta, accountant=accountant)  # type: ignore[arg-type]
+
+    target = capped_target(plan.target_epsilon, spec.epsilon)
+    after = spend([*ledger.history(), step])
+    if after > target * (1 + 1e-9):
+        raise SiteRefusalError(
+            f"an evaluation would take this site's ledger to epsilon {after:.3g}, past {target:.3g}"
+        )
+    reason = check_round(  # the same per-round and per-run caps as a training round
+        policy,
+        noise_multiplier=noise,
+        round_epsilon=spend([step]),
+        run_epsilon=spend([*ledger.history(plan.run_id), step]),
+    )
+    if reason is not None:
+        raise SiteRefusalError(reason)
+    return noise, families
 
 
 def evaluate_site(
     spec: SiteSpec, global_arrays: Mapping[str, np.ndarray], plan: RoundConfig
-) -> tuple[int, dict[str, float]]:
-    """Aggregate metrics of the global model on the site's held-out split.
-
-    Every key of EVAL_METRIC_KEYS is present (NaN where undefined, e.g. AUROC of a finding
-    absent from the split) so replies stay consistent for Flower's aggregation.
-    """
+) -> EvalRelease:
+    """The global model on the site's held-out split, released as noised figures: admitted
+    (policy, budget) before any study is read, recorded in the ledger before the reply can
+    leave. A refusal is recorded like a training round's and spends nothing."""
     model = cached_model(spec.foundation_dir)
     _, held = site_studies(spec, model.config.image_size)
     if len(held) == 0:
         raise SiteRefusalError(f"site {spec.site_id} has no held-out studies")
+    ledger = open_ledger(spec, plan)
+    try:
+        noise, families = admit_evaluation(spec, plan, ledger, len(held))
+    except SiteRefusalError as exc:
+        record_refusal(spec, plan.run_id, plan.server_round, f"evaluation: {exc}")
+        raise
+    if not families:  # the plan asked for no figures: the public sizes only, nothing spent
+        sizes = {WEIGHT_KEY: float(len(held)), "n_studies": float(len(held))}
+        return EvalRelease(len(held), sizes, {}, ledger_head(ledger))
     load_global(model, global_arrays)
-    raw = evaluate(
+    outputs = study_outputs(
         model,
         held,
         EvalConfig(max_reports=plan.eval_reports, max_questions=plan.eval_questions),
     )
-    return len(held), flatten_eval_metrics(raw, len(held))
-
-
-def flatten_eval_metrics(raw: Mapping[str, object], n: int) -> dict[str, float]:
-    """Scalars only, under whitelisted keys; per-finding AUROC as auroc_<finding>."""
-    flat: dict[str, object] = {k: v for k, v in raw.items() if k != "auroc"}
-    auroc = raw.get("auroc") or {}
-    assert isinstance(auroc, Mapping)
-    for finding in FINDINGS:
-        flat[f"auroc_{finding}"] = auroc.get(finding)
-    flat[WEIGHT_KEY] = n
-    out: dict[str, float] = {}
-    for key in EVAL_METRIC_KEYS:
-        value = flat.get(key)
-        out[key] = float(value) if isinstance(value, int | float) else float("nan")
-    return out
+    released = release(
+        outputs,
+        families,
+        noise_multiplier=noise,
+        randomness=mechanism_randomness(spec, plan, "evaluate"),
+    )
+    entry = ledger.append(  # on record before the figures can leave
+        site_id=spec.site_id,
+        run_id=plan.run_id,
+        round=plan.server_round,
+        sample_rate=1.0,
+        noise_multiplier=noise,
+        steps=1,
+        max_grad_norm=released.sensitivity,
+        delta=plan.delta,
+        accountant=plan.accountant,  # type: ignore[arg-type]
+    )
+    spent, target = entry["epsilon"], capped_target(plan.target_epsilon, spec.epsilon)
+    if plan.dp and (spent is None or spent > target * (1 + 1e-6)):  # fail closed, as training
+        raise SiteRefusalError(f"evaluation spent epsilon {spent} past the target {target:.3f}")
+    own = cumulative_epsilon(
+        [evaluation_step(noise)],
+        delta=plan.delta,
+        accountant=plan.accountant,  # type: ignore[arg-type]
+    )
+    metrics = {  # the families asked for (NaN where a figure is undefined) and public values
+        **released.metrics,
+        WEIGHT_KEY: float(len(held)),
+        "n_studies": float(len(held)),
+        "eval_epsilon": own,
+        "eval_noise_multiplier": noise,
+    }
+    assert set(metrics) <= EVAL_METRIC_KEYS
+    return EvalRelease(
+        num_examples=len(held),
+        metrics={key: float(metrics[key]) for key in sorted(metrics)},
+        ledger_entry=entry,
+        ledger_head=ledger_head(ledger),
+    )

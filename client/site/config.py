@@ -3,7 +3,9 @@
 `fedrad-site init DIR` writes `DIR/site.toml` (its budget, data, ledger; an optional `[policy]`
 table, `client/site/policy.py`) and the site's keys under `DIR/keys/`: the Ed25519 ledger key
 and the SuperNode key (ECDSA P-384, OpenSSH, as Flower reads it). Private keys are created 0600
-with O_EXCL and never overwritten; only the `.pub` halves are meant to leave the host.
+with O_EXCL and never overwritten; only the `.pub` halves are meant to leave the host. Beside
+the ledger key (or at `ledger_anchor`) lives the ledger's anchor, the second copy of its head
+that makes a deleted, truncated or replaced ledger a refusal (`common/privacy/ledger_anchor.py`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from fedrad.client.site.policy import (
 from fedrad.common.atomic_file import replace_file
 from fedrad.common.privacy.budget import budget_status
 from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
-from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key, public_key_path
+from fedrad.common.privacy.ledger import load_or_create_signing_key, public_key_path
+from fedrad.common.privacy.ledger_anchor import anchor_path_for, ledger_head, open_site_ledger
 from fedrad.common.protocol.messages import SITE_ID_PATTERN
 
 CONFIG_NAME: Final[str] = "site.toml"
@@ -65,6 +68,9 @@ class SiteConfig:
     cache_dir: Path | None = None  # prepared (de-identified) data; default <data_dir>/.fedrad-cache
     # what the site takes part in ([policy]); the default takes part in any plan
     policy: SitePolicy = field(default_factory=SitePolicy)
+    # the ledger's signed anchor (None: beside ledger_key, <ledger_key stem>.anchor.json);
+    # best kept where the ledger's own backups and restores do not reach
+    ledger_anchor: Path | None = None
 
     def __post_init__(self) -> None:
         if not SITE_ID_PATTERN.match(self.site_id):
@@ -77,6 +83,15 @@ class SiteConfig:
             raise SiteConfigError(f"delta must be in (0, 1), got {self.delta}")
         if self.coordinator is not None and not re.match(r"^[^\s:]+:\d{1,5}$", self.coordinator):
             raise SiteConfigError(f"coordinator {self.coordinator!r} is not HOST:PORT")
+        if self.ledger_anchor_path in (self.ledger, self.ledger_key):
+            raise SiteConfigError(
+                "ledger_anchor must be a file of its own (not ledger, ledger_key)"
+            )
+
+    @property
+    def ledger_anchor_path(self) -> Path:
+        """Where the ledger's anchor is: `ledger_anchor`, or beside the ledger key."""
+        return anchor_path_for(self.ledger_key, self.ledger_anchor)
 
 
 _KEYS: Final[dict[str, type | tuple[type, ...]]] = {
@@ -86,6 +101,7 @@ _KEYS: Final[dict[str, type | tuple[type, ...]]] = {
     "delta": (int, float),
     "ledger": str,
     "ledger_key": str,
+    "ledger_anchor": str,
     "node_key": str,
     "coordinator": str,
     "ca_file": str,
@@ -165,6 +181,7 @@ def _parse_site_table(
         foundation_dir=path_of("foundation_dir"),
         cache_dir=path_of("cache_dir"),
         policy=site_policy,
+        ledger_anchor=path_of("ledger_anchor"),
     )
 
 
@@ -211,11 +228,12 @@ def init_site(
     strategies: tuple[str, ...] | list[str] | None = None,
     allow_central_dp: bool = True,
     approved_apps: tuple[str, ...] | list[str] = (),
+    ledger_anchor: Path | None = None,
 ) -> SiteConfig:
-    """Creates a site directory: config, keys and nothing else. Refuses to touch an existing
-    one, so a re-run can never replace a key (a new ledger key would orphan the ledger).
-    The policy keywords become a [policy] table, written only when one differs from the
-    permissive default."""
+    """Creates a site directory: config, keys, the ledger's anchor (its empty head) and
+    nothing else. Refuses to touch an existing one, so a re-run can never replace a key (a new
+    ledger key would orphan the ledger) nor restart a ledger. The policy keywords become a
+    [policy] table, written only when one differs from the permissive default."""
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if config_path.exists():
@@ -240,6 +258,8 @@ def init_site(
         site["foundation_dir"] = str(Path(foundation_dir).expanduser().resolve())
     if cache_dir is not None:
         site["cache_dir"] = str(Path(cache_dir).expanduser().resolve())
+    if ledger_anchor is not None:
+        site["ledger_anchor"] = str(Path(ledger_anchor).expanduser().resolve())
     try:
         policy = policy_to_table(
             SitePolicy(
@@ -257,10 +277,16 @@ def init_site(
     document: dict[str, Any] = {"site": site, "policy": policy} if policy else {"site": site}
     # validated exactly as it will be read back, before anything is written
     config = _parse_config(document, base=directory, where="site settings")
+    for path, what in ((config.ledger_anchor_path, "a ledger anchor"), (config.ledger, "a ledger")):
+        if path.exists():
+            raise SiteConfigError(f"{path} already exists; refusing to replace {what}")
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     load_or_create_signing_key(config.ledger_key)
     _create_node_key(config.node_key)
+    open_site_ledger(  # a new site: an empty ledger and its anchor
+        config.ledger, config.ledger_key, config.ledger_anchor_path, site_id=config.site_id
+    )
     config_path.write_text(HEADER + tomli_w.dumps(document), encoding="utf-8")
     return load_site_config(config_path)
 
@@ -321,8 +347,11 @@ def site_budget(config: SiteConfig) -> dict[str, Any]:
         raise SiteConfigError(
             f"ledger key {config.ledger_key} is missing: the ledger cannot be verified"
         )
-    ledger = Ledger(config.ledger, load_or_create_signing_key(config.ledger_key))
-    entries = ledger.entries()  # privacy entries only: refusals spend nothing
+    # checked against its anchor: a ledger cut short or replaced is refused here too
+    ledger = open_site_ledger(
+        config.ledger, config.ledger_key, config.ledger_anchor_path, site_id=config.site_id
+    )
+    entries = ledger.entries()  # privacy entries only: events spend nothing
     return {
         "site_id": config.site_id,
         "ledger": str(config.ledger),
@@ -330,4 +359,6 @@ def site_budget(config: SiteConfig) -> dict[str, Any]:
         "rounds": len(entries),
         "runs": len({e["run_id"] for e in entries}),
         "refusals": len(ledger.refusals()),
+        "recoveries": len(ledger.recoveries()),
+        "ledger_head": ledger_head(ledger),
     }

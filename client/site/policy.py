@@ -19,12 +19,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from fedrad.common.privacy.ledger import (
-    MAX_REASON_CHARS,
-    Ledger,
-    LedgerError,
-    load_or_create_signing_key,
-)
+from fedrad.common.privacy.ledger import MAX_REASON_CHARS, LedgerError
+from fedrad.common.privacy.ledger_anchor import open_site_ledger
+from fedrad.common.protocol.messages import EVAL_FAMILIES, NO_EVAL_FAMILIES
 from fedrad.common.protocol.release_app import RELEASE_RUN_CONFIG
 
 if TYPE_CHECKING:
@@ -55,9 +52,16 @@ class SitePolicy:
     strategies: tuple[str, ...] | None = None  # None: any of STRATEGIES
     allow_central_dp: bool = True  # False: not in runs that add central DP noise
     approved_apps: tuple[str, ...] = ()  # sha256 hex of Flower app bundles (FABs) approved
+    max_epsilon_per_evaluation: float | None = None  # one evaluation release on its own
+    release_metrics: tuple[str, ...] | None = None  # evaluation families; None: every one
 
     def __post_init__(self) -> None:
-        for name in ("max_epsilon_per_run", "max_epsilon_per_round", "min_noise_multiplier"):
+        for name in (
+            "max_epsilon_per_run",
+            "max_epsilon_per_round",
+            "min_noise_multiplier",
+            "max_epsilon_per_evaluation",
+        ):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -73,6 +77,13 @@ class SitePolicy:
                 raise SitePolicyError(
                     f"policy strategies: {', '.join(map(str, unknown))[:60]} not among "
                     f"{', '.join(STRATEGIES)}"
+                )
+        if self.release_metrics is not None:
+            unknown = [f for f in self.release_metrics if f not in EVAL_FAMILIES]
+            if unknown:
+                raise SitePolicyError(
+                    f"policy release_metrics: {', '.join(map(str, unknown))[:60]} not among "
+                    f"{', '.join(EVAL_FAMILIES)}"
                 )
         bad = [h for h in self.approved_apps if not SHA256_HEX.match(str(h))]
         if bad:
@@ -107,6 +118,8 @@ _TYPES: Final[dict[str, type | tuple[type, ...]]] = {
     "strategies": list,
     "allow_central_dp": bool,
     "approved_apps": list,
+    "max_epsilon_per_evaluation": (int, float),
+    "release_metrics": list,
 }
 
 
@@ -185,6 +198,13 @@ def check_run_plan(policy: SitePolicy, run_config: Mapping[str, object]) -> str 
             PREFIX + f"strategy {named} is not one this site takes part in "
             f"({', '.join(policy.strategies)})"
         )
+    asked = run_config.get("eval-metrics", RELEASE_RUN_CONFIG["eval-metrics"])
+    if not isinstance(asked, str):
+        return PREFIX + "the run's eval-metrics is not text"
+    families = () if asked == NO_EVAL_FAMILIES else tuple(f.strip() for f in asked.split(","))
+    reason = check_evaluation(policy, tuple(f for f in families if f))
+    if reason is not None:
+        return reason
     noise = run_config.get("central-noise", RELEASE_RUN_CONFIG["central-noise"])
     if isinstance(noise, bool) or not isinstance(noise, int | float):
         return PREFIX + "the run's central-noise is not a number"
@@ -231,6 +251,25 @@ def check_round(
     return None
 
 
+def check_evaluation(policy: SitePolicy, families: tuple[str, ...]) -> str | None:
+    """Why this site does not release the evaluation families a round asks for, or None."""
+    if policy.release_metrics is None:
+        return None
+    withheld = [f for f in families if f not in policy.release_metrics]
+    if withheld:
+        return (
+            PREFIX + f"this site does not release {', '.join(withheld)} metrics "
+            f"(release_metrics: {', '.join(policy.release_metrics) or 'none'})"
+        )
+    return None
+
+
+def evaluation_epsilon(policy: SitePolicy, asked: float) -> float:
+    """What one evaluation release spends: the plan's ask, capped by the site's policy."""
+    cap = policy.max_epsilon_per_evaluation
+    return asked if cap is None else min(asked, cap)
+
+
 # -- refusals on record ----------------------------------------------------------------------
 
 
@@ -241,12 +280,13 @@ def one_line(reason: str) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
 
 
-def _site_files(site: SiteSpec | SiteConfig) -> tuple[str, Path, Path]:
+def _site_files(site: SiteSpec | SiteConfig) -> tuple[str, Path, Path, Path | None]:
+    """Site id, ledger, ledger key, ledger anchor (None: beside the key)."""
     from fedrad.client.site.config import SiteConfig  # site_config imports this module
 
     if isinstance(site, SiteConfig):
-        return site.site_id, site.ledger, site.ledger_key
-    return site.site_id, site.ledger_path, site.key_path
+        return site.site_id, site.ledger, site.ledger_key, site.ledger_anchor
+    return site.site_id, site.ledger_path, site.key_path, site.ledger_anchor
 
 
 def record_refusal(
@@ -256,13 +296,14 @@ def record_refusal(
     ledger (signed, spending nothing); returns the entry. `round` is 0 for a whole run.
 
     The refusal stands whether or not it could be recorded: a ledger that cannot be written
-    (torn, unverifiable) is logged as an error and None is returned, so the caller's own
-    one-line refusal is what the coordinator sees, never a traceback."""
-    site_id, ledger_path, key_path = _site_files(site)
+    (torn, unverifiable, or discontinuous with its anchor: `ledger_anchor.py`) is logged as
+    an error and None is returned, so the caller's own one-line refusal is what the
+    coordinator sees, never a traceback."""
+    site_id, ledger_path, key_path, anchor_path = _site_files(site)
     text = one_line(reason)
     logger.warning("site %s refused run %s round %d: %s", site_id, run_id, round, text)
     try:
-        ledger = Ledger(ledger_path, load_or_create_signing_key(key_path))
+        ledger = open_site_ledger(ledger_path, key_path, anchor_path, site_id=site_id)
         return ledger.append_refusal(site_id=site_id, run_id=run_id, round=round, reason=text)
     except (LedgerError, OSError) as exc:
         logger.error("site %s could not record the refusal in its ledger: %s", site_id, exc)

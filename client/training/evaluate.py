@@ -42,8 +42,28 @@ def _images(studies: SiteStudies, idx: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.stack([studies.images[i] for i in idx]).astype(np.float32))
 
 
-def evaluate(model: RadiologyModel, studies: SiteStudies, config: EvalConfig) -> dict[str, object]:
-    """Aggregate metrics only; per-study outputs never leave this function."""
+@dataclass(frozen=True)
+class StudyOutputs:
+    """What the model said about each held-out study, beside the site's own references.
+
+    Per-study values never leave the site: `evaluate` reduces them to aggregate figures, and
+    `private_evaluation` to noised counts.
+    """
+
+    probabilities: np.ndarray  # (studies, findings) diagnosis-head probabilities
+    labels: np.ndarray  # (studies, findings) the labeler's labels of the site's reports
+    report_index: list[int]  # the studies a report was generated for
+    generated: list[str]  # one report per study in report_index
+    references: list[str]  # the site's own report for each of them
+    qa_study: list[int]  # the study each question was asked about
+    answers: list[str]
+    expected: list[str]  # the answer the study's labels give
+    seconds: float
+
+
+def study_outputs(model: RadiologyModel, studies: SiteStudies, config: EvalConfig) -> StudyOutputs:
+    """Runs the model on every study (diagnosis), the first `max_reports` (reports) and the
+    first `max_questions` questions, in study order."""
     start = time.perf_counter()
     model.eval()
     tok = model.tokenizer
@@ -58,7 +78,6 @@ def evaluate(model: RadiologyModel, studies: SiteStudies, config: EvalConfig) ->
         probs.append(model.finding_probabilities(_images(studies, idx), contexts).numpy())
     probabilities = np.concatenate(probs)
     labels = np.array([[s.labels[f] for f in FINDINGS] for s in studies.studies])
-    auroc = finding_auroc(probabilities, labels)
     suggested = [suggestions(dict(zip(FINDINGS, row, strict=True))) for row in probabilities]
 
     max_new = config.max_new_tokens or model.config.max_target_tokens
@@ -98,25 +117,44 @@ def evaluate(model: RadiologyModel, studies: SiteStudies, config: EvalConfig) ->
         answers += model.generate(
             _images(studies, [i for i, _ in chunk]), prompts, max_new_tokens=8, num_beams=1
         )
-    ce = clinical_efficacy(generated, references)
+    return StudyOutputs(
+        probabilities=probabilities,
+        labels=labels,
+        report_index=report_idx,
+        generated=generated,
+        references=references,
+        qa_study=[i for i, _ in qa_items],
+        answers=answers,
+        expected=[qa.answer for _, qa in qa_items],
+        seconds=time.perf_counter() - start,
+    )
+
+
+def evaluate(model: RadiologyModel, studies: SiteStudies, config: EvalConfig) -> dict[str, object]:
+    """Exact aggregate metrics, for a party that owns the studies (centralized baselines,
+    benchmarks); per-study outputs never leave this function. A federated site releases
+    `private_evaluation.release` instead."""
+    out = study_outputs(model, studies, config)
+    auroc = finding_auroc(out.probabilities, out.labels)
+    ce = clinical_efficacy(out.generated, out.references)
     result = {
-        "n_studies": n,
-        "n_reports": len(generated),
-        "n_questions": len(answers),
+        "n_studies": len(studies),
+        "n_reports": len(out.generated),
+        "n_questions": len(out.answers),
         "macro_auroc": macro(auroc),
         "auroc": auroc,
         "ce_f1": ce["f1"],
         "ce_macro_f1": ce["macro_f1"],
         "ce_precision": ce["precision"],
         "ce_recall": ce["recall"],
-        "bleu4": bleu4(generated, references),
-        "rouge_l": rouge_l(generated, references),
-        "qa_accuracy": answer_accuracy(answers, [qa.answer for _, qa in qa_items]),
-        "eval_seconds": time.perf_counter() - start,
+        "bleu4": bleu4(out.generated, out.references),
+        "rouge_l": rouge_l(out.generated, out.references),
+        "qa_accuracy": answer_accuracy(out.answers, out.expected),
+        "eval_seconds": out.seconds,
     }
     logger.info(
         "evaluated %d studies: macro AUROC %s, CE F1 %s, BLEU-4 %s",
-        n,
+        len(studies),
         *(_fmt(result[key]) for key in ("macro_auroc", "ce_f1", "bleu4")),
     )
     return result

@@ -1,5 +1,9 @@
-"""Local training at a site: DP-SGD with Opacus (Poisson sampling, per-sample clipping, calibrated
+"""Local training at a site: DP-SGD (Poisson sampling, Opacus' per-sample clipping, calibrated
 Gaussian noise) or plain SGD for baselines. Framework-free: no Flower import here.
+
+The sampling and the noise draw from a `MechanismRandomness` (the OS CSPRNG unless a simulation
+asked for reproducible draws); `TrainConfig.seed` drives only what is public: task prompts,
+dropout, the shuffling of runs without DP.
 
 The mechanism's raw parameters (sample rate, noise multiplier, steps, clip, delta) are returned
 so the caller can append them to the site ledger: epsilon is recomputed from those, never
@@ -11,17 +15,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
 from fedrad.client.ingest.dataset import TrainingExamples
+from fedrad.client.training.private_sgd import SiteNoiseDPOptimizer, poisson_loader
 from fedrad.common.devices import Precision, autocast, select_device
 from fedrad.common.model.radiology_model import RadiologyModel
 from fedrad.common.privacy.accounting import (
@@ -32,6 +36,7 @@ from fedrad.common.privacy.accounting import (
     poisson_sample_rate,
 )
 from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
+from fedrad.common.privacy.randomness import MechanismRandomness
 from fedrad.common.protocol.secagg import ADAM_BETAS
 
 logger = logging.getLogger(__name__)
@@ -50,7 +55,6 @@ class DPConfig:
     noise_multiplier: float | None = None  # set explicitly to skip calibration
     planned_steps: int | None = None  # whole schedule (all rounds); default: this call's steps
     accountant: AccountantName = "rdp"
-    secure_mode: bool = False  # cryptographically secure noise: on outside simulation
     grad_sample_mode: GradSampleMode = "hooks"
 
     def __post_init__(self) -> None:
@@ -75,7 +79,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     lora_lr_scale: float = 0.25  # LoRA adapters learn at this fraction of `lr`
-    seed: int = 0
+    seed: int = 0  # public randomness only (never the DP noise or sampling)
     threads: int = 0  # torch CPU threads (0 = leave as is)
     device: str = "auto"  # "auto" = the site's GPU when it has one, else the CPU
     precision: Precision = "auto"  # "auto" = bf16 autocast on a GPU, fp32 on the CPU
@@ -117,22 +121,30 @@ def train_local(
     train: TrainConfig,
     dp: DPConfig,
     *,
+    randomness: MechanismRandomness | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Trains the model's trainable parameters in place and returns what was spent."""
+    """Trains the model's trainable parameters in place and returns what was spent.
+
+    `randomness` draws the DP sampling and noise; None means a fresh CSPRNG-keyed one.
+    """
     if len(examples) == 0:
         raise ValueError("no training examples")
     if train.threads:
         torch.set_num_threads(train.threads)
-    torch.manual_seed(train.seed)
-    generator = torch.Generator().manual_seed(train.seed)
+    torch.manual_seed(train.seed)  # dropout and task prompts: public, reproducible
+    randomness = randomness or MechanismRandomness()
     n = len(examples)
     sample_rate = poisson_sample_rate(train.batch_size, n)
     device = select_device(train.device)
     # Onto the device before parameters are collected and Opacus' hooks attach: a LoRA
     # tensor replaced by a move afterwards would never be updated (the Opacus + peft hazard).
     model.to(device)
-    loader = _loader(examples, train, device, sample_rate if dp.enabled else None, generator)
+    if dp.enabled:
+        loader = _dp_loader(examples, train, device, sample_rate, randomness)
+    else:
+        generator = torch.Generator().manual_seed(train.seed)
+        loader = _shuffled_loader(examples, train, device, generator)
     params = [p for p in model.parameters() if p.requires_grad]
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     lora_ids = {id(p) for p in lora}
@@ -141,14 +153,13 @@ def train_local(
     if lora:  # the pretrained LM drifts from its prompt if its adapters move as fast
         groups.append({"params": lora, "lr": train.lr * train.lora_lr_scale})
     # The betas are named once: SecAgg+ sizes its clipping range from AdamW's update bound.
-    optimizer = torch.optim.AdamW(
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW(
         groups, lr=train.lr, betas=ADAM_BETAS, weight_decay=train.weight_decay
     )
     model.train()
     start = time.perf_counter()
 
     noise = 0.0
-    engine: PrivacyEngine | None = None
     module: torch.nn.Module = model
     if dp.enabled:
         planned = dp.planned_steps or train.steps
@@ -165,22 +176,16 @@ def train_local(
             )
         if dp.delta >= 1.0 / n:
             logger.warning("delta %.2g >= 1/N for N=%d: the guarantee is weak", dp.delta, n)
-        with warnings.catch_warnings():
-            # Opacus' secure_mode advice, given when the engine is built and again here
-            warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
-            engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
-            # The loader already samples Poisson at exactly q = batch_size / N, the rate the
-            # ledger records (Opacus' own conversion would use 1 / ceil(N / batch_size)).
-            module, optimizer, loader = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=noise,
-                max_grad_norm=dp.max_grad_norm,
-                poisson_sampling=False,
-                grad_sample_mode=dp.grad_sample_mode,
-            )
-            module.forbid_grad_accumulation()
+        ModuleValidator.validate(model, strict=True)  # no BatchNorm: it mixes records
+        module = GradSampleModule(model, force_functorch=dp.grad_sample_mode == "functorch")
+        module.forbid_grad_accumulation()
+        optimizer = SiteNoiseDPOptimizer(
+            optimizer,
+            noise_multiplier=noise,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=max(1, round(n * sample_rate)),
+            randomness=randomness,
+        )
 
     weight = model.config.finding_loss_weight
     losses: list[float] = []
@@ -207,12 +212,12 @@ def train_local(
                 if progress is not None:
                     progress(done, loss_value)
     finally:
-        if engine is not None and hasattr(module, "_close"):
+        if isinstance(module, GradSampleModule):
             module._close()  # removes Opacus hooks; the model object stays ours
         model.eval()
 
     epsilon = None
-    if engine is not None:  # from the raw parameters, as the ledger and the audit do
+    if dp.enabled:  # from the raw parameters, as the ledger and the audit do
         step = MechanismStep(noise, sample_rate, done)
         epsilon = cumulative_epsilon([step], delta=dp.delta, accountant=dp.accountant)
     seconds = time.perf_counter() - start
@@ -239,28 +244,50 @@ def train_local(
     )
 
 
-def _loader(
-    examples: TrainingExamples,
-    train: TrainConfig,
-    device: torch.device,
-    sample_rate: float | None,
-    generator: torch.Generator,
-) -> DataLoader:
-    """Poisson sampling at `sample_rate` (DP) or shuffled batches; on a GPU, worker
-    processes prepare batches into pinned memory so the device is not kept waiting."""
+def _loader_options(train: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """On a GPU, worker processes prepare batches into pinned memory so the device is not kept
+    waiting; the CPU trains in-process."""
     workers = train.loader_workers if device.type == "cuda" else 0
-    common: dict[str, Any] = {
+    return {
         "num_workers": workers,
         "pin_memory": device.type == "cuda",
         "worker_init_fn": _reseed_worker if workers else None,
         "persistent_workers": False,
     }
-    if sample_rate is None:
-        batch_size = min(train.batch_size, len(examples))
-        return DataLoader(
-            examples, batch_size=batch_size, shuffle=True, generator=generator, **common
-        )
-    return DPDataLoader(examples, sample_rate=sample_rate, generator=generator, **common)
+
+
+def _dp_loader(
+    examples: TrainingExamples,
+    train: TrainConfig,
+    device: torch.device,
+    sample_rate: float,
+    randomness: MechanismRandomness,
+) -> DataLoader:
+    """Exactly `train.steps` Poisson batches at `sample_rate`, drawn from `randomness`."""
+    return poisson_loader(
+        examples,
+        sample_rate=sample_rate,
+        steps=train.steps,
+        randomness=randomness,
+        **_loader_options(train, device),
+    )
+
+
+def _shuffled_loader(
+    examples: TrainingExamples,
+    train: TrainConfig,
+    device: torch.device,
+    generator: torch.Generator,
+) -> DataLoader:
+    """Shuffled fixed-size batches for training without DP (baselines)."""
+    batch_size = min(train.batch_size, len(examples))
+    return DataLoader(
+        examples,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=generator,
+        **_loader_options(train, device),
+    )
 
 
 def _reseed_worker(worker_id: int) -> None:

@@ -6,8 +6,11 @@ accountant and its PLD accountant), not with Opacus, which the sites use to clai
 RDP implementations compute the same bound and agree to machine precision; the site's PRV
 claims are compared with the PLD accountant, a different tight method, within a stated
 tolerance. Refusal entries (a site declining a round: signed and chained, spending nothing)
-are verified like the others, counted, and left out of every epsilon. Nothing here writes to a
-ledger.
+are verified like the others, counted, and left out of every epsilon. So are recovery entries
+(the site's privacy officer recording that the ledger was found missing, cut short or replaced,
+and accepted as it is): a recovery is not tampering, so the status stays as the rest of the
+ledger makes it, but each one is listed as a "recovery" finding, because the entries it stands
+for (and what they spent) are no longer in the file. Nothing here writes to a ledger.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +44,7 @@ Status = Literal[
     "malformed",
     "empty",
     "missing",
+    "recovery",
 ]
 STATUS_ORDER: Final[tuple[Status, ...]] = (
     "missing",
@@ -52,7 +57,9 @@ STATUS_ORDER: Final[tuple[Status, ...]] = (
     "over budget",
     "ok",
 )
-"""Most severe first: a ledger's status is the most severe of its findings."""
+"""Most severe first: a ledger's status is the most severe of its findings. A "recovery"
+finding is information, never a status: the entries before it verify as they are."""
+INFORMATION: Final[frozenset[str]] = frozenset({"recovery"})
 
 MECHANISMS: Final[frozenset[str]] = frozenset({"subsampled_gaussian"})
 CLAIM_ACCOUNTANTS: Final[frozenset[str]] = frozenset({"rdp", "prv"})
@@ -88,9 +95,22 @@ REFUSAL_FIELDS: Final[tuple[str, ...]] = (
     "prev_hash",
     "signature",
 )
-# what a privacy entry spends with; a refusal carrying any of them is malformed
+# what a privacy entry spends with; an event carrying any of them is malformed
 SPEND_FIELDS: Final[frozenset[str]] = frozenset(FIELDS) - frozenset(REFUSAL_FIELDS)
 MAX_REASON_CHARS: Final[int] = 300
+RECOVERY_EVENT: Final[str] = "recovery"
+RECOVERY_FIELDS: Final[tuple[str, ...]] = (
+    "event",
+    "site_id",
+    "reason",
+    "found",
+    "previous_head",
+    "timestamp",
+    "prev_hash",
+    "signature",
+)
+MAX_FOUND_CHARS: Final[int] = 600
+HEAD_PATTERN: Final[re.Pattern[str]] = re.compile(r"^\d+:[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -109,6 +129,7 @@ class LedgerAudit:
     site_id: str | None = None
     entries: int = 0  # well-formed entries, refusals included
     refusals: int = 0  # of them, refusals: signed and chained, composing nothing
+    recoveries: int = 0  # of them, recoveries: a gap the privacy officer recorded
     key_ids: list[str] = field(default_factory=list)  # keys that signed the entries
     key_source: str | None = None  # "given" (--public-key) or "beside the ledger"
     delta: float | None = None
@@ -278,6 +299,47 @@ def _mechanism(entry: Mapping[str, Any]) -> tuple[float, float, int, float]:
     return q, sigma, steps, delta
 
 
+def _one_line_problem(value: object, limit: int) -> bool:
+    return (
+        not isinstance(value, str)
+        or not value.strip()
+        or len(value) > limit
+        or not value.isprintable()
+    )
+
+
+def recovery_problem(entry: Mapping[str, Any]) -> str | None:
+    """Why an entry with event "recovery" is not a well-formed recovery, or None: exactly its
+    own fields (no spend field), one-line reason and finding, and a previous head that reads
+    "<lines>:<sha256>" or "none"."""
+    if entry["event"] != RECOVERY_EVENT:
+        return "unknown event"
+    spend = sorted(SPEND_FIELDS & set(entry))
+    if spend:
+        return f"a recovery carries spend field(s) {', '.join(spend)}"
+    unknown = sorted(set(entry) - set(RECOVERY_FIELDS) - {"key_id"})
+    if unknown:
+        return f"a recovery has unknown field(s) {', '.join(unknown)}"
+    missing = [f for f in RECOVERY_FIELDS if f not in entry]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if _one_line_problem(entry["reason"], MAX_REASON_CHARS):
+        return "invalid reason (one printable line expected)"
+    if _one_line_problem(entry["found"], MAX_FOUND_CHARS):
+        return "invalid found (one printable line expected)"
+    head = entry["previous_head"]
+    if head != "none" and not (isinstance(head, str) and HEAD_PATTERN.match(head)):
+        return "invalid previous_head (<lines>:<sha256> or none expected)"
+    return None
+
+
+def event_problem(entry: Mapping[str, Any]) -> str | None:
+    """Why an entry with an `event` field is not a well-formed refusal or recovery, or None."""
+    if entry["event"] == RECOVERY_EVENT:
+        return recovery_problem(entry)
+    return refusal_problem(entry)
+
+
 def refusal_problem(entry: Mapping[str, Any]) -> str | None:
     """Why an entry with an `event` field is not a well-formed refusal, or None. A refusal
     has exactly its own fields: one carrying a spend field could hide a spend from every
@@ -298,13 +360,7 @@ def refusal_problem(entry: Mapping[str, Any]) -> str | None:
         return "invalid round"
     if not isinstance(entry["run_id"], str):
         return "invalid run_id"
-    reason = entry["reason"]
-    if (
-        not isinstance(reason, str)
-        or not reason.strip()
-        or len(reason) > MAX_REASON_CHARS
-        or not reason.isprintable()
-    ):
+    if _one_line_problem(entry["reason"], MAX_REASON_CHARS):
         return "invalid reason (one printable line expected)"
     return None
 
@@ -375,9 +431,9 @@ def audit_ledger(
         if not isinstance(entry, dict):
             findings.append(Finding("malformed", f"{where}: not a JSON object"))
             continue
-        refusal = "event" in entry
-        if refusal:
-            problem = refusal_problem(entry)
+        event = "event" in entry
+        if event:
+            problem = event_problem(entry)
             if problem is not None:
                 findings.append(Finding("malformed", f"{where}: {problem}"))
                 continue
@@ -431,7 +487,21 @@ def audit_ledger(
                     findings.append(
                         Finding("tampered", f"{where}: signature does not verify (edited entry)")
                     )
-        if refusal:
+        if event and entry["event"] == RECOVERY_EVENT:
+            result.recoveries += 1  # it composes nothing, but a verified one is shown
+            if signatures_checked and not verified:
+                continue  # "tampered" or "unverifiable" above says what it is
+            findings.append(
+                Finding(
+                    "recovery",
+                    f"{where}: recovery recorded by the site's privacy officer at "
+                    f"{entry['timestamp']}: found {entry['found']!r}; reason {entry['reason']!r}; "
+                    f"previous head {entry['previous_head']} (what the lost entries spent is not "
+                    "in this ledger)",
+                )
+            )
+            continue
+        if event:
             result.refusals += 1  # verified above; it composes nothing
             continue
         if entry["mechanism"] not in MECHANISMS:
@@ -554,17 +624,24 @@ def _check_anchor(lines: list[bytes], anchor: Anchor) -> list[Finding]:
 
 def _finish(result: LedgerAudit, findings: list[Finding]) -> LedgerAudit:
     result.findings = findings
-    if not findings:
+    serious = [f for f in findings if f.status not in INFORMATION]
+    if not serious:
         result.status = "ok"
         result.reason = f"{result.entries} entries verified, epsilon recomputed"
         if result.refusals:
             result.reason += f" ({result.refusals} of them refusals, spending nothing)"
+        if result.recoveries:
+            result.reason += (
+                f"; {result.recoveries} recover{'ies' if result.recoveries > 1 else 'y'} "
+                "recorded by the privacy officer: entries were lost, and what they spent is "
+                "not counted here"
+            )
         if result.read_past:
             result.reason += f" (read past {', '.join(result.read_past)}: formatting only)"
         if result.key_source == "beside the ledger":
             result.reason += " (key read beside the ledger: pass --public-key to check it)"
         return result
-    worst = min(findings, key=lambda f: STATUS_ORDER.index(f.status))
+    worst = min(serious, key=lambda f: STATUS_ORDER.index(f.status))
     result.status = worst.status
     more = len(findings) - 1
     result.reason = worst.reason + (f" (+{more} more)" if more else "")

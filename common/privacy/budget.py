@@ -62,7 +62,9 @@ class RoundBudget:
     The noise is calibrated so that the whole ledger plus every remaining planned step stays
     within the target: on a fresh run that is "calibrate once for the whole schedule", after a
     resume or a repeated round it still fits. The policy's per-run cap bounds this run's
-    entries plus its remaining steps the same way.
+    entries plus its remaining steps the same way. `reserved` is what the plan will also
+    spend at a noise already fixed (the evaluation releases still to come): the training
+    noise leaves room for it.
     """
 
     history: Sequence[MechanismStep]  # every privacy entry of the site's ledger, every run
@@ -72,19 +74,20 @@ class RoundBudget:
     remaining_steps: int  # this round's and every later planned round's
     delta: float
     accountant: AccountantName
+    reserved: Sequence[MechanismStep] = ()
 
     def noise(self, target_epsilon: float, *, max_epsilon_per_run: float | None = None) -> float:
         """The round's noise multiplier: the larger of what the whole ledger needs to stay
         within `target_epsilon` and what this run needs to stay within `max_epsilon_per_run`
         (every bound holds at the larger, since epsilon only falls as the noise grows)."""
         try:
-            noise = self._calibrate(self.history, target_epsilon)
+            noise = self._calibrate([*self.history, *self.reserved], target_epsilon)
         except CalibrationError as exc:
             raise BudgetError(str(exc)) from None
         if max_epsilon_per_run is None:
             return noise
         try:
-            run_noise = self._calibrate(self.run_history, max_epsilon_per_run)
+            run_noise = self._calibrate([*self.run_history, *self.reserved], max_epsilon_per_run)
         except CalibrationError:
             raise BudgetError(
                 f"site policy: this run cannot stay within this site's max_epsilon_per_run "
@@ -123,6 +126,22 @@ class RoundBudget:
 
     def _spend(self, history: Sequence[MechanismStep]) -> float:
         return cumulative_epsilon(history, delta=self.delta, accountant=self.accountant)
+
+
+def evaluation_noise(epsilon: float, *, delta: float, accountant: AccountantName) -> float:
+    """Noise multiplier of one evaluation release (a Gaussian mechanism: one step at sample
+    rate 1) that spends `epsilon` on its own at `delta`."""
+    try:
+        return calibrate_noise(
+            sample_rate=1.0, steps=1, target_epsilon=epsilon, delta=delta, accountant=accountant
+        )
+    except CalibrationError as exc:
+        raise BudgetError(f"an evaluation at epsilon {epsilon:.3g}: {exc}") from None
+
+
+def evaluation_step(noise: float) -> MechanismStep:
+    """The ledger's record of one evaluation release: one Gaussian step at rate 1."""
+    return MechanismStep(noise, 1.0, 1)
 
 
 def budget_status(ledger: Ledger, *, epsilon: float, delta: float) -> dict[str, Any]:

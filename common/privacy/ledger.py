@@ -1,4 +1,5 @@
-"""The site privacy ledger: one signed, hash-chained JSON line per local training round.
+"""The site privacy ledger: one signed, hash-chained JSON line per privacy spend (a local
+training round, an evaluation release) and per event (a refusal, a recovery).
 
 A site's spending must survive crashes, resumes and new runs, and a privacy officer must be able
 to check it without trusting the site's software: so every round's raw DP-SGD parameters are
@@ -19,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -50,6 +52,10 @@ logger = logging.getLogger(__name__)
 # the same way, has exactly REFUSAL_FIELDS (event = "refusal", reason: one line) and no
 # mechanism field: every epsilon skips it. Privacy entries have no event field, so ledgers
 # written before refusals existed verify as they are.
+# A recovery (the privacy officer's record that the ledger was found discontinuous: missing,
+# truncated, replaced; `ledger_anchor.py`) is an event too, with exactly RECOVERY_FIELDS
+# (event = "recovery", reason: the officer's one line, found: what was found, one line,
+# previous_head: "<lines>:<sha256>" of the last known head, or "none") and no spend field.
 # A line is appended with one os.write and an fsync under an exclusive lock; a torn last line
 # (a crash mid-write) raises TornLedgerError and is left for a person to inspect.
 MECHANISM: Final[str] = "subsampled_gaussian"
@@ -85,9 +91,30 @@ REFUSAL_FIELDS: Final[tuple[str, ...]] = (
     "prev_hash",
     "signature",
 )
-# what a privacy entry spends with: a refusal carrying any of these is malformed
+# what a privacy entry spends with: an event carrying any of these is malformed
 SPEND_FIELDS: Final[frozenset[str]] = frozenset(REQUIRED_FIELDS) - frozenset(REFUSAL_FIELDS)
 MAX_REASON_CHARS: Final[int] = 300
+RECOVERY_EVENT: Final[str] = "recovery"
+RECOVERY_FIELDS: Final[tuple[str, ...]] = (
+    "event",
+    "site_id",
+    "reason",
+    "found",
+    "previous_head",
+    "timestamp",
+    "key_id",
+    "prev_hash",
+    "signature",
+)
+MAX_FOUND_CHARS: Final[int] = 600
+EVENT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    REFUSAL_EVENT: REFUSAL_FIELDS,
+    RECOVERY_EVENT: RECOVERY_FIELDS,
+}
+# A ledger's head as sites report it and the coordinator acknowledges it: "<lines>:<sha256>",
+# the number of lines and the hash of the last one (GENESIS_HASH for an empty ledger).
+HEAD_PATTERN: Final[re.Pattern[str]] = re.compile(r"^(\d+):([0-9a-f]{64})$")
+NO_HEAD: Final[str] = "none"
 
 
 class LedgerError(Exception):
@@ -122,9 +149,12 @@ def _sign(entry: Mapping[str, Any], key: Ed25519PrivateKey) -> str:
     return base64.b64encode(key.sign(canonical_json(entry))).decode("ascii")
 
 
-def is_refusal(entry: Mapping[str, Any]) -> bool:
-    """Whether a ledger line is an event (a refusal) rather than a privacy spend."""
+def is_event(entry: Mapping[str, Any]) -> bool:
+    """Whether a ledger line is an event (a refusal, a recovery) rather than a privacy spend."""
     return "event" in entry
+
+
+is_refusal = is_event  # the name from before recoveries existed: any event spends nothing
 
 
 def reason_problem(reason: object) -> str | None:
@@ -261,8 +291,8 @@ def _check_entry(
 ) -> list[str]:
     """Problems with one entry; `history` is every earlier privacy entry's mechanism step."""
     where = f"line {number}"
-    if is_refusal(entry):
-        return _check_refusal(where, entry, prev_line, public_key, site_id)
+    if is_event(entry):
+        return _check_event(where, entry, prev_line, public_key, site_id)
     missing = [f for f in REQUIRED_FIELDS if f not in entry]
     if missing:
         return [f"{where}: missing {', '.join(missing)}"]
@@ -322,42 +352,67 @@ def _check_signed(
     return problems
 
 
-def _check_refusal(
+def _check_event(
     where: str,
     entry: Mapping[str, Any],
     prev_line: bytes | None,
     public_key: Ed25519PublicKey | None,
     site_id: str | None,
 ) -> list[str]:
-    """A refusal has exactly its own fields: one that carries a spend field is malformed, so a
-    spend can never be recorded where every epsilon skips it."""
-    if entry["event"] != REFUSAL_EVENT:
-        return [f"{where}: unknown event {str(entry['event'])[:40]!r}"]
+    """An event (refusal, recovery) has exactly its own fields: one that carries a spend field
+    is malformed, so a spend can never be recorded where every epsilon skips it."""
+    kind = entry["event"]
+    fields = EVENT_FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        return [f"{where}: unknown event {str(kind)[:40]!r}"]
     spend = sorted(SPEND_FIELDS & set(entry))
     if spend:
-        return [f"{where}: a refusal carries spend field(s) {', '.join(spend)}"]
-    unknown = sorted(set(entry) - set(REFUSAL_FIELDS))
+        return [f"{where}: a {kind} carries spend field(s) {', '.join(spend)}"]
+    unknown = sorted(set(entry) - set(fields))
     if unknown:
-        return [f"{where}: a refusal has unknown field(s) {', '.join(unknown)}"]
-    missing = [f for f in REFUSAL_FIELDS if f not in entry]
+        return [f"{where}: a {kind} has unknown field(s) {', '.join(unknown)}"]
+    missing = [f for f in fields if f not in entry]
     if missing:
         return [f"{where}: missing {', '.join(missing)}"]
     problems = _check_signed(where, entry, prev_line, public_key, site_id)
-    round_no = entry["round"]
-    if isinstance(round_no, bool) or not isinstance(round_no, int) or round_no < 0:
-        problems.append(f"{where}: a refusal's round must be a non-negative integer")
-    if not isinstance(entry["run_id"], str):
-        problems.append(f"{where}: a refusal's run_id must be a string")
+    if kind == REFUSAL_EVENT:
+        round_no = entry["round"]
+        if isinstance(round_no, bool) or not isinstance(round_no, int) or round_no < 0:
+            problems.append(f"{where}: a refusal's round must be a non-negative integer")
+        if not isinstance(entry["run_id"], str):
+            problems.append(f"{where}: a refusal's run_id must be a string")
+    else:
+        found = recovery_found_problem(entry["found"])
+        if found is not None:
+            problems.append(f"{where}: {found}")
+        if not head_is_valid(entry["previous_head"], allow_none=True):
+            problems.append(f"{where}: a recovery's previous_head is not <lines>:<sha256> or none")
     bad_reason = reason_problem(entry["reason"])
     if bad_reason is not None:
         problems.append(f"{where}: {bad_reason}")
     return problems
 
 
+def recovery_found_problem(found: object) -> str | None:
+    """Why `found` cannot be a recovery's finding (one printable line, bounded), or None."""
+    if not isinstance(found, str) or not found.strip():
+        return "a recovery's found must be a non-empty string"
+    if len(found) > MAX_FOUND_CHARS or not found.isprintable():
+        return f"a recovery's found must be one printable line of at most {MAX_FOUND_CHARS}"
+    return None
+
+
+def head_is_valid(head: object, *, allow_none: bool = False) -> bool:
+    """Whether `head` reads "<lines>:<sha256 hex>" (or "none", where allowed)."""
+    if allow_none and head == NO_HEAD:
+        return True
+    return isinstance(head, str) and HEAD_PATTERN.match(head) is not None
+
+
 def _verify_parsed(
     parsed: _Parsed, public_key: Ed25519PublicKey | None, *, recompute: bool = True
 ) -> tuple[list[str], list[MechanismStep]]:
-    """Problems and the mechanism history (privacy entries only: refusals spend nothing).
+    """Problems and the mechanism history (privacy entries only: events spend nothing).
     `recompute=False` skips recomputing each recorded epsilon (quadratic in the number of
     entries); signatures and the chain are always checked."""
     problems = list(parsed.problems)
@@ -370,7 +425,7 @@ def _verify_parsed(
                 number, entry, line, prev, public_key, history, site_id, recompute
             )
             site_id = site_id if site_id is not None else entry.get("site_id")
-            if not is_refusal(entry):
+            if not is_event(entry):
                 with contextlib.suppress(KeyError, TypeError, ValueError):  # reported above
                     history.append(_history_step(entry))
         prev = line
@@ -385,7 +440,7 @@ def _verify_parsed(
 def verify_ledger(path: Path, public_key: Ed25519PublicKey) -> list[str]:
     """Every problem found (empty list = the ledger verifies): signatures, chain, one site,
     known mechanism and accountant, each epsilon recomputed from the raw parameters, and
-    refusals that spend nothing."""
+    events (refusals, recoveries) that spend nothing."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -410,6 +465,7 @@ class Ledger:
         self._entries: list[dict[str, Any]] = []
         self._history: list[MechanismStep] = []
         self._last_line: bytes | None = None
+        self._lines: list[bytes] = []  # every complete line, newline stripped
         if self.path.exists():
             self._load(self.path.read_bytes())
 
@@ -429,17 +485,45 @@ class Ledger:
                 f"ledger {self.path} does not verify with this site's key: {problems[0]}"
                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
             )
-        self._entries = parsed.entries  # every line: privacy entries and refusals
+        self._entries = parsed.entries  # every line: privacy entries and events
         self._history = history
         self._last_line = parsed.lines[-1] if parsed.lines else None
+        self._lines = list(parsed.lines)
 
     def entries(self) -> list[dict[str, Any]]:
-        """The privacy entries (one per round that spent), in order; refusals are apart."""
-        return [dict(e) for e in self._entries if not is_refusal(e)]
+        """The privacy entries (training rounds and evaluation releases), in order; events are
+        apart."""
+        return [dict(e) for e in self._entries if not is_event(e)]
 
     def refusals(self) -> list[dict[str, Any]]:
         """The refusal entries, in order: rounds and runs the site declined, spending nothing."""
-        return [dict(e) for e in self._entries if is_refusal(e)]
+        return [dict(e) for e in self._entries if e.get("event") == REFUSAL_EVENT]
+
+    def recoveries(self) -> list[dict[str, Any]]:
+        """The recovery entries, in order: discontinuities the privacy officer recorded."""
+        return [dict(e) for e in self._entries if e.get("event") == RECOVERY_EVENT]
+
+    def site_id(self) -> str | None:
+        """The site the ledger's lines name (every line names it); None when empty."""
+        for entry in self._entries:
+            if isinstance(entry.get("site_id"), str):
+                return str(entry["site_id"])
+        return None
+
+    def head(self) -> tuple[int, str]:
+        """(number of lines, SHA-256 hex of the last line): GENESIS_HASH when empty."""
+        if not self._lines:
+            return 0, GENESIS_HASH
+        return len(self._lines), line_hash(self._lines[-1])
+
+    def hash_at(self, lines: int) -> str | None:
+        """The hash a head of `lines` lines has in this ledger (GENESIS_HASH for 0), or None
+        when the ledger is shorter."""
+        if lines == 0:
+            return GENESIS_HASH
+        if not 0 < lines <= len(self._lines):
+            return None
+        return line_hash(self._lines[lines - 1])
 
     def history(self, run_id: str | None = None) -> list[MechanismStep]:
         """Opacus accountant history shape, one step per privacy entry: what the site has
@@ -452,14 +536,14 @@ class Ledger:
         """(delta, accountant) of the latest privacy entry: the terms its epsilon was recorded
         at, and the site enforced its budget at, last; None before anything was spent."""
         for entry in reversed(self._entries):
-            if not is_refusal(entry):
+            if not is_event(entry):
                 return float(entry["delta"]), entry["accountant"]
         return None
 
     def spent(self, delta: float | None = None, accountant: AccountantName | None = None) -> float:
         """Cumulative epsilon over every privacy entry (inf after a round without noise), at
         `delta` with `accountant`, each by default the latest entry's (`terms`): what the
-        ledger last recorded. 0 before anything was spent; refusals spend nothing."""
+        ledger last recorded. 0 before anything was spent; events spend nothing."""
         latest = self.terms()
         if latest is None:
             return 0.0
@@ -542,6 +626,33 @@ class Ledger:
         )
         return dict(entry)
 
+    def append_recovery(
+        self, *, site_id: str, reason: str, found: str, previous_head: str
+    ) -> dict[str, Any]:
+        """Appends a recovery: the privacy officer's signed record that this ledger was found
+        discontinuous (`found`), why they accept it (`reason`) and the last head known before
+        (`previous_head`, "<lines>:<sha256>" or "none"). It spends nothing and restores
+        nothing: what the lost entries spent is not in this ledger."""
+        problem = reason_problem(reason) or recovery_found_problem(found)
+        if problem is not None:
+            raise LedgerError(f"recovery not recorded: {problem}")
+        if not head_is_valid(previous_head, allow_none=True):
+            raise LedgerError(
+                f"recovery not recorded: previous head {previous_head[:80]!r} is not "
+                "<lines>:<sha256> or none"
+            )
+        entry = self._append_signed(
+            site_id,
+            lambda: {
+                "event": RECOVERY_EVENT,
+                "site_id": site_id,
+                "reason": reason,
+                "found": found,
+                "previous_head": previous_head,
+            },
+        )
+        return dict(entry)
+
     def _append_signed(self, site_id: str, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Writes `build()` plus timestamp, key id, chain and signature as one line, under an
         exclusive lock and after re-reading the file (`build` sees the current history)."""
@@ -578,4 +689,5 @@ class Ledger:
             fsync_dir(self.path.parent)
         self._entries.append(entry)
         self._last_line = line
+        self._lines.append(line)
         return entry

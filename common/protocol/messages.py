@@ -29,28 +29,45 @@ WEIGHT_KEY: Final[str] = "num-examples"  # Flower strategies weight averages by 
 # (measurements: docs/results/training.md).
 DEFAULT_LR: Final[float] = 5e-3
 
+# A training reply's metrics: the example count (the weight FedAvg needs; a site's training
+# split size is declared public) and the mechanism's public parameters. Nothing computed on
+# records: the training loss stays at the site.
 TRAIN_METRIC_KEYS: Final[frozenset[str]] = frozenset(
-    {WEIGHT_KEY, "train_loss", "epsilon", "steps", "noise_multiplier", "sample_rate"}
+    {WEIGHT_KEY, "epsilon", "steps", "noise_multiplier", "sample_rate"}
 )
-EVAL_METRIC_KEYS: Final[frozenset[str]] = frozenset(
-    {
-        WEIGHT_KEY,
-        "n_studies",
-        "n_reports",
-        "n_questions",
-        "macro_auroc",
-        *(f"auroc_{finding}" for finding in FINDINGS),
-        "ce_f1",
-        "ce_macro_f1",
-        "ce_precision",
-        "ce_recall",
-        "bleu4",
-        "rouge_l",
-        "qa_accuracy",
-        "eval_seconds",
-    }
+# What an evaluation may release, by family: each figure is computed from counts that carry
+# Gaussian noise charged to the site's ledger (client/training/private_evaluation.py). A round
+# config names the families it asks for; a site's policy names those it releases.
+EVAL_FAMILIES: Final[dict[str, frozenset[str]]] = {
+    "auroc": frozenset({"macro_auroc", *(f"auroc_{finding}" for finding in FINDINGS)}),
+    "report": frozenset({"ce_f1", "ce_macro_f1", "ce_precision", "ce_recall", "rouge_l"}),
+    "qa": frozenset({"qa_accuracy"}),
+}
+# Public beside them: the held-out split's size (as the training split's) and the release's
+# own mechanism (its epsilon alone and its noise multiplier).
+EVAL_PUBLIC_KEYS: Final[frozenset[str]] = frozenset(
+    {WEIGHT_KEY, "n_studies", "eval_epsilon", "eval_noise_multiplier"}
 )
-SITE_FIELDS: Final[frozenset[str]] = frozenset({SITE_ID_FIELD})
+EVAL_METRIC_KEYS: Final[frozenset[str]] = EVAL_PUBLIC_KEYS.union(*EVAL_FAMILIES.values())
+ALL_EVAL_FAMILIES: Final[str] = ",".join(EVAL_FAMILIES)
+NO_EVAL_FAMILIES: Final[str] = "none"  # a plan that asks for no figures: nothing to account
+# What one evaluation release spends unless a run sets it: with evaluation every round, ten
+# rounds compose to about epsilon 1.75 at delta 1e-5 (docs/results/privacy.md).
+DEFAULT_EVAL_EPSILON: Final[float] = 0.5
+# The site's ledger head after the round, "<lines>:<sha256 of the last line>": a hash of the
+# site's own signed record of public mechanism parameters, declared public. The coordinator
+# keeps the last one per site and sends it back as the round config's ledger-head, so that a
+# site whose ledger was cut short or replaced refuses (`common/privacy/ledger_anchor.py`).
+LEDGER_HEAD_FIELD: Final[str] = "ledger-head"
+LEDGER_HEAD_PATTERN: Final[re.Pattern[str]] = re.compile(r"^\d+:[0-9a-f]{64}$")
+SITE_FIELDS: Final[frozenset[str]] = frozenset({SITE_ID_FIELD, LEDGER_HEAD_FIELD})
+
+
+# Names a plan could use to steer a site's DP randomness; refused by name (as is any key
+# holding "seed" other than the public `seed`).
+RANDOMNESS_REQUESTS: Final[frozenset[str]] = frozenset(
+    {"insecure_reproducible", "reproducible", "noise_generator", "secure_mode", "rng"}
+)
 
 
 class ProtocolError(ValueError):
@@ -71,7 +88,7 @@ class RoundConfig:
     local_steps: int  # DP-SGD steps per site per round
     batch_size: int  # expected batch size (Poisson sampling: q = batch_size / N)
     lr: float
-    seed: int
+    seed: int  # public randomness only (task prompts); never a site's DP noise or sampling
     dp: bool = True
     target_epsilon: float = DEFAULT_EPSILON  # for the planned schedule at `delta`
     delta: float = DEFAULT_DELTA
@@ -80,6 +97,11 @@ class RoundConfig:
     proximal_mu: float = 0.0  # FedProx: Flower's FedProx strategy injects "proximal-mu"
     eval_reports: int = 64
     eval_questions: int = 128
+    eval_metrics: str = ALL_EVAL_FAMILIES  # comma-separated EVAL_FAMILIES the plan asks for
+    eval_epsilon: float = DEFAULT_EVAL_EPSILON  # one evaluation release's spend (a site caps it)
+    # the coordinator's last acknowledged ledger head of the site receiving this config, as
+    # that site reported it ("" = none known): per site, never a run setting, sent when known
+    ledger_head: str = ""
 
     def __post_init__(self) -> None:
         problems = []
@@ -103,12 +125,34 @@ class RoundConfig:
             problems.append("proximal_mu must be >= 0")
         if self.eval_reports < 0 or self.eval_questions < 0:
             problems.append("eval_reports and eval_questions must be >= 0")
+        unknown = [f for f in self.eval_families if f not in EVAL_FAMILIES]
+        if unknown or (not self.eval_families and self.eval_metrics != NO_EVAL_FAMILIES):
+            problems.append(
+                f"eval_metrics names families among {', '.join(EVAL_FAMILIES)}, or is "
+                f"{NO_EVAL_FAMILIES!r}"
+            )
+        if not (0 < self.eval_epsilon < float("inf")):
+            problems.append("eval_epsilon must be positive and finite")
+        if self.ledger_head and not LEDGER_HEAD_PATTERN.match(self.ledger_head):
+            problems.append("ledger_head must be <lines>:<sha256 hex> or empty")
         if problems:
             raise ProtocolError("invalid round config: " + "; ".join(problems))
 
+    @property
+    def eval_families(self) -> tuple[str, ...]:
+        """The evaluation families asked for, in order, without repeats (none: no figures)."""
+        if self.eval_metrics == NO_EVAL_FAMILIES:
+            return ()
+        names = (part.strip() for part in self.eval_metrics.split(","))
+        return tuple(dict.fromkeys(name for name in names if name))
+
     def to_record(self) -> dict[str, int | float | str | bool]:
-        """Hyphenated keys, as Flower's own config keys are spelled."""
-        return {name.replace("_", "-"): value for name, value in asdict(self).items()}
+        """Hyphenated keys, as Flower's own config keys are spelled; ledger-head only when
+        known (the coordinator sets it per site)."""
+        record = {name.replace("_", "-"): value for name, value in asdict(self).items()}
+        if not self.ledger_head:
+            del record[LEDGER_HEAD_FIELD]
+        return record
 
     @staticmethod
     def from_record(record: Mapping[str, object]) -> RoundConfig:
@@ -118,6 +162,11 @@ class RoundConfig:
         unknown = []
         for key, value in record.items():
             name = str(key).replace("-", "_")
+            if name != "seed" and ("seed" in name or name in RANDOMNESS_REQUESTS):
+                raise ProtocolError(
+                    f"the round config asks for {str(key)[:40]!r}: a site draws its DP noise "
+                    "and sampling from its own CSPRNG and takes no seed or switch for them"
+                )
             if name not in types:
                 unknown.append(str(key))
                 continue

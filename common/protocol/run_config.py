@@ -10,7 +10,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
-from fedrad.common.protocol.messages import DEFAULT_LR
+from fedrad.common.protocol.messages import (
+    ALL_EVAL_FAMILIES,
+    DEFAULT_EVAL_EPSILON,
+    DEFAULT_LR,
+)
 
 RunValue = int | float | str | bool
 
@@ -121,6 +125,18 @@ RUN_SETTINGS: Final[tuple[RunSetting, ...]] = (
     RunSetting("accountant", str, "rdp", "rdp or prv."),
     RunSetting("eval-reports", int, 64, "Reports generated per site per evaluation."),
     RunSetting("eval-questions", int, 128, "Questions answered per site per evaluation."),
+    RunSetting(
+        "eval-metrics",
+        str,
+        ALL_EVAL_FAMILIES,
+        "Evaluation figures asked of each site: auroc, report, qa (comma-separated), or none.",
+    ),
+    RunSetting(
+        "eval-epsilon",
+        float,
+        DEFAULT_EVAL_EPSILON,
+        "Epsilon one evaluation release spends at a site (noised counts; a site may cap it).",
+    ),
 )
 SETTINGS: Final[dict[str, RunSetting]] = {setting.key: setting for setting in RUN_SETTINGS}
 REQUIRED_KEYS: Final[frozenset[str]] = frozenset(s.key for s in RUN_SETTINGS if s.required)

@@ -8,6 +8,12 @@ optimizer steps, six ways of training.
 The federated and local runs take `rounds x local_steps` steps per site; the centralized run
 takes the same total (`rounds x local_steps x sites`) on the pooled data. Every arm is a normal
 run directory under `out/`, so each number can be traced to its metrics.jsonl and config.toml.
+
+The federated and local arms ask their sites for no evaluation figures (`eval-metrics none`):
+a deployed site releases figures only as noised counts charged to its budget, which would
+take budget from training and noise from the comparison. The researcher owns this cohort, so
+each arm's final model is evaluated here, exactly, on every site's held-out split (the
+centralized arm's own evaluation is exact already).
 """
 
 from __future__ import annotations
@@ -20,11 +26,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
+
+from fedrad.client.training.evaluate import EvalConfig, evaluate
+from fedrad.common.model.checkpoint import load_checkpoint
 from fedrad.common.privacy.defaults import DEFAULT_DELTA
-from fedrad.common.protocol.messages import DEFAULT_LR
+from fedrad.common.protocol.messages import DEFAULT_LR, NO_EVAL_FAMILIES
 from fedrad.common.run_dir import read_metrics
 from fedrad.simulations.centralized import CentralizedConfig, run_centralized
-from fedrad.simulations.cohort_data import site_dirs
+from fedrad.simulations.cohort_data import load_cohort, site_dirs
 from fedrad.simulations.federated import FederatedConfig, run_federated, run_local_only
 
 logger = logging.getLogger(__name__)
@@ -64,24 +74,69 @@ class UtilityBenchConfig:
             raise ValueError("lr must be positive")
 
 
-def _row(arm: str, run_dir: Path, wall_s: float) -> dict[str, Any]:
+def _row(
+    arm: str, run_dir: Path, wall_s: float, exact: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """One arm's line; `exact` (site -> its held-out metrics) replaces what the run recorded."""
     records = read_metrics(run_dir)
     last = records[-1] if records else {}
     eps = [v for v in (last.get("epsilon") or {}).values() if v is not None]
-    per_site = last.get("per_site") or {}  # each site's own held-out split (not centralized)
+    per_site = exact if exact is not None else (last.get("per_site") or {})
+    final = _pooled(exact) if exact is not None else {m: last.get(m) for m in METRICS}
     return {
         "arm": arm,
         "run_dir": str(run_dir),
         "rounds": len(records),
-        **{m: last.get(m) for m in METRICS},
+        **final,
         "max_site_epsilon": max(eps) if eps else None,
         "wall_s": round(wall_s, 1),
-        "first_round": {m: (records[0].get(m) if records else None) for m in METRICS},
+        "first_round": (
+            None
+            if exact is not None
+            else {m: (records[0].get(m) if records else None) for m in METRICS}
+        ),
         "per_site": {
             site: {m: metrics.get(m) for m in ("n_studies", *METRICS)}
             for site, metrics in per_site.items()
         },
     }
+
+
+def _pooled(per_site: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Each metric's mean over sites where it is defined, weighted by held-out studies."""
+    out: dict[str, float | None] = {}
+    for metric in METRICS:
+        pairs = [
+            (float(m[metric]), float(m["n_studies"]))
+            for m in per_site.values()
+            if m.get(metric) is not None and np.isfinite(m[metric])
+        ]
+        weight = sum(w for _, w in pairs)
+        out[metric] = sum(v * w for v, w in pairs) / weight if weight else None
+    return out
+
+
+def exact_evaluation(
+    cohort: Path, run_dir: Path, config: UtilityBenchConfig, *, per_site_models: bool
+) -> dict[str, dict[str, Any]]:
+    """The arm's final model(s) on every site's held-out split, exactly: the checkpoint of the
+    last round (one per site for the local arm)."""
+    last = f"round_{config.rounds:03d}"
+    shared = None if per_site_models else load_checkpoint(run_dir / "checkpoints" / last)
+    eval_config = EvalConfig(max_reports=config.eval_reports, max_questions=config.eval_questions)
+    image_size = (shared or _any_site_model(run_dir, last)).config.image_size
+    results: dict[str, dict[str, Any]] = {}
+    splits, _ = load_cohort(cohort, image_size=image_size)
+    for split in splits:
+        model = shared or load_checkpoint(run_dir / "checkpoints" / split.site_id / last)
+        raw = evaluate(model, split.held_out, eval_config)
+        results[split.site_id] = {k: v for k, v in raw.items() if k != "auroc"}
+    return results
+
+
+def _any_site_model(run_dir: Path, last: str) -> Any:
+    first = sorted(p for p in (run_dir / "checkpoints").iterdir() if (p / last).is_dir())[0]
+    return load_checkpoint(first / last)
 
 
 def smallest_site(rows: list[dict[str, Any]]) -> str | None:
@@ -116,6 +171,7 @@ def run_utility_bench(
         delta=config.delta,
         eval_reports=config.eval_reports,
         eval_questions=config.eval_questions,
+        eval_metrics=NO_EVAL_FAMILIES,  # evaluated exactly below, from the final checkpoints
     )
     plans: dict[str, Callable[[], Path]] = {
         "centralized-nodp": lambda: run_centralized(
@@ -147,7 +203,12 @@ def run_utility_bench(
             progress(f"[{index}/{len(config.arms)}] {arm}")
         started = time.perf_counter()
         run_dir = plans[arm]()
-        rows.append(_row(arm, run_dir, time.perf_counter() - started))
+        exact = (
+            None
+            if arm.startswith("centralized")
+            else exact_evaluation(cohort, run_dir, config, per_site_models=arm.startswith("local"))
+        )
+        rows.append(_row(arm, run_dir, time.perf_counter() - started, exact))
         logger.info("utility bench: %s done in %.0f s", arm, rows[-1]["wall_s"])
     result = {
         "cohort": str(cohort),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from fedrad.client.federation.site_agent import flatten_eval_metrics
 from fedrad.client.training.evaluate import EvalConfig, evaluate
 from tests.model_fixtures import micro_model, micro_studies
 
@@ -13,5 +12,4 @@ def test_an_evaluation_without_reports_or_questions_reports_auroc_only() -> None
     result = evaluate(model, studies, EvalConfig(max_reports=0, max_questions=0))
     assert result["n_reports"] == 0 and result["n_questions"] == 0
     assert result["ce_f1"] is None and result["bleu4"] is None and result["qa_accuracy"] is None
-    flat = flatten_eval_metrics(result, len(studies))  # what a site replies: NaN, not 0
-    assert flat["ce_f1"] != flat["ce_f1"] and flat["n_studies"] == 10
+    assert result["n_studies"] == 10

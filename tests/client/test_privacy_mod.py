@@ -33,7 +33,7 @@ def _task_identity() -> None:
 
 
 DECLARED = frozenset({"encoder.w", "head.b"})
-GOOD_METRICS = {"num-examples": 10.0, "train_loss": 1.2, "epsilon": 0.5}
+GOOD_METRICS = {"num-examples": 10.0, "steps": 5.0, "epsilon": 0.5}
 
 
 def _arrays(**shapes: tuple[int, ...]) -> ArrayRecord:
@@ -89,7 +89,9 @@ def test_a_proper_reply_passes() -> None:
     ("override", "match"),
     [
         ({"metrics": MetricRecord({**GOOD_METRICS, "per_study_loss": 0.3})}, "not whitelisted"),
-        ({"metrics": MetricRecord({**GOOD_METRICS, "train_loss": [0.1, 0.2]})}, "list"),
+        # the training loss is computed on private records and no mechanism covers it
+        ({"metrics": MetricRecord({**GOOD_METRICS, "train_loss": 0.3})}, "not whitelisted"),
+        ({"metrics": MetricRecord({**GOOD_METRICS, "steps": [1.0, 2.0]})}, "list"),
         (
             {"arrays": _arrays(**{"encoder.w": (2, 2), "head.b": (3,), "lm.wte": (5, 2)})},
             "not declared trainable: lm.wte",
@@ -103,6 +105,15 @@ def test_anything_else_is_refused(override: dict[str, object], match: str) -> No
     request = _request()
     with pytest.raises(PrivacyViolationError, match=match):
         check_reply(request, _train_reply(request, **override), DECLARED)
+
+
+@pytest.mark.parametrize("key", ["bleu4", "n_questions", "eval_seconds", "n_reports"])
+def test_evaluation_figures_outside_the_noised_families_are_refused(key: str) -> None:
+    """Figures no noised count stands behind (and a timing) do not leave."""
+    request = _request(MessageType.EVALUATE)
+    reply = _reply(request, metrics=MetricRecord({"num-examples": 4.0, key: 0.5}))
+    with pytest.raises(PrivacyViolationError, match="not whitelisted"):
+        check_reply(request, reply, DECLARED)
 
 
 def test_evaluation_replies_carry_no_arrays_and_only_eval_metrics() -> None:

@@ -41,7 +41,7 @@ from tests.fl_fixtures import (
     set_task_identity,
 )
 
-GOOD_METRICS = {WEIGHT_KEY: 10.0, "epsilon": 1.0, "train_loss": 0.5}
+GOOD_METRICS = {WEIGHT_KEY: 10.0, "epsilon": 1.0, "steps": 5.0}
 
 
 @pytest.fixture(autouse=True)

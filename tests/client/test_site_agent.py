@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from fedrad.client.federation import site_agent
 from fedrad.client.federation.site_agent import (
@@ -26,16 +24,7 @@ from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key, ver
 from fedrad.common.protocol.messages import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS, ProtocolError
 from tests.fl_fixtures import micro_foundation, micro_site, round_config
 
-
-@pytest.fixture(autouse=True)
-def _fresh_caches_one_thread() -> Iterator[None]:
-    """One torch thread: spin-waiting threads crawl on a busy 2-core machine (see
-    docs/results/privacy.md)."""
-    site_agent.clear_caches()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("fresh_site_process")
 
 
 def _distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
@@ -59,18 +48,22 @@ def test_round_trip_trains_records_and_meets_the_planned_budget(tmp_path: Path) 
     entries = ledger.entries()
     assert [e["round"] for e in entries] == [1, 2]
     assert {e["run_id"] for e in entries} == {"test-run"}
-    # the noise was calibrated once for the whole plan: same sigma, and the plan spends <= 5
-    assert entries[1]["noise_multiplier"] == pytest.approx(entries[0]["noise_multiplier"], rel=2e-3)
-    assert first.metrics["epsilon"] < second.metrics["epsilon"] <= 5.0
-    assert second.metrics["epsilon"] == pytest.approx(5.0, rel=0.01)
+    # the noise was calibrated once for the whole plan: same sigma; the planned evaluations
+    # are reserved inside the target (round 1's did not run here, so round 2 spends a bit more)
+    assert entries[1]["noise_multiplier"] == pytest.approx(entries[0]["noise_multiplier"], rel=0.1)
+    assert first.metrics["epsilon"] < second.metrics["epsilon"] < 5.0
     assert second.metrics["epsilon"] == pytest.approx(entries[1]["epsilon"])
     public = load_or_create_signing_key(spec.key_path).public_key()
     assert verify_ledger(spec.ledger_path, public) == []
 
-    n, metrics = evaluate_site(spec, second.arrays, plan)
-    assert set(metrics) == EVAL_METRIC_KEYS
-    assert metrics["num-examples"] == n > 0
-    assert all(isinstance(v, float) for v in metrics.values())
+    released = evaluate_site(spec, second.arrays, dataclasses.replace(plan, server_round=2))
+    assert set(released.metrics) == EVAL_METRIC_KEYS
+    assert released.metrics["num-examples"] == released.num_examples > 0
+    assert all(isinstance(v, float) for v in released.metrics.values())
+    last = Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path)).entries()[-1]
+    assert (last["sample_rate"], last["steps"]) == (1.0, 1)  # one Gaussian release
+    assert last["noise_multiplier"] == released.metrics["eval_noise_multiplier"]
+    assert last["epsilon"] == pytest.approx(5.0, rel=0.02)  # the plan spends its target
 
 
 def test_budget_and_plan_are_enforced(tmp_path: Path) -> None:

@@ -8,11 +8,9 @@ import json
 import logging
 import stat
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from fedrad.client.cli import app as site_cli
@@ -38,21 +36,14 @@ from fedrad.client.site.policy import (
     record_refusal,
 )
 from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key, verify_ledger
+from fedrad.common.privacy.ledger_anchor import open_site_ledger
 from tests.fl_fixtures import micro_foundation, micro_site, round_config
 
 SITE = "[site]\nsite_id='a'\ndata_dir='d'\nepsilon=8.0\ndelta=1e-5\n"
 FAB = "ab" * 32
 
 
-@pytest.fixture(autouse=True)
-def _fresh_caches_one_thread() -> Iterator[None]:
-    """One torch thread: two spin-waiting threads on a busy 2-core machine run 30x slower."""
-    site_agent.clear_caches()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    site_agent.clear_caches()
+pytestmark = pytest.mark.usefixtures("fresh_site_process")
 
 
 def _site(tmp_path: Path, **policy: object) -> Path:
@@ -361,9 +352,10 @@ def test_a_round_without_dp_is_refused_under_a_privacy_policy(tmp_path: Path) ->
 
 
 def test_a_run_past_its_per_run_epsilon_is_refused_before_training(tmp_path: Path) -> None:
-    ledger = Ledger(
+    ledger = open_site_ledger(  # as the site agent opens it: with its anchor
         tmp_path / "site_a" / "ledger.jsonl",
-        load_or_create_signing_key(tmp_path / "site_a" / "ledger_key.pem"),
+        tmp_path / "site_a" / "ledger_key.pem",
+        site_id="site_a",
     )
     ledger.append(  # round 1 of this run already spent more than the policy now allows
         site_id="site_a",

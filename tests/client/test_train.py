@@ -176,14 +176,16 @@ def test_a_frozen_encoder_is_untouched_by_dp_training() -> None:
 
 def test_poisson_sampling_runs_at_exactly_the_rate_the_ledger_records() -> None:
     """Opacus' own conversion samples at 1 / ceil(N / B); the ledger records B / N."""
-    from fedrad.client.training.train import _loader
+    from fedrad.client.training.train import _dp_loader
+    from fedrad.common.privacy.randomness import MechanismRandomness
 
     model = micro_model()
     examples = micro_examples(model, 14)
-    loader = _loader(
-        examples, TrainConfig(batch_size=4), torch.device("cpu"), 4 / 14, torch.Generator()
+    loader = _dp_loader(
+        examples, TrainConfig(batch_size=4), torch.device("cpu"), 4 / 14, MechanismRandomness()
     )
-    assert loader.sample_rate == pytest.approx(4 / 14)  # Opacus would use 1 / 4
+    assert loader.batch_sampler.sample_rate == pytest.approx(4 / 14)  # Opacus: 1 / 4
+    assert len(loader) == TrainConfig().steps  # exactly the steps run, as accounted
     result = train_local(
         model, examples, TrainConfig(steps=2, batch_size=4), DPConfig(noise_multiplier=1.0)
     )

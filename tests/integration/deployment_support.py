@@ -126,10 +126,22 @@ def refused(spawn: Callable[[list[str], Path], Process], config: Path, log: Path
 
 
 def ledger_ok(site_dir: Path) -> int:
+    """Audits a site's ledger (status ok) and returns how many training rounds it recorded."""
     key = read_public_key(public_key_path(site_dir / "keys" / "ledger_key.pem"))
     audit = audit_ledger(site_dir / "ledger.jsonl", {public_key_id(key): key})
     assert audit.status == "ok", (audit.status, audit.reason)
-    return audit.entries
+    return len(training_lines((site_dir / "ledger.jsonl").read_text().splitlines()))
+
+
+def training_lines(lines: list[str]) -> list[str]:
+    """A ledger's DP-SGD entries: not events (refusals, recoveries), not evaluation releases
+    (one Gaussian step at sample rate 1; no deployment test trains one step on a whole split)."""
+    entries = [(line, json.loads(line)) for line in lines if line.strip()]
+    return [
+        line
+        for line, e in entries
+        if "event" not in e and (e["sample_rate"], e["steps"]) != (1.0, 1)
+    ]
 
 
 def run_command(

@@ -58,7 +58,7 @@ def test_two_rounds_on_three_virtual_sites(tmp_path: Path) -> None:
     assert [r["round"] for r in records] == [1, 2] == [r["round"] for r in seen]
     for record in records:
         assert set(record["epsilon"]) == set(sites)
-        for key in ("macro_auroc", "ce_f1", "bleu4", "rouge_l", "qa_accuracy", "train_loss"):
+        for key in ("macro_auroc", "ce_f1", "rouge_l", "qa_accuracy", "eval_epsilon"):
             assert key in record
         assert record["failures"] == []
     for round_no in (0, 1, 2):
@@ -73,10 +73,13 @@ def test_two_rounds_on_three_virtual_sites(tmp_path: Path) -> None:
         folder = run_dir / "sites" / site
         key_path = folder / "ledger_key.pem"
         entries = Ledger(folder / "ledger.jsonl", load_or_create_signing_key(key_path)).entries()
-        assert [e["round"] for e in entries] == [1, 2]
+        # per round: the training and the evaluation release (one Gaussian step at rate 1)
+        assert [e["round"] for e in entries] == [1, 1, 2, 2]
+        assert [(e["sample_rate"], e["steps"]) == (1.0, 1) for e in entries] == [0, 1, 0, 1]
         assert {e["run_id"] for e in entries} == {run_dir.name}
-        assert entries[0]["epsilon"] < entries[1]["epsilon"] <= 5.0
-        assert entries[1]["epsilon"] == pytest.approx(records[-1]["epsilon"][site])
+        epsilons = [e["epsilon"] for e in entries]
+        assert epsilons == sorted(epsilons) and epsilons[-1] <= 5.0 * (1 + 1e-6)
+        assert entries[2]["epsilon"] == pytest.approx(records[-1]["epsilon"][site])
         public = load_public_key(public_key_path(key_path))
         assert verify_ledger(folder / "ledger.jsonl", public) == []
 
@@ -123,7 +126,7 @@ def test_two_secagg_rounds_on_three_virtual_sites(tmp_path: Path) -> None:
         folder = run_dir / "sites" / site
         key_path = folder / "ledger_key.pem"
         entries = Ledger(folder / "ledger.jsonl", load_or_create_signing_key(key_path)).entries()
-        assert [e["round"] for e in entries] == [1, 2]
-        assert entries[1]["epsilon"] == pytest.approx(records[-1]["epsilon"][site])
+        assert [e["round"] for e in entries] == [1, 1, 2, 2]  # training, evaluation
+        assert entries[2]["epsilon"] == pytest.approx(records[-1]["epsilon"][site])
         public = load_public_key(public_key_path(key_path))
         assert verify_ledger(folder / "ledger.jsonl", public) == []

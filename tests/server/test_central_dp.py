@@ -52,6 +52,7 @@ from tests.fl_fixtures import (
     micro_foundation,
     micro_site,
     round_config,
+    training_entries,
 )
 
 SIGMA = 0.8
@@ -116,7 +117,7 @@ def fake_sites(
         content = RecordDict(
             {
                 METRICS_KEY: MetricRecord(
-                    {WEIGHT_KEY: float(examples[index]), "epsilon": 1.0, "train_loss": 0.5}
+                    {WEIGHT_KEY: float(examples[index]), "epsilon": 1.0, "steps": 5.0}
                 ),
                 SITE_KEY: ConfigRecord({SITE_ID_FIELD: f"site_{index}"}),
             }
@@ -171,7 +172,7 @@ def _replies(
         content = RecordDict(
             {
                 ARRAYS_KEY: ArrayRecord(dict(reversed(arrays.items()))),
-                METRICS_KEY: MetricRecord({WEIGHT_KEY: float(n), "train_loss": float(n)}),
+                METRICS_KEY: MetricRecord({WEIGHT_KEY: float(n), "steps": float(n)}),
             }
         )
         replies.append(Message(content, reply_to=message))
@@ -202,7 +203,7 @@ def test_noise_has_the_expected_scale_around_the_equal_weight_mean(tmp_path: Pat
     assert abs(float(np.mean(noise))) < 0.05 * expected
     assert float(np.std(noise)) == pytest.approx(expected, rel=0.05)
     # metrics still count studies, not sites; the coordinator's own weight key is not reported
-    assert metrics["train_loss"] == pytest.approx(sum(n * n for n in examples) / sum(examples))
+    assert metrics["steps"] == pytest.approx(sum(n * n for n in examples) / sum(examples))
     assert UNIT_WEIGHT_KEY not in metrics
 
 
@@ -347,10 +348,7 @@ def test_two_rounds_with_central_and_local_dp_keep_an_audited_coordinator_ledger
     records = read_metrics(run_dir)
     assert [r["central_epsilon"] for r in records] == pytest.approx([e["epsilon"] for e in entries])
     for spec in specs:  # each site's record-level ledger is kept as before
-        assert [
-            e["round"]
-            for e in Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path)).entries()
-        ] == [1, 2]
+        assert [e["round"] for e in training_entries(spec)] == [1, 2]
         assert set(records[-1]["epsilon"]) == {"site_0", "site_1"}
 
 
@@ -431,3 +429,22 @@ def test_without_central_dp_there_is_no_coordinator_ledger(tmp_path: Path) -> No
     assert run_server(InProcessGrid(fake_sites([0.01, -0.02], [5, 50]), 2), plan) == 1
     assert not (run_dir / "coordinator").exists()
     assert "central_epsilon" not in read_metrics(run_dir)[0]
+
+
+def test_the_coordinators_noise_is_not_numpys_global_generator() -> None:
+    """Seeding numpy's global generator (as anyone replaying a run would) does not repeat the
+    central noise: it comes from a CSPRNG-keyed stream, at std sigma * C / n."""
+    strategy = with_central_dp(
+        build_strategy("fedavg", num_sites=2, equal_weights=True),
+        noise_multiplier=SIGMA,
+        clipping_norm=CLIP,
+        num_sites=2,
+    )
+    mean = ArrayRecord({"w": Array(np.zeros(50_000, dtype=np.float32))})
+    draws = []
+    for _ in range(2):
+        np.random.seed(0)
+        draws.append(strategy._add_noise_to_aggregated_arrays(mean)["w"].numpy())
+    assert not np.array_equal(draws[0], draws[1])
+    assert draws[0].dtype == np.float32
+    assert float(draws[0].std()) == pytest.approx(SIGMA * CLIP / 2, rel=0.03)

@@ -29,6 +29,7 @@ from tests.fl_fixtures import (
     micro_foundation,
     micro_site,
     round_config,
+    training_entries,
 )
 
 pytestmark = pytest.mark.usefixtures("in_process_federation")
@@ -126,7 +127,7 @@ def test_server_loop_resumes_after_a_crash_without_counting_a_round_twice(
         load_checkpoint(checkpoint_dir(run_dir, round_no))
     for spec in specs:
         key = load_or_create_signing_key(spec.key_path)
-        entries = Ledger(spec.ledger_path, key).entries()
+        entries = training_entries(spec)
         # round 2 trained twice (the crash came after the sites spent): both are on record
         assert [e["round"] for e in entries] == [1, 2, 2, 3]
         assert entries[-1]["epsilon"] == pytest.approx(last["epsilon"][spec.site_id])
@@ -174,7 +175,8 @@ def test_a_site_that_refuses_is_logged_and_the_round_goes_on(
     assert any("privacy budget" in f for f in record["failures"])
     assert any("sent no update" in r.getMessage() for r in caplog.records)
     ledger = Ledger(specs[1].ledger_path, load_or_create_signing_key(specs[1].key_path))
-    assert ledger.entries() == [] and len(ledger.refusals()) == 1  # on record, spent nothing
+    # training and evaluation both refused: on record, nothing spent
+    assert ledger.entries() == [] and len(ledger.refusals()) == 2
 
 
 def test_plan_from_run_config_rejects_unknown_keys(tmp_path: Path) -> None:

@@ -24,7 +24,6 @@ from fedrad.client.federation.app import simulation_client_app
 from fedrad.client.federation.secure_aggregation import simulation_secure_client_app
 from fedrad.client.federation.site_agent import SiteSpec, SiteUpdate, cached_model, trainable_arrays
 from fedrad.common.audit.ledger_audit import audit_ledger, public_key_id, read_public_key
-from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key
 from fedrad.common.protocol.messages import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
 from fedrad.common.protocol.secagg import (
     SECAGG_RECORD,
@@ -43,6 +42,7 @@ from tests.fl_fixtures import (
     micro_foundation,
     micro_site,
     round_config,
+    training_entries,
 )
 
 pytestmark = pytest.mark.usefixtures("in_process_federation")
@@ -65,16 +65,20 @@ def _plan(run_dir: Path, foundation: Path, *, rounds: int = 1, **over: object) -
 
 
 def _sites(root: Path, foundation: Path) -> list[SiteSpec]:
-    """Three sites of different sizes (so the weights differ), one worker thread."""
+    """Three sites of different sizes (so the weights differ), one worker thread, drawing
+    their DP noise reproducibly (a test compares two runs' updates; no deployment can)."""
     return [
-        dataclasses.replace(micro_site(root, f"site_{i}", foundation, seed=i, n=12 + 8 * i))
+        dataclasses.replace(
+            micro_site(root, f"site_{i}", foundation, seed=i, n=12 + 8 * i),
+            insecure_reproducible=True,
+        )
         for i in range(3)
     ]
 
 
 def _entries(spec: SiteSpec) -> list[int]:
-    ledger = Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path))
-    return [int(e["round"]) for e in ledger.entries()]
+    """The rounds a site trained in (its ledger's DP-SGD entries)."""
+    return [int(e["round"]) for e in training_entries(spec)]
 
 
 class DyingGrid(InProcessGrid):
@@ -140,7 +144,7 @@ def _fake_sites(monkeypatch: pytest.MonkeyPatch, offsets: list[float], examples:
         for name, value in arrays.items():
             signs = np.where(np.arange(value.size) % 2, 1.0, -1.0).reshape(value.shape)
             new[name] = (value + offsets[index] * signs).astype(value.dtype)
-        metrics = {WEIGHT_KEY: float(examples[index]), "epsilon": 1.0, "train_loss": 0.5}
+        metrics = {WEIGHT_KEY: float(examples[index]), "epsilon": 1.0, "steps": 5.0}
         return SiteUpdate(new, examples[index], metrics)
 
     monkeypatch.setattr(client_secagg, "train_site", fake_train)
@@ -408,7 +412,7 @@ def test_a_crashed_secagg_run_resumes_without_counting_a_round_twice(
 ) -> None:
     foundation = micro_foundation(tmp_path)
     specs = _sites(tmp_path, foundation)
-    plan = _plan(tmp_path / "run", foundation, rounds=2)
+    plan = _plan(tmp_path / "run", foundation, rounds=3)  # round 2's rerun has budget left
     grid = InProcessGrid(simulation_secure_client_app(specs), 3)
     real_commit = RunBook.commit
 
@@ -421,10 +425,10 @@ def test_a_crashed_secagg_run_resumes_without_counting_a_round_twice(
     with pytest.raises(RuntimeError, match="lost power"):
         run_server(grid, plan)
     monkeypatch.setattr(RunBook, "commit", real_commit)
-    assert run_server(grid, plan) == 2
-    assert [r["round"] for r in read_metrics(plan.run_dir)] == [1, 2]
+    assert run_server(grid, plan) == 3
+    assert [r["round"] for r in read_metrics(plan.run_dir)] == [1, 2, 3]
     for spec in specs:  # round 2 was trained twice: both spends stay on record
-        assert _entries(spec) == [1, 2, 2]
+        assert _entries(spec) == [1, 2, 2, 3]
 
 
 # -- settings --------------------------------------------------------------------------------

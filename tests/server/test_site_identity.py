@@ -17,7 +17,6 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.common.constant import ErrorCode
 
 from fedrad.client.federation.app import simulation_client_app
-from fedrad.common.privacy.ledger import Ledger, load_or_create_signing_key
 from fedrad.common.protocol.messages import METRICS_KEY, SITE_ID_FIELD, SITE_KEY, WEIGHT_KEY
 from fedrad.common.run_dir import read_metrics
 from fedrad.server import app as server_app
@@ -30,7 +29,13 @@ from fedrad.server.participation import (
     wait_for_sites,
 )
 from fedrad.server.rounds import ServerPlan
-from tests.fl_fixtures import InProcessGrid, micro_foundation, micro_site, round_config
+from tests.fl_fixtures import (
+    InProcessGrid,
+    micro_foundation,
+    micro_site,
+    round_config,
+    training_entries,
+)
 
 pytestmark = pytest.mark.usefixtures("in_process_federation")
 
@@ -256,8 +261,7 @@ def test_a_deployed_run_records_sites_by_registry_and_ignores_unregistered_nodes
     assert record["failures"] == []
     spent = {}
     for spec in specs[:2]:
-        ledger = Ledger(spec.ledger_path, load_or_create_signing_key(spec.key_path))
-        spent[spec.site_id] = ledger.entries()[-1]["epsilon"]
+        spent[spec.site_id] = training_entries(spec)[-1]["epsilon"]
     assert spent["site_0"] != spent["site_1"]  # the sites differ in size, so in spend
     assert record["epsilon"] == {
         "site_1": pytest.approx(spent["site_0"]),

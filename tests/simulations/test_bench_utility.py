@@ -7,13 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from fedrad.common.protocol.messages import NO_EVAL_FAMILIES
+from fedrad.common.synthetic.cohort import generate_cohort
 from fedrad.simulations.benchmarks.utility import (
     ARMS,
     UtilityBenchConfig,
     _row,
+    exact_evaluation,
     markdown_table,
     smallest_site,
 )
+from fedrad.simulations.federated import FederatedConfig, run_local_only
+from tests.fl_fixtures import micro_foundation
 
 
 def test_unknown_arms_and_bad_sizes_are_refused() -> None:
@@ -56,3 +61,34 @@ def test_the_smallest_site_is_compared_on_its_own_held_out_split(tmp_path: Path)
     assert "AUROC on small" in table
     assert "| 8.00 | 0.800 |" not in table  # no epsilon here: the column reads "-"
     assert "| - | 0.800 | 1.0 min |" in table and "| - | 0.600 | 1.0 min |" in table
+
+
+@pytest.mark.slow
+def test_arms_are_scored_by_an_exact_evaluation_of_their_final_models(tmp_path: Path) -> None:
+    """The bench's local arm asks its sites for no figures and scores each site's own final
+    model on that site's held-out split itself; the row pools them by held-out size."""
+    cohort = tmp_path / "cohort"
+    generate_cohort(cohort, sites=2, studies_per_site=12, seed=2, workers=1, image_size=64)
+    federated = FederatedConfig(
+        rounds=1,
+        local_steps=2,
+        batch_size=4,
+        epsilon=5.0,
+        eval_reports=1,
+        eval_questions=2,
+        eval_metrics=NO_EVAL_FAMILIES,
+        initial_checkpoint=str(micro_foundation(tmp_path)),
+    )
+    run_dir = run_local_only(cohort, tmp_path / "runs", federated)
+    bench = UtilityBenchConfig(rounds=1, eval_reports=1, eval_questions=2)
+    exact = exact_evaluation(cohort, run_dir, bench, per_site_models=True)
+    assert sorted(exact) == ["site_1", "site_2"]
+    row = _row("local-dp-eps8", run_dir, 1.0, exact)
+    sizes = [exact[s]["n_studies"] for s in sorted(exact)]
+    aurocs = [exact[s]["macro_auroc"] for s in sorted(exact)]
+    if all(a is not None for a in aurocs):
+        expected = sum(a * n for a, n in zip(aurocs, sizes, strict=True)) / sum(sizes)
+        assert row["macro_auroc"] == pytest.approx(expected)
+    for site in exact:  # the ledger holds the training rounds only: nothing was released
+        lines = (run_dir / "sites" / site / "ledger.jsonl").read_text().splitlines()
+        assert len(lines) == 1

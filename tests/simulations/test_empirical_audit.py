@@ -309,9 +309,11 @@ def test_micro_audit_end_to_end(micro_cohort: tuple[Path, Path]) -> None:
     assert "DP-SGD" in table and "non-private" in table and "consistent" in table
     assert f"{result.claimed_epsilon:.2f}" in table
 
-    # everything is seeded: a second audit gives the same counts
+    # the seed fixes the canaries and the non-private run; the DP run draws its noise and
+    # sampling from the site's CSPRNG, as a deployed site does, so it is not repeated
     again = run_empirical_audit(cohort, config)
-    for first, second in ((result.dp, again.dp), (result.non_private, again.non_private)):
-        assert (first.correct, first.guesses) == (second.correct, second.guesses)
-        assert first.empirical_epsilon_lower_bound == second.empirical_epsilon_lower_bound
-        assert math.isclose(first.final_loss, second.final_loss, rel_tol=1e-5)
+    first, second = result.non_private, again.non_private
+    assert (first.correct, first.guesses) == (second.correct, second.guesses)
+    assert first.empirical_epsilon_lower_bound == second.empirical_epsilon_lower_bound
+    assert math.isclose(first.final_loss, second.final_loss, rel_tol=1e-5)
+    assert again.dp.claimed_epsilon == result.dp.claimed_epsilon  # the same mechanism

@@ -143,7 +143,7 @@ def test_local_only_writes_the_run_directory_contract(tmp_path: Path) -> None:
     for site in sites:
         assert 0 < records[0]["epsilon"][site] < records[1]["epsilon"][site] <= 5.0
         lines = (run_dir / "sites" / site / "ledger.jsonl").read_text().splitlines()
-        assert len(lines) == 2
+        assert len(lines) == 4  # per round: the training and the evaluation release
         load_checkpoint(run_dir / "checkpoints" / site / "round_002")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["kind"] == "local"
