@@ -308,21 +308,30 @@ def _one_line_problem(value: object, limit: int) -> bool:
     )
 
 
+def _event_fields_problem(entry: Mapping[str, Any], kind: str, fields: Sequence[str]) -> str | None:
+    """An event of `kind` holds exactly `fields` (key_id aside): one carrying a spend field
+    could hide a spend from every epsilon, so it is malformed, whatever its signature says."""
+    if entry["event"] != kind:
+        return "unknown event"
+    spend = sorted(SPEND_FIELDS & set(entry))
+    if spend:
+        return f"a {kind} carries spend field(s) {', '.join(spend)}"
+    unknown = sorted(set(entry) - set(fields) - {"key_id"})
+    if unknown:
+        return f"a {kind} has unknown field(s) {', '.join(unknown)}"
+    missing = [f for f in fields if f not in entry]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    return None
+
+
 def recovery_problem(entry: Mapping[str, Any]) -> str | None:
     """Why an entry with event "recovery" is not a well-formed recovery, or None: exactly its
     own fields (no spend field), one-line reason and finding, and a previous head that reads
     "<lines>:<sha256>" or "none"."""
-    if entry["event"] != RECOVERY_EVENT:
-        return "unknown event"
-    spend = sorted(SPEND_FIELDS & set(entry))
-    if spend:
-        return f"a recovery carries spend field(s) {', '.join(spend)}"
-    unknown = sorted(set(entry) - set(RECOVERY_FIELDS) - {"key_id"})
-    if unknown:
-        return f"a recovery has unknown field(s) {', '.join(unknown)}"
-    missing = [f for f in RECOVERY_FIELDS if f not in entry]
-    if missing:
-        return f"missing {', '.join(missing)}"
+    problem = _event_fields_problem(entry, RECOVERY_EVENT, RECOVERY_FIELDS)
+    if problem is not None:
+        return problem
     if _one_line_problem(entry["reason"], MAX_REASON_CHARS):
         return "invalid reason (one printable line expected)"
     if _one_line_problem(entry["found"], MAX_FOUND_CHARS):
@@ -344,17 +353,9 @@ def refusal_problem(entry: Mapping[str, Any]) -> str | None:
     """Why an entry with an `event` field is not a well-formed refusal, or None. A refusal
     has exactly its own fields: one carrying a spend field could hide a spend from every
     epsilon, so it is malformed, whatever its signature says."""
-    if entry["event"] != REFUSAL_EVENT:
-        return "unknown event"
-    spend = sorted(SPEND_FIELDS & set(entry))
-    if spend:
-        return f"a refusal carries spend field(s) {', '.join(spend)}"
-    unknown = sorted(set(entry) - set(REFUSAL_FIELDS) - {"key_id"})
-    if unknown:
-        return f"a refusal has unknown field(s) {', '.join(unknown)}"
-    missing = [f for f in REFUSAL_FIELDS if f not in entry]
-    if missing:
-        return f"missing {', '.join(missing)}"
+    problem = _event_fields_problem(entry, REFUSAL_EVENT, REFUSAL_FIELDS)
+    if problem is not None:
+        return problem
     round_no = entry["round"]
     if isinstance(round_no, bool) or not isinstance(round_no, int) or round_no < 0:
         return "invalid round"
