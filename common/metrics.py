@@ -74,15 +74,19 @@ def bleu4(generated: Sequence[str], references: Sequence[str]) -> float | None:
     return float(BLEU().corpus_score(list(generated), [list(references)]).score) / 100.0
 
 
+def rouge_l_scores(generated: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F-measure of each generated text against its reference."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return [
+        scorer.score(r, g)["rougeL"].fmeasure for g, r in zip(generated, references, strict=True)
+    ]
+
+
 def rouge_l(generated: Sequence[str], references: Sequence[str]) -> float | None:
     """Mean ROUGE-L F-measure; None without text."""
     if not generated:
         return None
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    scores = [
-        scorer.score(r, g)["rougeL"].fmeasure for g, r in zip(generated, references, strict=True)
-    ]
-    return float(np.mean(scores))
+    return float(np.mean(rouge_l_scores(generated, references)))
 
 
 def answer_accuracy(answers: Sequence[str], references: Sequence[str]) -> float | None:

@@ -6,7 +6,6 @@ contract."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -29,7 +28,7 @@ from fedrad.client.federation.site_agent import (
 )
 from fedrad.common.devices import release_host_memory
 from fedrad.common.flower_process import FLOWER_ENV
-from fedrad.common.model.checkpoint import load_checkpoint, save_checkpoint
+from fedrad.common.model.checkpoint import load_checkpoint, read_model_config, save_checkpoint
 from fedrad.common.model.config import ModelConfig, model_config_for
 from fedrad.common.model.foundation import FoundationRecipe, build_foundation
 from fedrad.common.model.preprocess import PreprocessConfig
@@ -232,7 +231,7 @@ def _model_config(config: FederatedConfig, run_dir: Path | None) -> ModelConfig:
         source = Path(config.initial_checkpoint)
     else:
         return model_config_for(config.preset, config.lm)
-    return ModelConfig.from_dict(json.loads((source / "config.json").read_text()))
+    return read_model_config(source)
 
 
 def _initial_model(config: FederatedConfig, run_dir: Path) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -339,20 +340,52 @@ def open_ledger(spec: SiteSpec, plan: RoundConfig) -> Ledger:
         raise SiteRefusalError(str(exc)) from None
 
 
-def planned_evaluations(spec: SiteSpec, plan: RoundConfig) -> list[MechanismStep]:
-    """The evaluation releases still planned, this round's included, each at the noise the
-    policy's cap gives it; none when the plan asks for no figures."""
-    if not plan.eval_families:
-        return []
+def release_noise(spec: SiteSpec, plan: RoundConfig) -> float:
+    """The noise multiplier of one evaluation release: the plan's eval_epsilon, capped by the
+    site's policy, spent by one Gaussian step."""
     try:
-        noise = evaluation_noise(
+        return evaluation_noise(
             evaluation_epsilon(spec.policy, plan.eval_epsilon),
             delta=plan.delta,
             accountant=plan.accountant,  # type: ignore[arg-type]
         )
     except BudgetError as exc:
         raise SiteRefusalError(str(exc)) from None
-    return [evaluation_step(noise)] * (plan.planned_rounds - plan.server_round + 1)
+
+
+def planned_evaluations(spec: SiteSpec, plan: RoundConfig) -> list[MechanismStep]:
+    """The evaluation releases still planned, this round's included, each at `release_noise`;
+    none when the plan asks for no figures."""
+    if not plan.eval_families:
+        return []
+    step = evaluation_step(release_noise(spec, plan))
+    return [step] * (plan.planned_rounds - plan.server_round + 1)
+
+
+def admit_plan(spec: SiteSpec, plan: RoundConfig, n: int, split: str) -> None:
+    """What training and evaluation both refuse before any arithmetic: a delta not below 1/N
+    for the `split` they read, the budget's plain refusals, and a plan without DP where the
+    policy caps privacy."""
+    if plan.dp and plan.delta >= 1 / n:
+        # delta is the chance the guarantee fails outright; at 1/N that is one record's worth
+        raise SiteRefusalError(
+            f"delta {plan.delta:g} is not below 1/N for this site's {n} {split} studies"
+        )
+    check_round_against_budget(spec, plan)
+    if not plan.dp:
+        reason = check_round(spec.policy, noise_multiplier=None, round_epsilon=0, run_epsilon=0)
+        if reason is not None:
+            raise SiteRefusalError(reason)
+
+
+def check_recorded_spend(
+    plan: RoundConfig, entry: Mapping[str, Any], target: float, what: str
+) -> None:
+    """Fail closed after the ledger's append: where its own recomputation disagrees with the
+    calibration and passes the target, the spend is on record but nothing leaves."""
+    spent = entry["epsilon"]
+    if plan.dp and (spent is None or spent > target * (1 + 1e-6)):
+        raise SiteRefusalError(f"{what} spent epsilon {spent} past the target {target:.3f}")
 
 
 @dataclass(frozen=True)
@@ -369,16 +402,8 @@ def admit_round(spec: SiteSpec, plan: RoundConfig, ledger: Ledger, n_train: int)
     by the site's budget (whole ledger) and by its policy's max_epsilon_per_run (this run's
     entries); then the policy's round rules. Raises SiteRefusalError with a one-line reason."""
     n = n_train
-    if plan.dp and plan.delta >= 1 / n:
-        # delta is the chance the guarantee fails outright; at 1/N that is one record's worth
-        raise SiteRefusalError(
-            f"delta {plan.delta:g} is not below 1/N for this site's {n} training studies"
-        )
-    check_round_against_budget(spec, plan)
+    admit_plan(spec, plan, n, "training")
     if not plan.dp:
-        reason = check_round(spec.policy, noise_multiplier=None, round_epsilon=0, run_epsilon=0)
-        if reason is not None:
-            raise SiteRefusalError(reason)
         return Admission(DPConfig(enabled=False), plan.target_epsilon)
     target_epsilon = capped_target(plan.target_epsilon, spec.epsilon)
     policy = spec.policy
@@ -458,13 +483,8 @@ def train_site(
         delta=plan.delta,
         accountant=plan.accountant,  # type: ignore[arg-type]
     )
-    epsilon, target_epsilon = entry["epsilon"], admitted.target_epsilon
-    if plan.dp and (epsilon is None or epsilon > target_epsilon * (1 + 1e-6)):
-        # The ledger's own recomputation disagrees with the calibration: the spend is on
-        # record, but the update does not leave (fail closed).
-        raise SiteRefusalError(
-            f"round spent epsilon {epsilon} past the target {target_epsilon:.3f}"
-        )
+    check_recorded_spend(plan, entry, admitted.target_epsilon, "round")
+    epsilon = entry["epsilon"]
     return SiteUpdate(
         arrays=trainable_arrays(model),
         num_examples=n,
@@ -486,63 +506,57 @@ class EvalRelease:
 
     num_examples: int  # the held-out split's size (public, as the training split's)
     metrics: dict[str, float]
-    ledger_entry: dict[str, Any]
     ledger_head: str  # "<lines>:<sha256>" after this release's entry (public)
+
+
+@dataclass(frozen=True)
+class EvalAdmission:
+    """An evaluation the site has agreed to release, and what it may spend."""
+
+    families: tuple[str, ...]  # () : no figures, the public sizes only
+    noise_multiplier: float  # 0.0: released exactly (a run without DP)
+    epsilon: float  # the release on its own (inf without noise)
+    target_epsilon: float  # cumulative epsilon the ledger must stay within
 
 
 def admit_evaluation(
     spec: SiteSpec, plan: RoundConfig, ledger: Ledger, n_held: int
-) -> tuple[float, tuple[str, ...]]:
+) -> EvalAdmission:
     """The privacy decisions of an evaluation, before the model sees a held-out study: the
-    families asked for against the policy's release_metrics, the noise of one release (the
-    plan's eval_epsilon capped by the policy), and the whole ledger, this run and this
-    release against the same caps as training. Returns (noise multiplier, families)."""
+    families asked for against the policy's release_metrics, what training refuses too
+    (`admit_plan`), the noise of one release, and the whole ledger, this run and this release
+    against the same caps as training."""
     families = plan.eval_families
+    target = capped_target(plan.target_epsilon, spec.epsilon)
     if not families:  # only the public split size leaves: nothing to admit
-        return 0.0, families
+        return EvalAdmission(families, 0.0, 0.0, target)
     reason = check_evaluation(spec.policy, families)
     if reason is not None:
         raise SiteRefusalError(reason)
-    if plan.dp and plan.delta >= 1 / n_held:
-        raise SiteRefusalError(
-            f"delta {plan.delta:g} is not below 1/N for this site's {n_held} held-out studies"
-        )
-    check_round_against_budget(spec, plan)
-    policy = spec.policy
+    admit_plan(spec, plan, n_held, "held-out")
     if not plan.dp:  # a run without DP: released exactly, recorded as unbounded
-        reason = check_round(policy, noise_multiplier=None, round_epsilon=0, run_epsilon=0)
-        if reason is not None:
-            raise SiteRefusalError(reason)
-        return 0.0, families
-    accountant = plan.accountant
-    try:
-        noise = evaluation_noise(
-            evaluation_epsilon(policy, plan.eval_epsilon),
-            delta=plan.delta,
-            accountant=accountant,  # type: ignore[arg-type]
-        )
-    except BudgetError as exc:
-        raise SiteRefusalError(str(exc)) from None
+        return EvalAdmission(families, 0.0, math.inf, target)
+    noise = release_noise(spec, plan)
     step = evaluation_step(noise)
 
     def spend(history: list[MechanismStep]) -> float:
-        return cumulative_epsilon(history, delta=plan.delta, accountant=accountant)  # type: ignore[arg-type]
+        return cumulative_epsilon(history, delta=plan.delta, accountant=plan.accountant)  # type: ignore[arg-type]
 
-    target = capped_target(plan.target_epsilon, spec.epsilon)
     after = spend([*ledger.history(), step])
     if after > target * (1 + 1e-9):
         raise SiteRefusalError(
             f"an evaluation would take this site's ledger to epsilon {after:.3g}, past {target:.3g}"
         )
+    own = spend([step])
     reason = check_round(  # the same per-round and per-run caps as a training round
-        policy,
+        spec.policy,
         noise_multiplier=noise,
-        round_epsilon=spend([step]),
+        round_epsilon=own,
         run_epsilon=spend([*ledger.history(plan.run_id), step]),
     )
     if reason is not None:
         raise SiteRefusalError(reason)
-    return noise, families
+    return EvalAdmission(families, noise, own, target)
 
 
 def evaluate_site(
@@ -557,13 +571,13 @@ def evaluate_site(
         raise SiteRefusalError(f"site {spec.site_id} has no held-out studies")
     ledger = open_ledger(spec, plan)
     try:
-        noise, families = admit_evaluation(spec, plan, ledger, len(held))
+        admitted = admit_evaluation(spec, plan, ledger, len(held))
     except SiteRefusalError as exc:
         record_refusal(spec, plan.run_id, plan.server_round, f"evaluation: {exc}")
         raise
-    if not families:  # the plan asked for no figures: the public sizes only, nothing spent
+    if not admitted.families:  # the plan asked for no figures: the public sizes only, nothing spent
         sizes = {WEIGHT_KEY: float(len(held)), "n_studies": float(len(held))}
-        return EvalRelease(len(held), sizes, {}, ledger_head(ledger))
+        return EvalRelease(len(held), sizes, ledger_head(ledger))
     load_global(model, global_arrays)
     outputs = study_outputs(
         model,
@@ -572,8 +586,8 @@ def evaluate_site(
     )
     released = release(
         outputs,
-        families,
-        noise_multiplier=noise,
+        admitted.families,
+        noise_multiplier=admitted.noise_multiplier,
         randomness=mechanism_randomness(spec, plan, "evaluate"),
     )
     entry = ledger.append(  # on record before the figures can leave
@@ -581,31 +595,23 @@ def evaluate_site(
         run_id=plan.run_id,
         round=plan.server_round,
         sample_rate=1.0,
-        noise_multiplier=noise,
+        noise_multiplier=admitted.noise_multiplier,
         steps=1,
         max_grad_norm=released.sensitivity,
         delta=plan.delta,
         accountant=plan.accountant,  # type: ignore[arg-type]
     )
-    spent, target = entry["epsilon"], capped_target(plan.target_epsilon, spec.epsilon)
-    if plan.dp and (spent is None or spent > target * (1 + 1e-6)):  # fail closed, as training
-        raise SiteRefusalError(f"evaluation spent epsilon {spent} past the target {target:.3f}")
-    own = cumulative_epsilon(
-        [evaluation_step(noise)],
-        delta=plan.delta,
-        accountant=plan.accountant,  # type: ignore[arg-type]
-    )
+    check_recorded_spend(plan, entry, admitted.target_epsilon, "evaluation")
     metrics = {  # the families asked for (NaN where a figure is undefined) and public values
         **released.metrics,
         WEIGHT_KEY: float(len(held)),
         "n_studies": float(len(held)),
-        "eval_epsilon": own,
-        "eval_noise_multiplier": noise,
+        "eval_epsilon": admitted.epsilon,
+        "eval_noise_multiplier": admitted.noise_multiplier,
     }
     assert set(metrics) <= EVAL_METRIC_KEYS
     return EvalRelease(
         num_examples=len(held),
         metrics={key: float(metrics[key]) for key in sorted(metrics)},
-        ledger_entry=entry,
         ledger_head=ledger_head(ledger),
     )

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from fedrad.common.privacy.ledger import MAX_REASON_CHARS, LedgerError
 from fedrad.common.privacy.ledger_anchor import open_site_ledger
-from fedrad.common.protocol.messages import EVAL_FAMILIES, NO_EVAL_FAMILIES
+from fedrad.common.protocol.messages import EVAL_FAMILIES, eval_families
 from fedrad.common.protocol.release_app import RELEASE_RUN_CONFIG
 
 if TYPE_CHECKING:
@@ -201,8 +201,7 @@ def check_run_plan(policy: SitePolicy, run_config: Mapping[str, object]) -> str 
     asked = run_config.get("eval-metrics", RELEASE_RUN_CONFIG["eval-metrics"])
     if not isinstance(asked, str):
         return PREFIX + "the run's eval-metrics is not text"
-    families = () if asked == NO_EVAL_FAMILIES else tuple(f.strip() for f in asked.split(","))
-    reason = check_evaluation(policy, tuple(f for f in families if f))
+    reason = check_evaluation(policy, eval_families(asked))
     if reason is not None:
         return reason
     noise = run_config.get("central-noise", RELEASE_RUN_CONFIG["central-noise"])

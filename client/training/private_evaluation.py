@@ -27,7 +27,7 @@ import numpy as np
 from fedrad.client.training.evaluate import StudyOutputs
 from fedrad.common.findings import FINDINGS
 from fedrad.common.labeling.labeler import label_report
-from fedrad.common.metrics import answer_accuracy, rouge_l
+from fedrad.common.metrics import answer_accuracy, rouge_l_scores
 from fedrad.common.privacy.randomness import MechanismRandomness
 from fedrad.common.protocol.messages import EVAL_FAMILIES
 
@@ -74,14 +74,13 @@ def contribution_sums(out: StudyOutputs, families: Sequence[str]) -> dict[str, n
         sums["auroc"] = hist
     if "report" in families:
         cells = np.zeros((_K, 3))  # true positive, false positive, false negative
-        rouge = 0.0
         for generated, reference in zip(out.generated, out.references, strict=True):
             pred = np.asarray(label_report(generated).as_vector()) == 1
             true = np.asarray(label_report(reference).as_vector()) == 1
             cells[:, 0] += pred & true
             cells[:, 1] += pred & ~true
             cells[:, 2] += ~pred & true
-            rouge += rouge_l([generated], [reference]) or 0.0
+        rouge = sum(rouge_l_scores(out.generated, out.references))
         sums["report"] = np.concatenate([cells.reshape(-1), [rouge]])
     if "qa" in families:
         per_study: dict[int, list[tuple[str, str]]] = {}
@@ -108,7 +107,7 @@ def release(
     bound = sensitivity(families)
     std = noise_multiplier * bound
     noisy = {
-        family: exact + randomness.standard_normal(exact.size).numpy().reshape(exact.shape) * std
+        family: exact + randomness.gaussian(exact.size, std).numpy().reshape(exact.shape)
         for family, exact in contribution_sums(out, families).items()
     }
     metrics: dict[str, float] = {}

@@ -111,6 +111,11 @@ def read_metadata(directory: Path) -> dict[str, Any]:
     return json.loads((Path(directory) / "metadata.json").read_text())
 
 
+def read_model_config(directory: Path) -> ModelConfig:
+    """A checkpoint's model config, without building the model."""
+    return ModelConfig.from_dict(json.loads((Path(directory) / "config.json").read_text()))
+
+
 def load_checkpoint(directory: Path) -> RadiologyModel:
     """Rebuilds the exact model; CheckpointError with a one-line reason when it cannot."""
     directory = Path(directory)
@@ -121,7 +126,7 @@ def load_checkpoint(directory: Path) -> RadiologyModel:
         raise CheckpointError(f"{directory}: missing {', '.join(missing)}")
     try:
         meta = read_metadata(directory)
-        config = ModelConfig.from_dict(json.loads((directory / "config.json").read_text()))
+        config = read_model_config(directory)
     except (json.JSONDecodeError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{directory}: unreadable config or metadata ({exc})") from exc
     if meta.get("format_version") not in READABLE_FORMATS:

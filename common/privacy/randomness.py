@@ -105,19 +105,19 @@ class MechanismRandomness:
         normals = torch.cat((radius * torch.cos(angle), radius * torch.sin(angle)))
         return normals.view(4, count).sum(dim=0) / 2.0
 
-    def gaussian_array(self, shape: tuple[int, ...], std: float, dtype: object) -> np.ndarray:
-        """N(0, std^2) noise as a numpy array (the coordinator's central-DP noise)."""
-        if std < 0 or not math.isfinite(std):
-            raise ValueError(f"std must be finite and >= 0, got {std}")
-        count = math.prod(shape)
-        noise = self.standard_normal(count).numpy() * std if std > 0 else np.zeros(count)
-        return noise.reshape(shape).astype(dtype)
-
-    def gaussian_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
-        """N(0, std^2) noise with `reference`'s shape, dtype and device."""
+    def gaussian(self, count: int, std: float) -> torch.Tensor:
+        """`count` float64 N(0, std^2) values (zeros, drawing nothing, at std 0)."""
         if std < 0 or not math.isfinite(std):
             raise ValueError(f"std must be finite and >= 0, got {std}")
         if std == 0:
-            return torch.zeros_like(reference)
-        noise = self.standard_normal(reference.numel()) * std
-        return noise.view(reference.shape).to(device=reference.device, dtype=reference.dtype)
+            return torch.zeros(count, dtype=torch.float64)
+        return self.standard_normal(count) * std
+
+    def gaussian_array(self, shape: tuple[int, ...], std: float, dtype: object) -> np.ndarray:
+        """N(0, std^2) noise as a numpy array (the coordinator's central-DP noise)."""
+        return self.gaussian(math.prod(shape), std).numpy().reshape(shape).astype(dtype)
+
+    def gaussian_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
+        """N(0, std^2) noise with `reference`'s shape, dtype and device."""
+        noise = self.gaussian(reference.numel(), std).view(reference.shape)
+        return noise.to(device=reference.device, dtype=reference.dtype)

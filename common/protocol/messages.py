@@ -70,6 +70,15 @@ RANDOMNESS_REQUESTS: Final[frozenset[str]] = frozenset(
 )
 
 
+def eval_families(eval_metrics: str) -> tuple[str, ...]:
+    """The evaluation families an `eval-metrics` value asks for, in order, without repeats
+    (none: no figures)."""
+    if eval_metrics == NO_EVAL_FAMILIES:
+        return ()
+    names = (part.strip() for part in eval_metrics.split(","))
+    return tuple(dict.fromkeys(name for name in names if name))
+
+
 class ProtocolError(ValueError):
     """A round configuration that a site cannot act on; one line, safe to send back."""
 
@@ -140,11 +149,7 @@ class RoundConfig:
 
     @property
     def eval_families(self) -> tuple[str, ...]:
-        """The evaluation families asked for, in order, without repeats (none: no figures)."""
-        if self.eval_metrics == NO_EVAL_FAMILIES:
-            return ()
-        names = (part.strip() for part in self.eval_metrics.split(","))
-        return tuple(dict.fromkeys(name for name in names if name))
+        return eval_families(self.eval_metrics)
 
     def to_record(self) -> dict[str, int | float | str | bool]:
         """Hyphenated keys, as Flower's own config keys are spelled; ledger-head only when

@@ -29,10 +29,11 @@ from typing import Any, Final
 import numpy as np
 
 from fedrad.client.training.evaluate import EvalConfig, evaluate
-from fedrad.common.model.checkpoint import load_checkpoint
+from fedrad.common.model.checkpoint import load_checkpoint, read_model_config
 from fedrad.common.privacy.defaults import DEFAULT_DELTA
 from fedrad.common.protocol.messages import DEFAULT_LR, NO_EVAL_FAMILIES
 from fedrad.common.run_dir import read_metrics
+from fedrad.server.rounds import checkpoint_dir
 from fedrad.simulations.centralized import CentralizedConfig, run_centralized
 from fedrad.simulations.cohort_data import load_cohort, site_dirs
 from fedrad.simulations.federated import FederatedConfig, run_federated, run_local_only
@@ -124,7 +125,7 @@ def exact_evaluation(
     last = f"round_{config.rounds:03d}"
     shared = None if per_site_models else load_checkpoint(run_dir / "checkpoints" / last)
     eval_config = EvalConfig(max_reports=config.eval_reports, max_questions=config.eval_questions)
-    image_size = (shared or _any_site_model(run_dir, last)).config.image_size
+    image_size = read_model_config(checkpoint_dir(run_dir, 0)).image_size  # the run's start
     results: dict[str, dict[str, Any]] = {}
     splits, _ = load_cohort(cohort, image_size=image_size)
     for split in splits:
@@ -132,11 +133,6 @@ def exact_evaluation(
         raw = evaluate(model, split.held_out, eval_config)
         results[split.site_id] = {k: v for k, v in raw.items() if k != "auroc"}
     return results
-
-
-def _any_site_model(run_dir: Path, last: str) -> Any:
-    first = sorted(p for p in (run_dir / "checkpoints").iterdir() if (p / last).is_dir())[0]
-    return load_checkpoint(first / last)
 
 
 def smallest_site(rows: list[dict[str, Any]]) -> str | None:
