@@ -132,7 +132,8 @@ def _print_check(summary: dict) -> None:
     skipped = summary["skipped"]
     typer.echo(f"skipped:         {len(skipped)}")
     for item in skipped:
-        typer.echo(f"  {item['path']}: {item['reason']}")
+        path = item["path"]  # a file name may hold a newline: one skip stays one line
+        typer.echo(f"  {path if path.isprintable() else ascii(path)}: {item['reason']}")
 
 
 @app.command()
@@ -500,7 +501,7 @@ def approve(
     else:
         assert bundle is not None
         path = Path(bundle)
-        if SHA256_HEX.match(bundle.lower()) and not path.exists():
+        if SHA256_HEX.fullmatch(bundle.lower()) and not path.exists():
             digest, what = bundle.lower(), "app bundle"
         elif path.is_file():
             try:

@@ -41,7 +41,8 @@ DEFAULT_CA_DAYS: Final[int] = 1826  # five years
 DEFAULT_SERVER_DAYS: Final[int] = 365
 LOOPBACK_HOSTS: Final[tuple[str, ...]] = ("localhost", "127.0.0.1")
 CLOCK_SKEW: Final[timedelta] = timedelta(minutes=5)  # certificates start this much in the past
-_DNS_LABEL: Final[re.Pattern[str]] = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_PORT: Final[re.Pattern[str]] = re.compile(r"[0-9]{1,5}")  # fullmatch
+_DNS_LABEL: Final[re.Pattern[str]] = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")  # fullmatch, not $
 
 
 class PkiError(Exception):
@@ -52,8 +53,14 @@ class PkiError(Exception):
 
 
 def split_address(address: str) -> tuple[str, int | None]:
-    """`host`, `host:port`, `[v6]:port` or a bare IPv6 address -> (host, port or None)."""
-    text = address.strip()
+    """`host`, `host:port`, `[v6]:port` or a bare IPv6 address -> (host, port or None). Taken
+    as it is, never stripped: callers pass the text itself on (flwr's config.toml), so a space,
+    newline or control character anywhere in it is refused."""
+    text = address
+    if not text.isprintable() or any(char.isspace() for char in text):
+        raise PkiError(
+            f"{address[:70]!r}: an address holds no spaces, newlines or control characters"
+        )
     if "://" in text or "/" in text:
         raise PkiError(f"{address!r}: give a host name or IP address, not a URL")
     if text.startswith("["):
@@ -67,7 +74,8 @@ def split_address(address: str) -> tuple[str, int | None]:
         host, port_text = text, None
     port = None
     if port_text is not None:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        # ASCII digits only: isdigit() and int() also take other scripts' digits ("٨٠")
+        if not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
             raise PkiError(f"{address!r}: port must be a number from 1 to 65535")
         port = int(port_text)
     if not host:
@@ -93,6 +101,8 @@ def parse_hosts(hosts: Iterable[str], *, include_loopback: bool = True) -> Hosts
     given = [*(LOOPBACK_HOSTS if include_loopback else ()), *hosts]
     for raw in given:
         text = raw.strip()
+        if not text.isprintable() or any(char.isspace() for char in text):  # "a b", "a\n.b"
+            raise PkiError(f"{raw[:70]!r} is not a valid host name or IP address")
         try:
             ip = ipaddress.ip_address(text.strip("[]"))
         except ValueError:
@@ -114,8 +124,8 @@ def parse_hosts(hosts: Iterable[str], *, include_loopback: bool = True) -> Hosts
         if (
             not name.isascii()
             or len(name) > 253
-            or not all(_DNS_LABEL.match(label) for label in labels[1:])
-            or not (_DNS_LABEL.match(labels[0]) or (labels[0] == "*" and len(labels) > 2))
+            or not all(_DNS_LABEL.fullmatch(label) for label in labels[1:])
+            or not (_DNS_LABEL.fullmatch(labels[0]) or (labels[0] == "*" and len(labels) > 2))
         ):
             raise PkiError(f"{raw!r} is not a valid host name or IP address")
         if name not in dns:

@@ -62,7 +62,7 @@ def _read(path: Path) -> dict[str, str]:
             "forget every site's acknowledged head"
         ) from exc
     if not isinstance(raw, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and LEDGER_HEAD_PATTERN.match(v)
+        isinstance(k, str) and isinstance(v, str) and LEDGER_HEAD_PATTERN.fullmatch(v)
         for k, v in raw.items()
     ):
         raise FederationError(
@@ -115,13 +115,13 @@ class LedgerHeads:
         head or goes back on the acknowledged one."""
         if grid.registry is not None:
             site = grid.registry.site_of(node)
-        else:
-            site = None if claimed is None else str(claimed)[:64]
+        else:  # the claim, when it is a site id (claimed_site_id, via the grid)
+            site = grid.site_id(node, claimed)
             if site is not None:
                 self._nodes[node] = site
         if site is None or reported is None:
             return
-        if not isinstance(reported, str) or not LEDGER_HEAD_PATTERN.match(reported):
+        if not isinstance(reported, str) or not LEDGER_HEAD_PATTERN.fullmatch(reported):
             logger.warning(
                 "round %d: site %s sent a ledger head that is not <lines>:<sha256>: ignored",
                 grid.round_no,

@@ -14,7 +14,7 @@ from typing import Any
 
 from flwr.app import Array, Message
 
-from fedrad.common.protocol.messages import SITE_ID_PATTERN
+from fedrad.common.protocol.messages import SITE_ID_PATTERN, claimed_site_id
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class SiteRegistry:
     def __init__(self, nodes: Mapping[str, object], *, source: str = "site registry") -> None:
         sites: dict[int, str] = {}
         for site, node in nodes.items():
-            if not isinstance(site, str) or not SITE_ID_PATTERN.match(site):
+            if not isinstance(site, str) or not SITE_ID_PATTERN.fullmatch(site):
                 raise FederationError(f"{source}: {str(site)!r:.70} is not a site id")
             if isinstance(node, bool) or not isinstance(node, int):
                 raise FederationError(f"{source}: node id of {site} is not an integer")
@@ -205,6 +205,7 @@ class RoundGrid:
         self.problems: dict[int, str] = {}  # node id -> its last error or silence
         self.sent_bytes: dict[int, int] = {}  # node id -> payload bytes it sent
         self._sent_to: dict[str, int] = {}  # request message id -> the node it went to
+        self._bad_claims: set[int] = set()  # nodes whose claimed id was not one: warned once
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
@@ -219,9 +220,20 @@ class RoundGrid:
 
     def site_id(self, node: int, claimed: object = None) -> str | None:
         """The site id to record `node`'s figures under: the registry's (a differing claim in
-        its reply is noted, not used), or without a registry what its reply claims."""
+        its reply is noted, not used), or without a registry what its reply claims, when that
+        is a site id (anything else names no site, with one warning per node and step)."""
         if self.registry is None:
-            return None if claimed is None else str(claimed)
+            site = claimed_site_id(claimed)
+            if site is None and claimed is not None and node not in self._bad_claims:
+                self._bad_claims.add(node)
+                logger.warning(
+                    "round %d: node %d's reply claims a site id that is not one (%.40r): "
+                    "recorded as no site",
+                    self.round_no,
+                    node,
+                    claimed if isinstance(claimed, str) else type(claimed).__name__,
+                )
+            return site
         site = self.registry.site_of(node)
         if site is not None and claimed is not None and str(claimed) != site:
             logger.warning(

@@ -128,8 +128,8 @@ def add_site(
             f"{directory} is not a coordinator directory (no {CA_CERT}; run fedrad-coordinator "
             "init first)"
         )
-    if not SITE_ID_PATTERN.match(site_id):
-        raise PkiError(f"site id {site_id!r}: use letters, digits, '_', '.', '-' (max 64)")
+    if not SITE_ID_PATTERN.fullmatch(site_id):
+        raise PkiError(f"site id {site_id[:70]!r}: use letters, digits, '_', '.', '-' (max 64)")
     line, curve = read_site_public_key(pubkey_path)
     fingerprint = ssh_fingerprint(line)
     sites = {record.site_id: record for record in list_sites(directory)}

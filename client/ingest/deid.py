@@ -338,12 +338,13 @@ def _date_forms(day: dt.date) -> list[str]:
 def _literal_pattern(
     values: Iterable[str], *, case_sensitive_names: bool
 ) -> re.Pattern[str] | None:
-    parts = sorted({v for v in values if v}, key=len, reverse=True)
+    parts = sorted({v for v in values if v}, key=lambda v: (-len(v), v))
     if not parts:
         return None
     body = "|".join(re.escape(p) for p in parts)
     flags = 0 if case_sensitive_names else re.IGNORECASE
-    return re.compile(rf"(?<![\w]){body}(?![\w])", flags)
+    # The group makes the word boundaries hold for every alternative, not the first and last.
+    return re.compile(rf"(?<![\w])(?:{body})(?![\w])", flags)
 
 
 def scrub_text(text: str, phi: PhiValues) -> str:

@@ -8,25 +8,45 @@ truncated pixel data. Reasons never contain header values (they may be identifyi
 from __future__ import annotations
 
 import logging
+import re
 import struct
 import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import (
+    _read_file_meta_info,  # public `read_file_meta_info` takes only a path
+    read_dataset,
+    read_partial,
+    read_preamble,
+)
 from pydicom.pixels import apply_modality_lut
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+
+from fedrad.client.ingest.decode_limits import (
+    DEFAULT_LIMITS,
+    CostError,
+    DecodeLimits,
+    check_decode_cost,
+    check_file_size,
+    mib,
+)
+from fedrad.client.ingest.site_files import RefusedFileError, open_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +69,24 @@ GREY_TOLERANCE: Final[float] = 0.02
 """How far the channels of a grey picture may differ, as a fraction of the pixel range, at the
 99th percentile: lossy chroma subsampling leaves about 1% on a grey image."""
 
+UID_SHAPE: Final[re.Pattern[str]] = re.compile(r"[0-9.]{1,64}")
+
+DEFINED_TERM: Final[re.Pattern[str]] = re.compile(r"[A-Z0-9_ ]{1,16}")
+
+PIXEL_TAGS: Final[frozenset[BaseTag]] = frozenset(
+    Tag(keyword) for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+)
+
+DEFLATE_PEEK_BYTES: Final[int] = 4 << 20
+"""How much of a deflated dataset is inflated to read its header (headers are kilobytes)."""
+
 MIN_SIDE: Final[int] = 32
 """Images smaller than this carry too little to resize into the model input honestly."""
 
 # What pydicom and its plugins raise on malformed input; anything else is a bug and propagates.
 READ_ERRORS: Final[tuple[type[BaseException], ...]] = (
     InvalidDicomError,
+    BytesLengthException,
     OSError,
     EOFError,
     ValueError,
@@ -92,40 +124,136 @@ class UnusableError(Exception):
     """A file that cannot be used, with the one-line reason shown to the site."""
 
 
-def read_dicom(path: Path) -> DicomFile:
-    """Parses a file as DICOM; files without a preamble or meta header are read if plausible."""
+def read_dicom(path: Path, *, limits: DecodeLimits = DEFAULT_LIMITS) -> DicomFile:
+    """A file a person named (a scan to read, a test file): opened only if it is a regular file,
+    then read as `read_dicom_handle` does."""
+    try:
+        with open_regular_file(path) as (handle, size):
+            return read_dicom_handle(handle, size, limits=limits)
+    except RefusedFileError as exc:
+        raise UnusableError(str(exc)) from exc
+
+
+def read_dicom_handle(
+    handle: BinaryIO, size: int, *, limits: DecodeLimits = DEFAULT_LIMITS
+) -> DicomFile:
+    """Parses an open file as DICOM, bounded: the file meta and the header before the pixel data
+    are read first and the pixel data's decoded size is checked against `limits`; only then is
+    the whole dataset read (a deflated one inflated under a cap). Files without a preamble or
+    meta header are read if plausible."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ds = dcmread(path)
-        except InvalidDicomError:
-            ds = _read_forced(path)
-        except READ_ERRORS as exc:
+            check_file_size(size, limits)
+            ds = _read_bounded(handle, size, limits)
+            meta = getattr(ds, "file_meta", None)
+            if meta is None:
+                meta = FileMetaDataset()
+                ds.file_meta = meta
+            if "TransferSyntaxUID" not in meta:
+                meta.TransferSyntaxUID = _guess_syntax(ds)
+            syntax = UID(meta.TransferSyntaxUID)
+            if syntax.is_transfer_syntax:
+                name = syntax.name
+            elif UID_SHAPE.fullmatch(str(syntax)):
+                name = f"unknown transfer syntax {syntax}"
+            else:
+                name = "malformed transfer syntax UID"
+        except CostError as exc:
+            raise UnusableError(str(exc)) from exc
+        except READ_ERRORS as exc:  # anything pydicom raises on hostile bytes
             raise UnusableError(f"unreadable DICOM ({type(exc).__name__})") from exc
-    meta = getattr(ds, "file_meta", None)
-    if meta is None:
-        meta = FileMetaDataset()
-        ds.file_meta = meta
-    if "TransferSyntaxUID" not in meta:
-        meta.TransferSyntaxUID = _guess_syntax(ds)
-    syntax = UID(meta.TransferSyntaxUID)
-    return DicomFile(ds, syntax.name if syntax.is_transfer_syntax else str(syntax))
+    return DicomFile(ds, name)
 
 
-def _read_forced(path: Path) -> Dataset:
-    """Reads a file lacking the DICM preamble; accepts it only if it parses to image-like data."""
+def _read_bounded(handle: BinaryIO, size: int, limits: DecodeLimits) -> Dataset:
+    """The file meta first, to learn whether the dataset is deflated; then the dataset."""
+    preamble = read_preamble(handle, force=True)
+    meta = _read_file_meta_info(handle)
+    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        ds = _read_deflated(handle, size, preamble, meta, limits)
+    else:
+        ds = _read_plain(handle, size, limits)
+    if any(tag in ds for tag in PIXEL_TAGS):  # checked again whole: a header may hide its size
+        check_decode_cost(ds, size, limits)
+    return ds
+
+
+def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag in PIXEL_TAGS
+
+
+def _read_plain(handle: BinaryIO, size: int, limits: DecodeLimits) -> Dataset:
+    """Header to the pixel data, its cost checked, then the whole file."""
+    handle.seek(0)
+    forced = False
     try:
-        ds = dcmread(path, force=True)
+        header = read_partial(handle, stop_when=_at_pixel_data)
+    except InvalidDicomError:
+        forced = True
+        handle.seek(0)
+        header = _read_forced(handle)
+    if handle.tell() < size:  # stopped at the pixel data
+        check_decode_cost(header, size, limits)
+    handle.seek(0)
+    return dcmread(handle, force=forced)
+
+
+def _read_forced(handle: BinaryIO) -> Dataset:
+    """The header of a file lacking the DICM preamble, accepted only if it is image-like."""
+    try:
+        ds = read_partial(handle, stop_when=_at_pixel_data, force=True)
     except READ_ERRORS as exc:
         raise UnusableError("not a DICOM file") from exc
     try:
         plausible = len(ds) > 0 and any(
-            tag in ds for tag in ("SOPClassUID", "PixelData", "Modality", "StudyInstanceUID")
+            tag in ds for tag in ("SOPClassUID", "Modality", "StudyInstanceUID", "Rows")
         )
     except READ_ERRORS:
         plausible = False
     if not plausible:
         raise UnusableError("not a DICOM file")
+    return ds
+
+
+def _read_deflated(
+    handle: BinaryIO,
+    size: int,
+    preamble: bytes | None,
+    meta: FileMetaDataset,
+    limits: DecodeLimits,
+) -> Dataset:
+    """A Deflated Explicit VR Little Endian dataset, inflated in two bounded steps: enough to
+    read the header and check its pixel data's cost, then the rest up to what the header
+    declared (never past `limits.max_inflated_bytes`). pydicom would inflate it whole."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    cap = limits.max_inflated_bytes
+    try:
+        compressed = handle.read()
+        chunks = [inflater.decompress(compressed, min(DEFLATE_PEEK_BYTES, cap))]
+        del compressed
+        peek = DicomBytesIO(chunks[0])
+        header = read_dataset(peek, False, True, stop_when=_at_pixel_data)
+        if peek.tell() < len(chunks[0]):  # stopped at the pixel data
+            check_decode_cost(header, size, limits)
+        total = len(chunks[0])
+        while inflater.unconsumed_tail:
+            if total >= cap:
+                raise CostError(f"deflated dataset inflates past the {mib(cap)} limit")
+            chunks.append(inflater.decompress(inflater.unconsumed_tail, cap - total))
+            total += len(chunks[-1])
+        chunks.append(inflater.flush())
+        if total + len(chunks[-1]) > cap:
+            raise CostError(f"deflated dataset inflates past the {mib(cap)} limit")
+        buffer = DicomBytesIO(b"".join(chunks))
+        del chunks
+        dataset = read_dataset(buffer, False, True)
+    except CostError:
+        raise
+    except READ_ERRORS as exc:
+        raise UnusableError(f"unreadable deflated DICOM ({type(exc).__name__})") from exc
+    ds = FileDataset("", dataset, preamble=preamble, file_meta=meta, is_implicit_VR=False)
+    ds.set_original_encoding(False, True, dataset._character_set)
     return ds
 
 
@@ -154,7 +282,7 @@ def check_image_header(ds: Dataset, *, modalities: frozenset[str]) -> None:
     except (TypeError, ValueError) as exc:
         raise UnusableError("malformed header (NumberOfFrames is not a number)") from exc
     if photometric not in GRAYSCALE | COLOUR:
-        shown = photometric or "missing"
+        shown = shown_term(photometric) if photometric else "missing"
         raise UnusableError(
             f"unsupported photometric interpretation {shown} "
             "(expects MONOCHROME1/MONOCHROME2, or a grey picture stored as RGB/YBR)"
@@ -169,9 +297,17 @@ def check_image_header(ds: Dataset, *, modalities: frozenset[str]) -> None:
         raise UnusableError("no Modality in header")
     if kind not in modalities:
         raise UnusableError(
-            f"modality {kind} is not a projection radiograph "
+            f"modality {shown_term(kind)} is not a projection radiograph "
             f"(accepted: {', '.join(sorted(modalities))})"
         )
+
+
+def shown_term(value: str) -> str:
+    """A coded header value (a modality, a photometric interpretation) as a reason may show it:
+    as it is when it has the shape of a DICOM defined term (CS: upper case, digits, space,
+    underscore, 16 characters), else not at all, since a crafted header can put anything
+    there, identifiers included."""
+    return value if DEFINED_TERM.fullmatch(value) else "(not a DICOM code string)"
 
 
 def _sop_name(ds: Dataset) -> str:
@@ -183,13 +319,21 @@ def _sop_name(ds: Dataset) -> str:
 
 
 def decode_pixels(dicom: DicomFile) -> np.ndarray:
-    """Raw stored pixels, or UnusableError with the decoder's short complaint."""
+    """Raw stored pixels, or UnusableError with the decoder's short complaint. Every DicomFile
+    came through `read_dicom_handle`, so its decoded size was checked already."""
     ds = dicom.dataset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             arr = ds.pixel_array
-        except READ_ERRORS as exc:
+        except MemoryError as exc:
+            raise UnusableError(
+                f"pixel data could not be decoded within this process's memory limit "
+                f"({dicom.transfer_syntax})"
+            ) from exc
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a Rust decoder's panic is a BaseException (pyo3)
             raise UnusableError(
                 f"pixel data could not be decoded ({dicom.transfer_syntax})"
             ) from exc
@@ -244,7 +388,7 @@ def to_display(arr: np.ndarray, ds: Dataset) -> np.ndarray:
 def load_radiograph(
     path: Path, *, modalities: frozenset[str] = RADIOGRAPH_MODALITIES
 ) -> Radiograph:
-    """The whole read -> check -> decode path for one file."""
+    """The whole read -> check -> decode path for one file a person named."""
     return decode_radiograph(read_dicom(path), modalities=modalities)
 
 
@@ -254,13 +398,12 @@ def decode_radiograph(
     modalities: frozenset[str],
     on_decoded: Callable[[], None] | None = None,
 ) -> Radiograph:
-    """Decodes first (so a site learns which files its decoders can read), then checks."""
-    raw = None
-    if "PixelData" in dicom.dataset:
+    """Checks the header (modality, frames, photometric interpretation), then decodes: a file
+    that is not a radiograph never reaches a decoder."""
+    with warnings.catch_warnings():  # pydicom's warnings quote header values
+        warnings.simplefilter("ignore")
+        check_image_header(dicom.dataset, modalities=modalities)
         raw = decode_pixels(dicom)
         if on_decoded is not None:
             on_decoded()
-    check_image_header(dicom.dataset, modalities=modalities)
-    if raw is None:  # check_image_header refuses files without pixel data; kept for type safety
-        raise UnusableError("no pixel data")
-    return Radiograph(pixels=to_display(raw, dicom.dataset), dataset=dicom.dataset)
+        return Radiograph(pixels=to_display(raw, dicom.dataset), dataset=dicom.dataset)

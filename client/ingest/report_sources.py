@@ -1,18 +1,23 @@
 """Report prose to label, from the shapes it arrives in outside a site's own export: a CSV with a
 report column under any usual name, one report per text file, or a folder of text files (as
 MIMIC-CXR ships its reports). The site data contract (`reports.csv` with accession_number and
-report) is `site_data.read_reports`; this reader is only for `fedrad-site label`."""
+report) is `report_export.site_report_rows`; this reader is only for `fedrad-site label`. Both
+read with the bounds of `report_export.py`; links, pipes and devices in a folder are not read."""
 
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from fedrad.client.ingest.site_data import text_read_errors
+from fedrad.client.ingest.report_export import MAX_FIELD_CHARS, csv_rows, text_read_errors
+from fedrad.client.ingest.site_files import open_regular_file, walk_site
+
+logger = logging.getLogger(__name__)
 
 REPORT_COLUMNS: Final[tuple[str, ...]] = (
     "report",
@@ -56,16 +61,22 @@ def read_label_input(
 
 
 def _read_text(path: Path) -> str:
-    with text_read_errors(path, ReportSourceError):
-        return path.read_text(encoding="utf-8-sig")
+    with text_read_errors(path, ReportSourceError), open_regular_file(path) as (handle, size):
+        if size > MAX_FIELD_CHARS * 4:
+            raise ReportSourceError(
+                f"{path}: {size} bytes is not one report (at most {MAX_FIELD_CHARS * 4} bytes)"
+            )
+        return handle.read().decode("utf-8-sig")
 
 
 def _read_directory(root: Path) -> LabelInput:
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and not p.name.startswith(".")
-    )
+    listing = walk_site(root)
+    if listing.refused:
+        logger.warning(
+            "%d entries of the folder were not read (links, pipes, devices)", len(listing.refused)
+        )
+    files = sorted(e.path for e in listing.files if e.path.suffix.lower() in TEXT_SUFFIXES)
+    root = root.resolve()
     if not files:
         raise ReportSourceError(
             f"{root}: no report text files ({', '.join(sorted(TEXT_SUFFIXES))}) in this directory"
@@ -100,8 +111,11 @@ def report_csv(
 ) -> Iterator[tuple[csv.DictReader[str], dict[str, str], str]]:
     """An open CSV of reports: its reader, its headers by `column_key`, and the report column
     (`column`, or the first usual name); `error` with a one-line reason when it has none."""
-    with text_read_errors(path, error), path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
+    with (
+        text_read_errors(path, error),
+        open_regular_file(path) as (binary, _),
+        csv_rows(binary) as reader,
+    ):
         columns = header_keys(reader.fieldnames)
         text_col = pick_column(columns, column, REPORT_COLUMNS)
         if text_col is None:

@@ -8,20 +8,18 @@ raw files again. Nothing here logs a path, a header value or report text.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Final
 
 import numpy as np
 
+from fedrad.client.ingest.decode_pool import map_isolated
 from fedrad.client.ingest.deid import (
     PhiValues,
     collect_phi,
@@ -30,9 +28,25 @@ from fedrad.client.ingest.deid import (
 )
 from fedrad.client.ingest.dicom_io import (
     RADIOGRAPH_MODALITIES,
+    READ_ERRORS,
     UnusableError,
     decode_radiograph,
-    read_dicom,
+    read_dicom_handle,
+)
+from fedrad.client.ingest.report_export import (
+    REPORTS_FILE,
+    ReportRow,
+    row_problem,
+    site_report_rows,
+)
+from fedrad.client.ingest.site_files import (
+    CACHE_DIRNAME,
+    RefusedFileError,
+    SiteFile,
+    SiteListing,
+    open_site_file,
+    site_file,
+    walk_site,
 )
 from fedrad.common.findings import FINDINGS
 from fedrad.common.labeling.labeler import label_report
@@ -40,11 +54,9 @@ from fedrad.common.model.preprocess import PreprocessConfig, preprocess
 
 logger = logging.getLogger(__name__)
 
-REPORTS_FILE: Final[str] = "reports.csv"
 NON_IMAGE_FILES: Final[frozenset[str]] = frozenset(
     {REPORTS_FILE, "ground_truth.csv", "cohort.json"}
 )
-CACHE_DIRNAME: Final[str] = ".fedrad-cache"
 FRONTAL_VIEWS: Final[tuple[str, ...]] = ("PA", "AP")
 
 
@@ -56,14 +68,6 @@ class SiteDataError(Exception):
 class Skipped:
     path: str  # relative to the data directory
     reason: str
-
-
-@dataclass(frozen=True)
-class ReportRow:
-    accession: str
-    report: str
-    indication: str
-    line: int
 
 
 @dataclass
@@ -119,118 +123,58 @@ class SiteScan:
         }
 
 
-def iter_site_files(data_dir: Path) -> Iterator[Path]:
-    """Every regular file under the directory except our cache and the report/truth exports."""
-    for root, dirs, files in os.walk(data_dir):
-        dirs[:] = sorted(d for d in dirs if d != CACHE_DIRNAME and not d.startswith("."))
-        for name in sorted(files):
-            if Path(root) == data_dir and name in NON_IMAGE_FILES:
-                continue
-            if name.startswith("."):
-                continue
-            yield Path(root) / name
-
-
-@contextmanager
-def text_read_errors(path: Path, error: type[Exception]) -> Iterator[None]:
-    """What reading a text file or CSV can raise, as `error` with a one-line reason."""
-    try:
-        yield
-    except UnicodeDecodeError as exc:
-        raise error(f"{path}: not UTF-8 text ({exc.reason})") from exc
-    except csv.Error as exc:
-        raise error(f"{path}: malformed CSV ({exc})") from exc
-    except OSError as exc:
-        raise error(f"{path}: cannot be read ({exc.strerror})") from exc
-
-
-def read_reports(path: Path) -> list[ReportRow]:
-    """Parses the report export; SiteDataError (fatal) if it cannot be read as required."""
-    with (
-        text_read_errors(path, SiteDataError),
-        path.open(newline="", encoding="utf-8-sig") as handle,
-    ):
-        reader = csv.DictReader(handle)
-        columns = {c.strip().lower() for c in (reader.fieldnames or [])}
-        missing = {"accession_number", "report"} - columns
-        if missing:
-            raise SiteDataError(
-                f"{path}: missing column(s) {', '.join(sorted(missing))} "
-                "(needs accession_number, report)"
-            )
-        rows = []
-        for line_no, row in enumerate(reader, start=2):
-            norm = {(k or "").strip().lower(): (v or "") for k, v in row.items() if k}
-            rows.append(
-                ReportRow(
-                    accession=norm.get("accession_number", "").strip(),
-                    report=norm.get("report", ""),
-                    indication=norm.get("indication", "").strip(),
-                    line=line_no,
-                )
-            )
-    return rows
+def list_site(data_dir: Path) -> SiteListing:
+    """The image files a scan reads, and every entry refused on the way (`site_files.py`)."""
+    return walk_site(data_dir, skip_names=NON_IMAGE_FILES)
 
 
 def _inspect_file(
-    path: Path,
-    rel_path: str,
+    entry: SiteFile,
     modalities: frozenset[str],
     config: PreprocessConfig | None,
 ) -> FileResult:
-    """Runs in a worker process: read, decode, check, optionally preprocess one file."""
-    result = FileResult(rel_path=rel_path)
+    """Runs in a worker process: open, read, check, decode, optionally preprocess one file."""
+    result = FileResult(rel_path=entry.rel_path)
     try:
-        dicom = read_dicom(path)
+        with open_site_file(entry) as handle:
+            dicom = read_dicom_handle(handle, entry.size)
         ds = dicom.dataset
         image = decode_radiograph(
             dicom, modalities=modalities, on_decoded=lambda: setattr(result, "decoded", True)
         )
-        result.accession = str(ds.get("AccessionNumber", "") or "").strip()
-        result.view = str(ds.get("ViewPosition", "") or "").strip().upper()
-        result.sop_uid = str(ds.get("SOPInstanceUID", "") or "")
-        result.phi = collect_phi(ds)
+        try:
+            result.accession = str(ds.get("AccessionNumber", "") or "").strip()
+            result.view = str(ds.get("ViewPosition", "") or "").strip().upper()
+            result.sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+            result.phi = collect_phi(ds)
+        except READ_ERRORS as exc:
+            raise UnusableError(f"malformed header ({type(exc).__name__})") from exc
         if not result.accession:
             raise UnusableError("no AccessionNumber in header (cannot join to a report)")
         if config is not None:
             result.image = preprocess(image.pixels, config).numpy().astype(np.float16)
-    except UnusableError as exc:
+    except (UnusableError, RefusedFileError) as exc:
         result.reason = str(exc)
+        result.image = None
+    except MemoryError:
+        result.reason = "reading it needs more memory than a file may use (worker memory limit)"
+        result.image = None
+    except Exception as exc:
+        logger.warning("a file could not be read: %s (a fedrad bug; reported)", type(exc).__name__)
+        result.reason = f"could not be read ({type(exc).__name__} in fedrad; please report it)"
         result.image = None
     return result
 
 
-def _inspect_star(args: tuple[Path, str, frozenset[str], PreprocessConfig | None]) -> FileResult:
+def _inspect_star(args: tuple[SiteFile, frozenset[str], PreprocessConfig | None]) -> FileResult:
     return _inspect_file(*args)
 
 
-def _map_files(
-    jobs: list[tuple[Path, str, frozenset[str], PreprocessConfig | None]],
-    workers: int,
-    progress: Callable[[int], None] | None,
-) -> list[FileResult]:
-    results: list[FileResult] = []
-    if workers <= 1 or len(jobs) < 8:
-        for job in jobs:
-            results.append(_inspect_star(job))
-            if progress:
-                progress(1)
-        return results
-    with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
-        for res in pool.map(
-            _inspect_star, jobs, chunksize=max(1, min(32, len(jobs) // (4 * workers)))
-        ):
-            results.append(res)
-            if progress:
-                progress(1)
-    return results
-
-
-def _worker_init() -> None:
-    """One thread per worker: the pool already uses every core."""
-    import torch
-
-    torch.set_num_threads(1)
+def _crashed(args: tuple[SiteFile, frozenset[str], PreprocessConfig | None]) -> FileResult:
+    return FileResult(
+        rel_path=args[0].rel_path,
+        reason="the decoder crashed on this file (its worker process died; file skipped)",
+    )
 
 
 def _pick_image(candidates: list[FileResult]) -> FileResult:
@@ -240,6 +184,24 @@ def _pick_image(candidates: list[FileResult]) -> FileResult:
             if cand.view == view:
                 return cand
     return candidates[0]
+
+
+def _reports_entry(data_dir: Path) -> tuple[SiteFile | None, Skipped | None]:
+    """The report export if present and a regular file inside the directory; a refusal
+    otherwise (a link to a file elsewhere is refused like any other link)."""
+    path = data_dir.resolve() / REPORTS_FILE
+    if not os.path.lexists(path):
+        return None, None
+    try:
+        return site_file(path, data_dir.resolve()), None
+    except RefusedFileError as exc:
+        return None, Skipped(REPORTS_FILE, f"report export refused: {exc}")
+
+
+def _report_rows(entry: SiteFile) -> Iterator[ReportRow]:
+    """The export's rows, streamed from the same file the walk listed."""
+    with open_site_file(entry) as handle:
+        yield from site_report_rows(handle, entry.path, SiteDataError)
 
 
 def scan_site(
@@ -256,25 +218,41 @@ def scan_site(
         raise SiteDataError(f"data directory does not exist: {data_dir}")
     if not data_dir.is_dir():
         raise SiteDataError(f"not a directory: {data_dir}")
-    files = list(iter_site_files(data_dir))
-    reports_path = data_dir / REPORTS_FILE
-    if not files and not reports_path.exists():
+    listing = list_site(data_dir)
+    reports_entry, reports_refused = _reports_entry(data_dir)
+    if not (listing.files or listing.refused or reports_entry or reports_refused):
         raise SiteDataError(f"data directory is empty: {data_dir}")
-    reports = read_reports(reports_path) if reports_path.exists() else []
-    no_report_reason = (
-        "study has no report in reports.csv"
-        if reports_path.exists()
-        else "study has no report (no reports.csv in the data directory)"
-    )
+    if reports_entry is not None:  # a broken export is fatal: say so before minutes of decoding
+        rows = _report_rows(reports_entry)
+        try:
+            next(rows, None)
+        except RefusedFileError as exc:
+            reports_refused = Skipped(REPORTS_FILE, f"report export refused: {exc}")
+            reports_entry = None
+        finally:
+            rows.close()
+    if reports_entry is not None:
+        no_report_reason = "study has no report in reports.csv"
+    elif reports_refused is not None:
+        no_report_reason = "study has no report (reports.csv was refused)"
+    else:
+        no_report_reason = "study has no report (no reports.csv in the data directory)"
     if on_total:
-        on_total(len(files))
-    jobs = [(p, p.relative_to(data_dir).as_posix(), modalities, config) for p in files]
-    workers = workers or min(os.cpu_count() or 1, 8)
-    results = _map_files(jobs, workers, progress)
-
-    scan = SiteScan(
-        files_seen=len(files), reports_rows=len(reports), reports_file=reports_path.exists()
+        on_total(len(listing.files))
+    jobs = [(entry, modalities, config) for entry in listing.files]
+    results = map_isolated(
+        _inspect_star,
+        jobs,
+        workers=workers or min(os.cpu_count() or 1, 8),
+        on_crash=_crashed,
+        progress=progress,
     )
+
+    scan = SiteScan(files_seen=len(listing.files) + len(listing.refused))
+    scan.reports_file = reports_entry is not None
+    scan.skipped.extend(Skipped(path, reason) for path, reason in listing.refused)
+    if reports_refused is not None:
+        scan.skipped.append(reports_refused)
     scan.images_decoded = sum(r.decoded for r in results)
     by_accession: dict[str, list[FileResult]] = {}
     for res in results:
@@ -284,16 +262,27 @@ def scan_site(
             by_accession.setdefault(res.accession, []).append(res)
 
     report_by_accession: dict[str, ReportRow] = {}
-    for row in reports:
-        where = f"{REPORTS_FILE}:{row.line}"
-        if not row.accession:
-            scan.skipped.append(Skipped(where, "report row without accession_number"))
-        elif not row.report.strip():
-            scan.skipped.append(Skipped(where, "empty report text"))
-        elif row.accession in report_by_accession:
-            scan.skipped.append(Skipped(where, "duplicate report for an accession (first kept)"))
-        else:
-            report_by_accession[row.accession] = row
+    seen: set[str] = set()
+    if reports_entry is not None:
+        try:
+            for row in _report_rows(reports_entry):
+                scan.reports_rows += 1
+                where = f"{REPORTS_FILE}:{row.line}"
+                problem = row_problem(row)
+                if problem is not None:
+                    scan.skipped.append(Skipped(where, problem))
+                elif row.accession in seen:
+                    scan.skipped.append(
+                        Skipped(where, "duplicate report for an accession (first kept)")
+                    )
+                elif row.accession not in by_accession:
+                    seen.add(row.accession)
+                    scan.skipped.append(Skipped(where, "report has no matching DICOM study"))
+                else:
+                    seen.add(row.accession)
+                    report_by_accession[row.accession] = row
+        except RefusedFileError as exc:
+            raise SiteDataError(f"{REPORTS_FILE}: {exc}") from exc
 
     images: dict[str, np.ndarray] = {}
     for accession, candidates in by_accession.items():
@@ -327,11 +316,6 @@ def scan_site(
         )
         if chosen.image is not None:
             images[chosen.rel_path] = chosen.image
-    for accession, row in report_by_accession.items():
-        if accession not in by_accession:
-            scan.skipped.append(
-                Skipped(f"{REPORTS_FILE}:{row.line}", "report has no matching DICOM study")
-            )
     scan.studies.sort(key=lambda s: s.image_path)
     logger.info(
         "site scan: %d files, %d decoded, %d usable studies, %d skipped",
@@ -432,13 +416,14 @@ def prepare_site(
 
 
 def cache_is_fresh(manifest: Path, data_dir: Path) -> bool:
-    """A cache is reused only if it is newer than every file of the site and its reports."""
+    """A cache is reused only if it is newer than every file of the site and its reports (as
+    `lstat` sees them: a link is judged, never what it points at)."""
     if not manifest.is_file():
         return False
     built = manifest.stat().st_mtime
     reports = data_dir / REPORTS_FILE
-    return all(p.stat().st_mtime <= built for p in iter_site_files(data_dir)) and (
-        not reports.exists() or reports.stat().st_mtime <= built
+    return all(entry.mtime <= built for entry in list_site(data_dir).files) and (
+        not os.path.lexists(reports) or os.lstat(reports).st_mtime <= built
     )
 
 

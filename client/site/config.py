@@ -42,6 +42,9 @@ CONFIG_NAME: Final[str] = "site.toml"
 DEFAULT_LEDGER: Final[str] = "ledger.jsonl"
 DEFAULT_LEDGER_KEY: Final[str] = "keys/ledger_key.pem"
 DEFAULT_NODE_KEY: Final[str] = "keys/node_key"
+# The SuperLink's fleet address as site.toml holds it, always with fullmatch (`$` took
+# "host:9092\n"): no whitespace anywhere, and ASCII digits (\d, as int(), takes any script's).
+COORDINATOR_ADDRESS: Final[re.Pattern[str]] = re.compile(r"[^\s:]+:[0-9]{1,5}")
 HEADER: Final[str] = (
     "# fedrad site configuration: owned by this hospital, never sent to the coordinator.\n"
 )
@@ -73,16 +76,16 @@ class SiteConfig:
     ledger_anchor: Path | None = None
 
     def __post_init__(self) -> None:
-        if not SITE_ID_PATTERN.match(self.site_id):
+        if not SITE_ID_PATTERN.fullmatch(self.site_id):
             raise SiteConfigError(
-                f"site id {self.site_id!r}: use letters, digits, '_', '.', '-' (max 64)"
+                f"site id {self.site_id[:70]!r}: use letters, digits, '_', '.', '-' (max 64)"
             )
         if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
             raise SiteConfigError(f"epsilon budget must be positive and finite, got {self.epsilon}")
         if not 0 < self.delta < 1:
             raise SiteConfigError(f"delta must be in (0, 1), got {self.delta}")
-        if self.coordinator is not None and not re.match(r"^[^\s:]+:\d{1,5}$", self.coordinator):
-            raise SiteConfigError(f"coordinator {self.coordinator!r} is not HOST:PORT")
+        if self.coordinator is not None and not is_coordinator_address(self.coordinator):
+            raise SiteConfigError(f"coordinator {self.coordinator[:70]!r} is not HOST:PORT")
         if self.ledger_anchor_path in (self.ledger, self.ledger_key):
             raise SiteConfigError(
                 "ledger_anchor must be a file of its own (not ledger, ledger_key)"
@@ -92,6 +95,16 @@ class SiteConfig:
     def ledger_anchor_path(self) -> Path:
         """Where the ledger's anchor is: `ledger_anchor`, or beside the ledger key."""
         return anchor_path_for(self.ledger_key, self.ledger_anchor)
+
+
+def is_coordinator_address(text: str) -> bool:
+    """Whether `text` is HOST:PORT as Flower dials it: the whole of it (a newline, a space or a
+    control character anywhere is refused, not passed on) and a port in 1..65535."""
+    return (
+        COORDINATOR_ADDRESS.fullmatch(text) is not None
+        and text.isprintable()
+        and 0 < int(text.rpartition(":")[2]) < 65536
+    )
 
 
 _KEYS: Final[dict[str, type | tuple[type, ...]]] = {
@@ -297,7 +310,7 @@ def add_approved_app(config_path: Path, sha256: str) -> bool:
     os.replace) under a lock on its directory, keeping its header comment; the result is
     validated as load_site_config reads it before it replaces the old file."""
     digest = sha256.strip().lower()
-    if not SHA256_HEX.match(digest):
+    if not SHA256_HEX.fullmatch(digest):
         raise SiteConfigError(f"{sha256[:70]!r} is not a SHA-256 hex digest (64 characters 0-9a-f)")
     path = Path(config_path).expanduser().resolve()
     try:

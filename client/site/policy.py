@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 
 # The coordinator's strategies (server/strategies.py STRATEGIES; client never imports server).
 STRATEGIES: Final[tuple[str, ...]] = ("fedavg", "fedprox", "fedadam")
-SHA256_HEX: Final[re.Pattern[str]] = re.compile(r"^[0-9a-f]{64}$")
-_NAME: Final[re.Pattern[str]] = re.compile(r"^[a-z0-9_-]{1,32}$")
+# Both always used with fullmatch: `$` would accept a trailing newline.
+SHA256_HEX: Final[re.Pattern[str]] = re.compile(r"[0-9a-f]{64}")
+_NAME: Final[re.Pattern[str]] = re.compile(r"[a-z0-9_-]{1,32}")
 PREFIX: Final[str] = "site policy: "
 
 
@@ -85,7 +86,7 @@ class SitePolicy:
                     f"policy release_metrics: {', '.join(map(str, unknown))[:60]} not among "
                     f"{', '.join(EVAL_FAMILIES)}"
                 )
-        bad = [h for h in self.approved_apps if not SHA256_HEX.match(str(h))]
+        bad = [h for h in self.approved_apps if not SHA256_HEX.fullmatch(str(h))]
         if bad:
             raise SitePolicyError(
                 f"policy approved_apps: {str(bad[0])[:70]!r} is not a lowercase SHA-256 hex "
@@ -193,7 +194,7 @@ def check_run_plan(policy: SitePolicy, run_config: Mapping[str, object]) -> str 
         return PREFIX + "this site requires SecAgg+ and the run has secagg = false"
     strategy = run_config.get("strategy", RELEASE_RUN_CONFIG["strategy"])
     if policy.strategies is not None and strategy not in policy.strategies:
-        named = strategy if isinstance(strategy, str) and _NAME.match(strategy) else "(unnamed)"
+        named = strategy if isinstance(strategy, str) and _NAME.fullmatch(strategy) else "(unnamed)"
         return (
             PREFIX + f"strategy {named} is not one this site takes part in "
             f"({', '.join(policy.strategies)})"

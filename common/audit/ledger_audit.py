@@ -110,7 +110,7 @@ RECOVERY_FIELDS: Final[tuple[str, ...]] = (
     "signature",
 )
 MAX_FOUND_CHARS: Final[int] = 600
-HEAD_PATTERN: Final[re.Pattern[str]] = re.compile(r"^\d+:[0-9a-f]{64}$")
+HEAD_PATTERN: Final[re.Pattern[str]] = re.compile(r"[0-9]+:[0-9a-f]{64}")  # fullmatch, not $
 
 
 @dataclass(frozen=True)
@@ -337,7 +337,7 @@ def recovery_problem(entry: Mapping[str, Any]) -> str | None:
     if _one_line_problem(entry["found"], MAX_FOUND_CHARS):
         return "invalid found (one printable line expected)"
     head = entry["previous_head"]
-    if head != "none" and not (isinstance(head, str) and HEAD_PATTERN.match(head)):
+    if head != "none" and not (isinstance(head, str) and HEAD_PATTERN.fullmatch(head)):
         return "invalid previous_head (<lines>:<sha256> or none expected)"
     return None
 

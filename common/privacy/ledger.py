@@ -112,8 +112,9 @@ EVENT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     RECOVERY_EVENT: RECOVERY_FIELDS,
 }
 # A ledger's head as sites report it and the coordinator acknowledges it: "<lines>:<sha256>",
-# the number of lines and the hash of the last one (GENESIS_HASH for an empty ledger).
-HEAD_PATTERN: Final[re.Pattern[str]] = re.compile(r"^(\d+):([0-9a-f]{64})$")
+# the number of lines and the hash of the last one (GENESIS_HASH for an empty ledger). Always
+# used with fullmatch (`$` would take "<head>\n"), ASCII digits only (\d takes any script's).
+HEAD_PATTERN: Final[re.Pattern[str]] = re.compile(r"([0-9]+):([0-9a-f]{64})")
 NO_HEAD: Final[str] = "none"
 
 
@@ -406,7 +407,7 @@ def head_is_valid(head: object, *, allow_none: bool = False) -> bool:
     """Whether `head` reads "<lines>:<sha256 hex>" (or "none", where allowed)."""
     if allow_none and head == NO_HEAD:
         return True
-    return isinstance(head, str) and HEAD_PATTERN.match(head) is not None
+    return isinstance(head, str) and HEAD_PATTERN.fullmatch(head) is not None
 
 
 def _verify_parsed(

@@ -109,7 +109,7 @@ def ledger_head(ledger: Ledger) -> str:
 
 def parse_head(head: str) -> tuple[int, str]:
     """(lines, hash) of "<lines>:<sha256>"; ValueError otherwise."""
-    match = HEAD_PATTERN.match(head)
+    match = HEAD_PATTERN.fullmatch(head)
     if match is None:
         raise ValueError(f"{head[:80]!r} is not <lines>:<sha256 hex>")
     return int(match.group(1)), match.group(2)
@@ -172,7 +172,7 @@ def read_anchor(path: Path, public_key: Ed25519PublicKey) -> Anchor | None:
         or not isinstance(raw["lines"], int)
         or raw["lines"] < 0
         or not isinstance(raw["head_hash"], str)
-        or HEAD_PATTERN.match(f"{raw['lines']}:{raw['head_hash']}") is None
+        or HEAD_PATTERN.fullmatch(f"{raw['lines']}:{raw['head_hash']}") is None
         or (raw["lines"] == 0 and raw["head_hash"] != GENESIS_HASH)
     ):
         raise LedgerContinuityError(f"{PREFIX}the ledger anchor is not a fedrad anchor file")

@@ -21,8 +21,9 @@ CONFIG_KEY: Final[str] = "config"  # Flower strategies' default ConfigRecord key
 METRICS_KEY: Final[str] = "metrics"
 SITE_KEY: Final[str] = "site"  # ConfigRecord in replies naming the site
 SITE_ID_FIELD: Final[str] = "site-id"
-# A site id as site.toml, the coordinator's registry and the ledgers name it.
-SITE_ID_PATTERN: Final[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A site id as site.toml, the coordinator's registry and the ledgers name it. Always used with
+# fullmatch: `$` would accept a trailing newline ("site_9\n").
+SITE_ID_PATTERN: Final[re.Pattern[str]] = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 WEIGHT_KEY: Final[str] = "num-examples"  # Flower strategies weight averages by this key
 # The sites' local AdamW learning rate unless a run sets one (LoRA adapters take a quarter
 # of it): high enough for DP-SGD's few noisy steps to get somewhere, at no cost without DP
@@ -59,7 +60,7 @@ DEFAULT_EVAL_EPSILON: Final[float] = 0.5
 # keeps the last one per site and sends it back as the round config's ledger-head, so that a
 # site whose ledger was cut short or replaced refuses (`common/privacy/ledger_anchor.py`).
 LEDGER_HEAD_FIELD: Final[str] = "ledger-head"
-LEDGER_HEAD_PATTERN: Final[re.Pattern[str]] = re.compile(r"^\d+:[0-9a-f]{64}$")
+LEDGER_HEAD_PATTERN: Final[re.Pattern[str]] = re.compile(r"[0-9]+:[0-9a-f]{64}")  # fullmatch
 SITE_FIELDS: Final[frozenset[str]] = frozenset({SITE_ID_FIELD, LEDGER_HEAD_FIELD})
 
 
@@ -68,6 +69,15 @@ SITE_FIELDS: Final[frozenset[str]] = frozenset({SITE_ID_FIELD, LEDGER_HEAD_FIELD
 RANDOMNESS_REQUESTS: Final[frozenset[str]] = frozenset(
     {"insecure_reproducible", "reproducible", "noise_generator", "secure_mode", "rng"}
 )
+
+
+def claimed_site_id(value: object) -> str | None:
+    """`value` when it is a site id, else None. A reply's claimed id is the sender's word: one
+    that is not a site id (a newline in it, 10 KB of text, not a string) names no site, and is
+    never turned into one by str() or cut short."""
+    if isinstance(value, str) and SITE_ID_PATTERN.fullmatch(value):
+        return value
+    return None
 
 
 def eval_families(eval_metrics: str) -> tuple[str, ...]:
@@ -142,7 +152,7 @@ class RoundConfig:
             )
         if not (0 < self.eval_epsilon < float("inf")):
             problems.append("eval_epsilon must be positive and finite")
-        if self.ledger_head and not LEDGER_HEAD_PATTERN.match(self.ledger_head):
+        if self.ledger_head and not LEDGER_HEAD_PATTERN.fullmatch(self.ledger_head):
             problems.append("ledger_head must be <lines>:<sha256 hex> or empty")
         if problems:
             raise ProtocolError("invalid round config: " + "; ".join(problems))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pydicom
@@ -107,6 +108,23 @@ def test_label_bad_input(tmp_path: Path) -> None:
     assert "no report text files" in _run("label", str(tmp_path / "empty")).stderr
     (tmp_path / "blank.csv").write_text("report\n\n   \n")
     assert "no report to label" in _run("label", str(tmp_path / "blank.csv")).stderr
+
+
+def test_label_refuses_pipes_and_skips_links_in_a_folder(tmp_path: Path) -> None:
+    """A pipe named on the command line is refused at once instead of blocking the reader; in
+    a folder of reports, links and pipes are not read."""
+    os.mkfifo(tmp_path / "pipe.csv")
+    result = _run("label", str(tmp_path / "pipe.csv"))
+    assert result.exit_code == 2 and "named pipe (not a regular file)" in result.stderr
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    (folder / "a.txt").write_text("Small right pneumothorax.")
+    (tmp_path / "outside.txt").write_text("Large left pleural effusion.")
+    (folder / "b.txt").symlink_to(tmp_path / "outside.txt")
+    os.mkfifo(folder / "c.txt")
+    result = _run("label", str(folder), "--json")
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)) == {"a"}
 
 
 def test_label_reads_report_prose_in_the_shapes_it_comes_in(tmp_path: Path) -> None:

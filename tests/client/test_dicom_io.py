@@ -66,13 +66,21 @@ def test_missing_pixel_data_is_rejected(tmp_path: Path) -> None:
         ("OT-PAL-8-face.dcm", "photometric interpretation PALETTE COLOR"),
         ("CT_small.dcm", "modality CT is not a projection radiograph"),
         ("rtdose.dcm", "multi-frame"),
-        ("MR_truncated.dcm", "could not be decoded"),
+        ("MR_truncated.dcm", "modality MR"),
         ("test-SR.dcm", "no pixel data"),
     ],
 )
 def test_pydicom_edge_cases_get_reasons(name: str, reason: str) -> None:
     with pytest.raises(UnusableError, match=reason):
         load_radiograph(Path(get_testdata_file(name)))
+
+
+def test_header_checks_come_before_the_decoder() -> None:
+    """A truncated MR is refused for its modality without being decoded; accepted as MR, the
+    decoder then finds its pixel data short."""
+    path = Path(get_testdata_file("MR_truncated.dcm"))
+    with pytest.raises(UnusableError, match="could not be decoded"):
+        load_radiograph(path, modalities=frozenset({"MR"}))
 
 
 @pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG3_J2KI.dcm"])

@@ -186,6 +186,13 @@ def test_init_makes_private_keys_and_a_config_it_can_read(tmp_path: Path) -> Non
         ("[site]\nsite_id='a'\ndata_dir='d'\nepsilon='x'\ndelta=1e-5\n", "wrong type"),
         ("[site]\nsite_id='a'\ndata_dir='d'\nepsilon=-1.0\ndelta=1e-5\n", "must be positive"),
         ("[site]\nsite_id='a b'\ndata_dir='d'\nepsilon=1.0\ndelta=1e-5\n", "site id"),
+        # `$` took a trailing newline (a TOML basic string can hold one)
+        ("[site]\nsite_id=\"a\\n\"\ndata_dir='d'\nepsilon=1.0\ndelta=1e-5\n", "site id"),
+        (
+            "[site]\nsite_id='a'\ndata_dir='d'\nepsilon=1.0\ndelta=1e-5\n"
+            'coordinator="fl:9092\\n"\n',
+            "is not HOST:PORT",
+        ),
         ("[site]\nsite_id='a'\ndata_dir='d'\nepsilon=1.0\ndelta=2.0\n", "delta must be"),
         ("site_id = 'a'\n", "exactly one [site] table"),
         ("[site\n", "not a readable TOML"),
@@ -335,3 +342,34 @@ def test_site_cli_bad_input_is_one_line(tmp_path: Path, args: list[str], words: 
     assert result.exit_code == 2
     assert words in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "site").exists()  # refused before any key is made
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("--site-id", "site_9\n", "site id 'site_9\\n'"),
+        ("--site-id", "site_9 ", "site id 'site_9 '"),
+        ("--site-id", "\nsite_9", "site id '\\nsite_9'"),
+        ("--coordinator", "localhost:9092\n", "coordinator 'localhost:9092\\n' is not HOST:PORT"),
+        ("--coordinator", " localhost:9092", "is not HOST:PORT"),
+        ("--coordinator", "localhost:\u0669\u0660\u0669\u0662", "is not HOST:PORT"),
+        ("--coordinator", "localhost:0", "is not HOST:PORT"),
+        ("--coordinator", "localhost:99999", "is not HOST:PORT"),
+    ],
+)
+def test_init_refuses_an_id_or_address_that_is_not_all_of_the_text(
+    tmp_path: Path, option: str, value: str, words: str
+) -> None:
+    """`$` matched before a trailing newline, so "site_9\\n" was a site id and
+    "localhost:9092\\n" an address: each is refused in one line, before anything is made."""
+    (tmp_path / "data").mkdir()
+    given = {"--site-id": "site_9", "--coordinator": "localhost:9092", option: value}
+    args = ["init", str(tmp_path / "site"), "--data-dir", str(tmp_path / "data")]
+    result = CliRunner().invoke(site_cli, [*args, *(a for pair in given.items() for a in pair)])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: ") and words in line
+    assert not (tmp_path / "site").exists()
+    ok = CliRunner().invoke(site_cli, [*args, "--site-id", "site_9", "--coordinator", "fl:9092"])
+    assert ok.exit_code == 0, ok.output

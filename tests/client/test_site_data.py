@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
 
 import pytest
 
+from fedrad.client.ingest.report_export import MAX_LINE_CHARS, MAX_REPORT_CHARS
 from fedrad.client.ingest.site_data import SiteDataError, load_manifest, prepare_site, scan_site
 from fedrad.common.model.preprocess import PreprocessConfig
 from tests.conftest import PHI, write_radiograph, write_reports
@@ -46,7 +48,7 @@ def test_scan_joins_and_explains_every_skip(tmp_path: Path) -> None:
     assert reasons["notes.txt"] == "not a DICOM file"
     assert reasons["p3/IM1.dcm"].startswith("study has no report")
     assert "additional image" in reasons["p1/s1/IM2.dcm"]
-    assert reasons["reports.csv:4"] == "report has no matching DICOM study"
+    assert reasons["reports.csv:5"] == "report has no matching DICOM study"  # its first line
     study = next(s for s in scan.studies if s.accession == "ACC0000001")
     assert study.image_path == "p1/s1/IM1.dcm"  # the frontal view, not the lateral
     assert study.labels["pleural_effusion"] == 1
@@ -104,6 +106,32 @@ def test_bad_report_rows_are_skipped_with_reasons(tmp_path: Path) -> None:
     assert reasons["reports.csv:4"] == "report row without accession_number"
     assert reasons["reports.csv:5"] == "empty report text"
     assert scan.summary()["usable"] == 1
+
+
+def test_the_report_export_is_read_with_bounded_lines_and_fields(tmp_path: Path) -> None:
+    """A report too long to be one is skipped; a line or a field of megabytes ends the read
+    with one line before it is held whole; the csv module's limit is left as it was."""
+    site = tmp_path / "s"
+    write_radiograph(site / "a.dcm", accession="A1")
+    write_radiograph(site / "b.dcm", accession="A2")
+    long_report = "No acute disease. " * 5000  # 90 000 characters
+    write_reports(site / "reports.csv", [("A1", "Normal."), ("A2", long_report), ("A" * 80, "x")])
+    limit = csv.field_size_limit()
+    scan, _ = scan_site(site, workers=1)
+    reasons = _reasons(scan)
+    assert reasons["reports.csv:3"] == f"report text longer than {MAX_REPORT_CHARS} characters"
+    assert reasons["reports.csv:4"].startswith("accession_number longer than")
+    assert [s.accession for s in scan.studies] == ["A1"]
+    with (site / "reports.csv").open("a") as handle:
+        handle.write("A3," + "x" * (MAX_LINE_CHARS + 10) + "\n")
+    with pytest.raises(SiteDataError, match="line 5 is longer than"):
+        scan_site(site, workers=1)
+    write_reports(site / "reports.csv", [("A1", "Normal.")])
+    with (site / "reports.csv").open("a") as handle:
+        handle.write('A2,"' + ("x" * 1000 + "\n") * 1200 + '"\n')
+    with pytest.raises(SiteDataError, match="field larger than field limit"):
+        scan_site(site, workers=1)
+    assert csv.field_size_limit() == limit
 
 
 def test_cache_and_logs_hold_no_phi(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -96,6 +96,7 @@ def test_a_policy_table_is_read_with_every_field(tmp_path: Path) -> None:
         ("max_epsilon_per_run=inf\n", "must be positive and finite"),
         (f"approved_apps=['{FAB[:-1]}']\n", "not a lowercase SHA-256"),
         (f"approved_apps=['{FAB.upper()}']\n", "not a lowercase SHA-256"),
+        (f'approved_apps=["{FAB}\\n"]\n', "not a lowercase SHA-256"),  # `$` took a final newline
     ],
 )
 def test_a_bad_policy_is_refused_in_one_line(tmp_path: Path, policy: str, words: str) -> None:
@@ -212,6 +213,7 @@ def test_an_approved_app_starts_a_policy_table_when_there_is_none(tmp_path: Path
         ),
         (SitePolicy(strategies=("fedprox",)), {}, "strategy fedavg is not one"),
         (SitePolicy(strategies=("fedprox",)), {"strategy": "../etc/x"}, "strategy (unnamed)"),
+        (SitePolicy(strategies=("fedprox",)), {"strategy": "fedavg\n"}, "strategy (unnamed)"),
         (SitePolicy(min_noise_multiplier=1), {"dp": False}, "dp = false"),
         (
             SitePolicy(allow_central_dp=False),

@@ -20,6 +20,7 @@ from fedrad.common.privacy.ledger import (
     Ledger,
     LedgerError,
     canonical_json,
+    head_is_valid,
     line_hash,
     load_or_create_signing_key,
     verify_ledger,
@@ -30,10 +31,12 @@ from fedrad.common.privacy.ledger_anchor import (
     default_anchor_path,
     ledger_head,
     open_site_ledger,
+    parse_head,
     read_anchor,
     recover_ledger,
     write_anchor,
 )
+from fedrad.common.protocol.messages import ProtocolError, RoundConfig
 
 ROUND = dict(
     sample_rate=0.05,
@@ -324,3 +327,42 @@ def test_a_recovery_with_spend_fields_or_a_bad_head_is_malformed(site: Site) -> 
     assert any("a recovery carries spend field(s) steps" in p for p in problems), problems
     audit = audit_ledger(site.ledger, {public_key_id(key.public_key()): key.public_key()})
     assert audit.status == "malformed" and "spend field(s) steps" in audit.reason
+
+
+def test_a_head_with_a_trailing_newline_is_no_head(site: Site) -> None:
+    """`$` matched before a final newline: "<lines>:<sha256>\\n" (or with another script's
+    digits) is refused wherever a head is read, as the coordinator's, an anchor's or a
+    recovery's."""
+    ledger = site.open()
+    site.spend(ledger, 1)
+    good = ledger_head(ledger)
+    assert head_is_valid(good) and parse_head(good)[0] == 1
+    for bad in (good + "\n", "\n" + good, good + " ", "\u0661" + good[1:]):
+        assert not head_is_valid(bad)
+        with pytest.raises(ValueError, match="is not <lines>:<sha256 hex>"):
+            parse_head(bad)
+    plan = dict(server_round=1, run_id="r", planned_rounds=1, local_steps=1, batch_size=1)
+    with pytest.raises(ProtocolError, match="ledger_head must be"):
+        RoundConfig(**plan, lr=0.1, seed=0, ledger_head=good + "\n")  # type: ignore[arg-type]
+    with pytest.raises(LedgerError, match="previous head"):
+        ledger.append_recovery(site_id=SITE, reason="r", found="f", previous_head=good + "\n")
+    with pytest.raises(LedgerError, match="--acknowledged"):
+        recover_ledger(site.ledger, site.key, site_id=SITE, reason="x", acknowledged=good + "\n")
+    raw = json.loads(site.anchor.read_text())
+    raw["head_hash"] += "\n"  # refused as no anchor, before its signature is looked at
+    site.anchor.write_bytes(canonical_json(raw) + b"\n")
+    assert "is not a fedrad anchor file" in _refused(site)
+
+
+def test_the_audit_finds_a_signed_recovery_whose_previous_head_ends_in_a_newline(
+    site: Site,
+) -> None:
+    ledger = site.open()
+    entry = ledger.append_recovery(site_id=SITE, reason="r", found="f", previous_head="none")
+    forged = {k: v for k, v in entry.items() if k != "signature"}
+    forged["previous_head"] = f"0:{GENESIS_HASH}\n"
+    key = load_or_create_signing_key(site.key)
+    forged["signature"] = base64.b64encode(key.sign(canonical_json(forged))).decode()
+    site.ledger.write_bytes(canonical_json(forged) + b"\n")
+    audit = audit_ledger(site.ledger, {public_key_id(key.public_key()): key.public_key()})
+    assert audit.status == "malformed" and "invalid previous_head" in audit.reason

@@ -45,6 +45,7 @@ from fedrad.server.certificates import (
     split_address,
     verify_certificate,
     verify_server_certificate,
+    write_flwr_connection,
 )
 from fedrad.server.site_registry import add_site, list_sites
 from tests.server.coordinator_support import site_key
@@ -312,11 +313,39 @@ def test_split_address(address: str, expected: tuple[str, int | None]) -> None:
 
 
 @pytest.mark.parametrize(
-    "address", ["https://coord:8000", "coord:0", "coord:http", ":8000", "[::1"]
+    "address",
+    [
+        "https://coord:8000",
+        "coord:0",
+        "coord:http",
+        ":8000",
+        "[::1",
+        # taken as given (it is written to flwr's config.toml as it is): no whitespace
+        "127.0.0.1:8000\n",
+        " coord:8000",
+        "coord: 8000",
+        "coord:8000 ",
+        "coord\t:8000",
+        "coord:80\x00",
+        # ASCII digits only: isdigit() takes these, int() takes the first or raises on the second
+        "coord:\u0668\u0660",
+        "coord:\u00b2",
+    ],
 )
 def test_split_address_refuses(address: str) -> None:
     with pytest.raises(PkiError):
         split_address(address)
+
+
+def test_an_address_with_a_newline_is_not_written_for_flwr(tmp_path: Path) -> None:
+    """The control address goes into flwr's config.toml as given: one that `$` or strip()
+    would have let through with a newline is refused before anything is made."""
+    with pytest.raises(PkiError, match="no spaces, newlines"):
+        init_federation(tmp_path / "coord", control_address="127.0.0.1:8000\n")
+    assert not (tmp_path / "coord").exists()
+    with pytest.raises(PkiError, match="no spaces, newlines"):
+        write_flwr_connection(tmp_path, address="127.0.0.1:8000\n")
+    assert not (tmp_path / "flwr").exists()
 
 
 def test_parse_hosts() -> None:
@@ -324,7 +353,15 @@ def test_parse_hosts() -> None:
     assert hosts.dns == ("localhost", "coord.example.org")
     assert [str(ip) for ip in hosts.ips] == ["127.0.0.1", "10.0.0.5", "::1"]
     assert parse_hosts(["x"], include_loopback=False).names() == ["x"]
-    for bad in ("bad_host!", "-x.org", "*.org", "a..b", "höst.example", "::"):
+    for bad in (
+        "bad_host!",
+        "-x.org",
+        "*.org",
+        "a..b",
+        "höst.example",
+        "::",
+        "coord\n.example.org",
+    ):
         with pytest.raises(PkiError):
             parse_hosts([bad])
     with pytest.raises(PkiError, match="at least one"):

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from fedrad.client.site.config import init_site
 from fedrad.server.cli import app
+from fedrad.server.site_registry import list_sites
 
 runner = CliRunner()
 
@@ -174,6 +175,18 @@ def test_add_site_refusals_are_one_line(coordinator: Path, tmp_path: Path) -> No
     assert "not a coordinator directory" in _one_line_error(elsewhere)
     no_id = _run("add-site", "--dir", str(coordinator), str(pub_b))
     assert no_id.exit_code == 2 and "--site-id" in no_id.output
+
+
+@pytest.mark.parametrize("site_id", ["site_9\n", "site_9 ", "\nsite_9"])
+def test_add_site_refuses_an_id_with_whitespace_around_it(
+    coordinator: Path, tmp_path: Path, site_id: str
+) -> None:
+    """The id is the whole of the text (`$` took "site_9\\n"), and nothing is registered."""
+    pub = _site_key(tmp_path, "site_9")
+    result = _run("add-site", "--dir", str(coordinator), "--site-id", site_id, str(pub))
+    assert result.exit_code != 0
+    assert "site id" in _one_line_error(result)
+    assert list_sites(coordinator) == []
 
 
 def test_help_lists_the_commands() -> None:

@@ -192,6 +192,37 @@ def test_a_head_that_is_not_one_is_ignored_and_a_bad_file_is_refused(
         LedgerHeads(tmp_path / HEADS_FILE)
 
 
+def test_a_head_with_a_trailing_newline_is_not_a_head(tmp_path: Path) -> None:
+    """`$` matched before a final newline: neither a reply nor the heads file may carry one."""
+    heads = LedgerHeads(tmp_path / HEADS_FILE)
+    grid = RoundGrid(object(), [1], round_no=2, registry=SiteRegistry({"site_0": 1}))
+    heads.observe(grid, 1, None, head("site_0", 3) + "\n")
+    assert heads.heads == {}
+    (tmp_path / HEADS_FILE).write_text(json.dumps({"site_0": head("site_0", 3) + "\n"}))
+    with pytest.raises(FederationError, match="not a JSON object of site id"):
+        LedgerHeads(tmp_path / HEADS_FILE)
+
+
+@pytest.mark.parametrize("claimed", ["a\nb", "site_1\n", "s" * 10_000, 5])
+def test_a_simulated_claim_that_is_not_a_site_id_stores_no_head(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, claimed: object
+) -> None:
+    """Without a registry the reply names its site: a claim that is not a site id is no site
+    (not str() of it, not its first 64 characters), so its head is kept under no name."""
+    heads = LedgerHeads(tmp_path / HEADS_FILE)
+    grid = RoundGrid(object(), [1, 2], round_no=2)
+    with caplog.at_level(logging.WARNING):
+        heads.observe(grid, 1, claimed, head("x", 3))
+        heads.observe(grid, 2, "site_2", head("site_2", 3))
+        heads.observe(grid, 1, claimed, head("x", 4))  # warned once per node and step
+    heads.save()
+    assert heads.heads == {"site_2": head("site_2", 3)}
+    assert heads.site_of(grid, 1) is None and heads.site_of(grid, 2) == "site_2"
+    assert json.loads((tmp_path / HEADS_FILE).read_text()) == {"site_2": head("site_2", 3)}
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "recorded as no site" in line and "\n" not in line and len(line) < 160
+
+
 def test_secagg_sends_each_site_its_head_in_its_fit_and_evaluate_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

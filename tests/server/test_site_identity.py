@@ -105,6 +105,7 @@ def test_a_registry_maps_each_node_to_the_site_the_coordinator_admitted(tmp_path
         ('{"site_0": 11, "site_0": 12}', "'site_0' is listed twice"),
         ('{"../site_0": 11}', "'../site_0' is not a site id"),
         ('{"": 11}', "'' is not a site id"),
+        ('{"site_0\\n": 11}', "'site_0\\n' is not a site id"),  # `$` took a trailing newline
         ("{}", "lists no sites"),
     ],
 )
@@ -211,6 +212,30 @@ def test_a_reply_is_recorded_under_its_nodes_registry_id_not_the_one_it_claims(
         "site_2"
     }
     assert plain.failures() == []
+
+
+@pytest.mark.parametrize("claimed", ["a\nb", "site_1\n", "s" * 10_000, 7])
+def test_a_simulated_reply_claiming_an_id_that_is_not_one_is_recorded_as_no_site(
+    caplog: pytest.LogCaptureFixture, claimed: object
+) -> None:
+    """Without a registry a reply's claim is all there is: one that is not a site id names no
+    site (neither str() of it nor its first 64 characters), with one short warning."""
+    caplog.set_level(logging.WARNING, logger="fedrad.server.participation")
+
+    def answer(message: Message) -> Message:
+        node = message.metadata.dst_node_id
+        content = RecordDict({METRICS_KEY: MetricRecord({"epsilon": 1.0, WEIGHT_KEY: 4.0})})
+        content[SITE_KEY] = ConfigRecord({SITE_ID_FIELD: "site_0" if node == 11 else claimed})
+        return Message(content, reply_to=message)
+
+    step = RoundGrid(FakeGrid([11, 12], answer), [11, 12], round_no=5)
+    replies = step.send_and_receive(_messages([11, 12]), timeout=5.0)
+    assert _site_metrics(replies, step) == {"site_0": {"epsilon": 1.0, WEIGHT_KEY: 4.0}}
+    assert step.site_id(12, claimed) is None  # asked again: still none, not warned again
+    (record,) = caplog.records
+    line = record.getMessage()
+    assert "round 5: node 12's reply claims a site id that is not one" in line
+    assert "recorded as no site" in line and "\n" not in line and len(line) < 160
 
 
 def test_a_reply_from_another_node_than_the_addressed_one_is_not_counted(
