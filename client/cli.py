@@ -717,7 +717,7 @@ def report(
     setup_logging(verbose)
     if ask is not None and not ask.strip():
         fail("--ask needs a non-empty question")
-    if not scan.is_file():
+    if not scan.exists():
         fail(f"no such file: {scan}")
     try:
         model = load_checkpoint(model_dir)

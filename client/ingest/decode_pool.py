@@ -1,15 +1,17 @@
-"""Per-file work in worker processes under a memory limit: a decoder that crashes, or runs out
-of memory despite the header checks, costs its own file, not the site's scan.
+"""Per-file work in worker processes under memory and CPU limits: a decoder that crashes, runs
+out of memory despite the header checks, or loops, costs its own file, not the site's scan.
 
 Every worker caps its address space at what it holds when it starts plus `memory_budget`
 (`resource.setrlimit(RLIMIT_AS)`), so an allocation past the cap fails inside that worker
-(MemoryError, or a decoder's abort). When a worker dies, the files it may have been working on
-are run again one at a time in a fresh process; the one that kills its process again is
-reported through `on_crash`, and the scan goes on.
+(MemoryError, or a decoder's abort), and gives each file `cpu_seconds` of CPU time
+(`RLIMIT_CPU`, raised before every file), past which the kernel ends the worker. When a worker
+dies, the files it may have been working on are run again one at a time in a fresh process;
+the one that ends its process again is reported through `on_crash`, and the scan goes on.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import resource
@@ -25,6 +27,9 @@ GIB: Final[int] = 1 << 30
 WORKER_MEMORY_BUDGET: Final[int] = 4 * GIB
 """Address space a worker may add to what it holds at start: headroom for one file at the
 decode limits (256 MiB of pixels become a few float copies while windowing)."""
+
+FILE_CPU_SECONDS: Final[int] = 120
+"""CPU time one file may take: decoding a 40 MiB JPEG 2000 radiograph takes a few seconds."""
 
 IN_FLIGHT_PER_WORKER: Final[int] = 2
 """Files queued per worker: enough to keep it busy, few to re-run when one dies."""
@@ -56,6 +61,22 @@ def limit_memory(budget: int) -> int | None:
     return cap
 
 
+def _cpu_seconds_used() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _within_cpu_time(work: Callable[[Job], Result], seconds: int, job: Job) -> Result:
+    """`work(job)` with this process's CPU limit set `seconds` past what it has used so far:
+    the kernel ends the worker (SIGXCPU) if one file loops."""
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    soft = int(_cpu_seconds_used()) + seconds + 1
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+    return work(job)
+
+
 def _worker_init(budget: int) -> None:
     """One thread per worker (the pool already uses every core), and the memory cap."""
     import torch
@@ -72,9 +93,11 @@ def map_isolated(
     on_crash: Callable[[Job], Result],
     progress: Callable[[int], None] | None = None,
     memory_budget: int = WORKER_MEMORY_BUDGET,
+    cpu_seconds: int = FILE_CPU_SECONDS,
 ) -> list[Result]:
     """`work` over `jobs` in worker processes, results in job order. A job whose worker dies
     twice (once among others, once alone) yields `on_crash(job)` instead."""
+    work = functools.partial(_within_cpu_time, work, cpu_seconds)
     results: dict[int, Result] = {}
     pending = deque(range(len(jobs)))
     suspects: list[int] = []

@@ -173,7 +173,7 @@ def _inspect_star(args: tuple[SiteFile, frozenset[str], PreprocessConfig | None]
 def _crashed(args: tuple[SiteFile, frozenset[str], PreprocessConfig | None]) -> FileResult:
     return FileResult(
         rel_path=args[0].rel_path,
-        reason="the decoder crashed on this file (its worker process died; file skipped)",
+        reason="the decoder crashed or ran past its CPU time on this file (worker ended)",
     )
 
 

@@ -10,12 +10,16 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedrad.client.ingest.dataset import encode_context, encode_prompt
+from fedrad.client.ingest.decode_pool import map_isolated
 from fedrad.client.ingest.deid import PseudonymKey, deidentify_dataset
 from fedrad.client.ingest.dicom_io import (
     RADIOGRAPH_MODALITIES,
+    UnusableError,
+    decode_pixels,
     decode_radiograph,
     read_dicom,
     to_display,
@@ -38,15 +42,34 @@ class ScanAnswer:
 def scan_tensor(
     path: Path, image_size: int, *, modalities: frozenset[str] = RADIOGRAPH_MODALITIES
 ) -> torch.Tensor:
-    """(1, 1, S, S) model input from a DICOM file; UnusableError with a reason otherwise."""
-    dicom = read_dicom(path)
-    radiograph = decode_radiograph(dicom, modalities=modalities)
-    # The pixels are re-derived from the de-identified header so that nothing the keep-list
-    # dropped can influence the model input (the ephemeral key is never stored).
-    clean = deidentify_dataset(dicom.dataset, PseudonymKey(secrets.token_bytes(32)))
-    raw = radiograph.dataset.pixel_array
-    pixels = to_display(raw, clean)
-    return preprocess(pixels, PreprocessConfig(image_size=image_size)).unsqueeze(0)
+    """(1, 1, S, S) model input from a DICOM file; UnusableError with a reason otherwise. The
+    file is read in a worker process under the ingestion limits, so a decoder that aborts or
+    loops on it ends that worker, not the command."""
+    [pixels] = map_isolated(
+        _scan_pixels, [(path, image_size, modalities)], workers=1, on_crash=_scan_crashed
+    )
+    if isinstance(pixels, str):
+        raise UnusableError(pixels)
+    return torch.from_numpy(pixels).unsqueeze(0)
+
+
+def _scan_pixels(job: tuple[Path, int, frozenset[str]]) -> np.ndarray | str:
+    """Runs in the worker: the preprocessed image, or the reason it cannot be read."""
+    path, image_size, modalities = job
+    try:
+        dicom = read_dicom(path)
+        decode_radiograph(dicom, modalities=modalities)
+        # The pixels are re-derived from the de-identified header so that nothing the keep-list
+        # dropped can influence the model input (the ephemeral key is never stored).
+        clean = deidentify_dataset(dicom.dataset, PseudonymKey(secrets.token_bytes(32)))
+        pixels = to_display(decode_pixels(dicom), clean)
+        return preprocess(pixels, PreprocessConfig(image_size=image_size)).numpy()
+    except UnusableError as exc:
+        return str(exc)
+
+
+def _scan_crashed(job: tuple[Path, int, frozenset[str]]) -> str:
+    return "the decoder crashed or ran past its CPU time on this file (worker ended)"
 
 
 def answer_scan(

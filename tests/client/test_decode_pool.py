@@ -22,6 +22,12 @@ def _work(job: int) -> str:
     return f"ok {job}"
 
 
+def _spin(job: int) -> str:
+    while job == 1:  # a decoder that loops
+        pass
+    return f"ok {job}"
+
+
 def _crashed(job: int) -> str:
     return f"crashed {job}"
 
@@ -42,6 +48,11 @@ def test_a_crashing_file_costs_only_itself() -> None:
         f"ok {i}" for i in range(10) if i not in (3, 5)
     ]
     assert len(seen) == 10
+
+
+def test_a_looping_file_is_ended_by_its_cpu_time() -> None:
+    results = map_isolated(_spin, [0, 1, 2], workers=2, on_crash=_crashed, cpu_seconds=1)
+    assert results == ["ok 0", "crashed 1", "ok 2"]
 
 
 def test_the_cap_is_the_current_size_plus_the_budget() -> None:

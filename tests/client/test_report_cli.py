@@ -4,6 +4,7 @@ one-line error for every kind of bad input."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,8 @@ def test_report_without_question_has_null_answer(checkpoint: Path, tmp_path: Pat
         ("empty_question", "non-empty question"),
         ("no_model", "not a checkpoint directory"),
         ("missing_file", "no such file"),
+        ("pipe", "named pipe (not a regular file)"),
+        ("huge_header", "over the 67 megapixel limit"),
     ],
 )
 def test_report_bad_input(checkpoint: Path, tmp_path: Path, case: str, message: str) -> None:
@@ -81,6 +84,12 @@ def test_report_bad_input(checkpoint: Path, tmp_path: Path, case: str, message: 
         extra = ["--ask", "  "]
     elif case == "no_model":
         model = tmp_path / "nothing"
+    elif case == "pipe":
+        scan = tmp_path / "pipe.dcm"
+        os.mkfifo(scan)
+    elif case == "huge_header":
+        big = {"Rows": 12000, "Columns": 12000}  # claimed; the pixel data stays 96 x 80
+        scan = write_radiograph(tmp_path / "h.dcm", accession="A1", extra=big)
     else:
         scan = tmp_path / "missing.dcm"
     result = _report(str(scan), "--model", str(model), *extra)
