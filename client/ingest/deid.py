@@ -14,6 +14,7 @@ import hmac
 import os
 import re
 import secrets
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,9 +116,25 @@ class PseudonymKey:
 
 
 def load_or_create_key(path: Path) -> PseudonymKey:
-    """Reads the site secret, or creates it with owner-only permissions on first use."""
-    if path.exists():
-        data = path.read_bytes()
+    """Reads the site secret, or creates it with owner-only permissions on first use. An
+    existing key is read only if it is a regular file (not a link), owned by this user and
+    readable by nobody else: a key planted by whoever can write the export would make the
+    site's pseudonyms computable by them."""
+    if os.path.lexists(path):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            raise ValueError(f"pseudonym key {path} cannot be opened ({exc.strerror})") from exc
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError(f"pseudonym key {path} is not a regular file")
+            if info.st_uid != os.getuid() or info.st_mode & 0o077:
+                raise ValueError(
+                    f"pseudonym key {path} must be owned by this user with mode 0600 "
+                    "(was it written by someone else?)"
+                )
+            data = handle.read(SECRET_BYTES + 1)
         if len(data) < SECRET_BYTES:
             raise ValueError(f"pseudonym key file is too short: {path}")
         return PseudonymKey(data[:SECRET_BYTES])

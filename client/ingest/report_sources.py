@@ -31,6 +31,10 @@ REPORT_COLUMNS: Final[tuple[str, ...]] = (
 
 ID_COLUMNS: Final[tuple[str, ...]] = ("accession_number", "study_id", "report_id", "id")
 
+MAX_LABEL_CSV_BYTES: Final[int] = 1 << 30
+"""`label` keeps every report of its input in memory to write its answer: a gigabyte of
+reports (several hundred thousand) is its most."""
+
 TEXT_SUFFIXES: Final[frozenset[str]] = frozenset({".txt", ".text", ".rpt"})
 
 
@@ -113,9 +117,14 @@ def report_csv(
     (`column`, or the first usual name); `error` with a one-line reason when it has none."""
     with (
         text_read_errors(path, error),
-        open_regular_file(path) as (binary, _),
+        open_regular_file(path) as (binary, size),
         csv_rows(binary) as reader,
     ):
+        if size > MAX_LABEL_CSV_BYTES:
+            raise error(
+                f"{path}: {size / 2**30:.1f} GiB is more than `label` holds at once "
+                f"({MAX_LABEL_CSV_BYTES // 2**30} GiB); split the export"
+            )
         columns = header_keys(reader.fieldnames)
         text_col = pick_column(columns, column, REPORT_COLUMNS)
         if text_col is None:

@@ -366,6 +366,22 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _check_cache_paths(data_dir: Path, cache_dir: Path, folders: list[Path]) -> None:
+    """The cache inside the data directory (the default) is written only where it is: the
+    export may hold a planted `.fedrad-cache` link, or links inside it, that would send the
+    de-identified copy and the pseudonym key elsewhere. A cache the site named may be a link
+    (its own choice), but nothing inside it may lead out of it."""
+    if cache_dir == default_cache_dir(data_dir) and cache_dir.is_symlink():
+        raise SiteDataError(
+            f"{cache_dir} is a symbolic link: the prepared-data cache inside the data directory "
+            "is never written through a link (remove it, or set cache_dir in site.toml)"
+        )
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.resolve().is_relative_to(cache_dir.resolve()):
+            raise SiteDataError(f"{folder} leads out of the cache at {cache_dir} (a link)")
+
+
 def prepare_site(
     data_dir: Path,
     cache_dir: Path,
@@ -377,7 +393,12 @@ def prepare_site(
     on_total: Callable[[int], None] | None = None,
 ) -> tuple[SiteScan, Path]:
     """Scans and writes the de-identified cache; returns the scan and the manifest path."""
-    key = load_or_create_key(cache_dir / "pseudonym.key")
+    root = cache_dir / config.fingerprint()
+    _check_cache_paths(data_dir, cache_dir, [root, root / "images"])
+    try:
+        key = load_or_create_key(cache_dir / "pseudonym.key")
+    except ValueError as exc:
+        raise SiteDataError(str(exc)) from exc
     scan, images = scan_site(
         data_dir,
         modalities=modalities,
@@ -386,7 +407,6 @@ def prepare_site(
         progress=progress,
         on_total=on_total,
     )
-    root = cache_dir / config.fingerprint()
     entries = []
     for study in scan.studies:
         study_id = key.token(study.accession, namespace="accession")
@@ -449,10 +469,15 @@ def prepared_manifest(
 def cache_write_problem(
     data_dir: Path, cache_dir: Path | None = None, *, fix: str = "set cache_dir in site.toml"
 ) -> str | None:
-    """Why the prepared-data cache cannot be created (a read-only export, say), or None; `fix`
-    says how to name another place. A cache that already exists is not judged: one prepared
-    elsewhere may be read-only."""
+    """Why the prepared-data cache cannot be created (a read-only export, or a planted link in
+    place of the default cache), or None; `fix` says how to name another place. A cache that
+    already exists is not judged: one prepared elsewhere may be read-only."""
     cache = site_cache_dir(data_dir, cache_dir)
+    if cache_dir is None and cache.is_symlink():
+        return (
+            f"{cache} is a symbolic link: the cache in the data directory is never written "
+            f"through a link; remove it, or {fix}"
+        )
     if cache.is_dir():
         return None
     existing = cache

@@ -127,6 +127,16 @@ def test_label_refuses_pipes_and_skips_links_in_a_folder(tmp_path: Path) -> None
     assert set(json.loads(result.stdout)) == {"a"}
 
 
+def test_label_refuses_an_export_larger_than_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("fedrad.client.ingest.report_sources.MAX_LABEL_CSV_BYTES", 100)
+    path = tmp_path / "big.csv"
+    path.write_text("report\n" + "No acute disease.\n" * 20)
+    result = _run("label", str(path))
+    assert result.exit_code == 2 and "split the export" in result.stderr
+
+
 def test_label_reads_report_prose_in_the_shapes_it_comes_in(tmp_path: Path) -> None:
     """Any export's report column, one report per text file, a MIMIC-CXR-style folder."""
     (tmp_path / "export.csv").write_text(

@@ -80,8 +80,24 @@ def test_key_file_is_created_owner_only_and_reused(tmp_path: Path) -> None:
 def test_short_key_file_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "k"
     path.write_bytes(b"short")
+    path.chmod(0o600)
     with pytest.raises(ValueError, match="too short"):
         load_or_create_key(path)
+
+
+def test_a_planted_key_is_refused(tmp_path: Path) -> None:
+    """A key someone else could have written (readable by others, or a link to a file whose
+    bytes they know) would make the site's pseudonyms computable by them."""
+    known = tmp_path / "known"
+    known.write_bytes(b"k" * 64)
+    with pytest.raises(ValueError, match="mode 0600"):
+        load_or_create_key(known)
+    known.chmod(0o600)
+    link = tmp_path / "link.key"
+    link.symlink_to(known)
+    with pytest.raises(ValueError, match="cannot be opened"):
+        load_or_create_key(link)
+    assert load_or_create_key(known).secret == b"k" * 32
 
 
 def test_report_text_is_scrubbed_of_header_phi(tmp_path: Path) -> None:

@@ -12,13 +12,19 @@ import pytest
 from typer.testing import CliRunner
 
 from fedrad.client.cli import app
-from fedrad.client.ingest.site_data import scan_site
+from fedrad.client.ingest.site_data import (
+    SiteDataError,
+    cache_write_problem,
+    prepare_site,
+    scan_site,
+)
 from fedrad.client.ingest.site_files import (
     RefusedFileError,
     open_site_file,
     site_file,
     walk_site,
 )
+from fedrad.common.model.preprocess import PreprocessConfig
 from tests.conftest import write_radiograph, write_reports
 
 runner = CliRunner()
@@ -123,3 +129,24 @@ def test_a_file_name_with_a_newline_stays_one_line_of_the_report(tmp_path: Path)
     result = runner.invoke(app, ["check", str(site), "--workers", "1"])
     assert result.exit_code == 0
     assert "  'odd\\nname.dcm': not a DICOM file" in result.stdout.splitlines()
+
+
+def test_a_planted_cache_link_is_not_written_through(tmp_path: Path) -> None:
+    """The default cache lives in the data directory, which the export's writer controls: a
+    `.fedrad-cache` link, or a link inside a real one, would send the de-identified copy and
+    the pseudonym key elsewhere."""
+    site = _good_site(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (site / ".fedrad-cache").symlink_to(elsewhere, target_is_directory=True)
+    result = runner.invoke(app, ["prepare", str(site), "--workers", "1"])
+    assert result.exit_code == 2 and "is a symbolic link" in result.stderr
+    assert not any(elsewhere.iterdir())
+    assert "is a symbolic link" in (cache_write_problem(site) or "")
+    (site / ".fedrad-cache").unlink()
+    config = PreprocessConfig(image_size=32)
+    (site / ".fedrad-cache").mkdir()
+    (site / ".fedrad-cache" / config.fingerprint()).symlink_to(elsewhere)
+    with pytest.raises(SiteDataError, match="leads out of the cache"):
+        prepare_site(site, site / ".fedrad-cache", config=config, workers=1)
+    assert not any(elsewhere.iterdir())
