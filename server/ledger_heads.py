@@ -24,10 +24,10 @@ from typing import Any, Final
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedrad.common.atomic_file import replace_file
+from fedrad.common.privacy.ledger_head import head_is_valid, parse_head
 from fedrad.common.protocol.messages import (
     CONFIG_KEY,
     LEDGER_HEAD_FIELD,
-    LEDGER_HEAD_PATTERN,
     SITE_ID_FIELD,
     SITE_KEY,
 )
@@ -47,7 +47,7 @@ def heads_file(run_dir: Path, site_registry: Path | None) -> Path:
 
 
 def _lines(head: str) -> int:
-    return int(head.split(":", 1)[0])
+    return parse_head(head)[0]
 
 
 def _read(path: Path) -> dict[str, str]:
@@ -62,8 +62,7 @@ def _read(path: Path) -> dict[str, str]:
             "forget every site's acknowledged head"
         ) from exc
     if not isinstance(raw, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and LEDGER_HEAD_PATTERN.fullmatch(v)
-        for k, v in raw.items()
+        isinstance(k, str) and head_is_valid(v) for k, v in raw.items()
     ):
         raise FederationError(
             f"ledger heads {path} is not a JSON object of site id -> <lines>:<sha256>"
@@ -121,7 +120,7 @@ class LedgerHeads:
                 self._nodes[node] = site
         if site is None or reported is None:
             return
-        if not isinstance(reported, str) or not LEDGER_HEAD_PATTERN.fullmatch(reported):
+        if not head_is_valid(reported):
             logger.warning(
                 "round %d: site %s sent a ledger head that is not <lines>:<sha256>: ignored",
                 grid.round_no,

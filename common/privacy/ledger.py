@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedrad.common.atomic_file import fsync_dir
 from fedrad.common.privacy.accounting import AccountantName, MechanismStep, cumulative_epsilon
+from fedrad.common.privacy.ledger_head import head_is_valid
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +111,6 @@ EVENT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     REFUSAL_EVENT: REFUSAL_FIELDS,
     RECOVERY_EVENT: RECOVERY_FIELDS,
 }
-# A ledger's head as sites report it and the coordinator acknowledges it: "<lines>:<sha256>",
-# the number of lines and the hash of the last one (GENESIS_HASH for an empty ledger). Always
-# used with fullmatch (`$` would take "<head>\n"), ASCII digits only (\d takes any script's).
-HEAD_PATTERN: Final[re.Pattern[str]] = re.compile(r"([0-9]+):([0-9a-f]{64})")
-NO_HEAD: Final[str] = "none"
 
 
 class LedgerError(Exception):
@@ -401,13 +396,6 @@ def recovery_found_problem(found: object) -> str | None:
     if len(found) > MAX_FOUND_CHARS or not found.isprintable():
         return f"a recovery's found must be one printable line of at most {MAX_FOUND_CHARS}"
     return None
-
-
-def head_is_valid(head: object, *, allow_none: bool = False) -> bool:
-    """Whether `head` reads "<lines>:<sha256 hex>" (or "none", where allowed)."""
-    if allow_none and head == NO_HEAD:
-        return True
-    return isinstance(head, str) and HEAD_PATTERN.fullmatch(head) is not None
 
 
 def _verify_parsed(

@@ -38,15 +38,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fedrad.common.atomic_file import fsync_dir, replace_file
 from fedrad.common.privacy.ledger import (
     GENESIS_HASH,
-    HEAD_PATTERN,
     MAX_FOUND_CHARS,
-    NO_HEAD,
     Ledger,
     LedgerError,
     canonical_json,
     key_id,
     load_or_create_signing_key,
 )
+from fedrad.common.privacy.ledger_head import NO_HEAD, head_is_valid, parse_head
 
 logger = logging.getLogger(__name__)
 
@@ -107,14 +106,6 @@ def ledger_head(ledger: Ledger) -> str:
     return f"{lines}:{head_hash}"
 
 
-def parse_head(head: str) -> tuple[int, str]:
-    """(lines, hash) of "<lines>:<sha256>"; ValueError otherwise."""
-    match = HEAD_PATTERN.fullmatch(head)
-    if match is None:
-        raise ValueError(f"{head[:80]!r} is not <lines>:<sha256 hex>")
-    return int(match.group(1)), match.group(2)
-
-
 def _short(head_hash: str) -> str:
     return head_hash[:8] + "…"
 
@@ -172,7 +163,7 @@ def read_anchor(path: Path, public_key: Ed25519PublicKey) -> Anchor | None:
         or not isinstance(raw["lines"], int)
         or raw["lines"] < 0
         or not isinstance(raw["head_hash"], str)
-        or HEAD_PATTERN.fullmatch(f"{raw['lines']}:{raw['head_hash']}") is None
+        or not head_is_valid(f"{raw['lines']}:{raw['head_hash']}")
         or (raw["lines"] == 0 and raw["head_hash"] != GENESIS_HASH)
     ):
         raise LedgerContinuityError(f"{PREFIX}the ledger anchor is not a fedrad anchor file")

@@ -15,6 +15,7 @@ from typing import Final
 
 from fedrad.common.findings import FINDINGS
 from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
+from fedrad.common.privacy.ledger_head import head_is_valid
 
 ARRAYS_KEY: Final[str] = "arrays"  # Flower strategies' default ArrayRecord key
 CONFIG_KEY: Final[str] = "config"  # Flower strategies' default ConfigRecord key
@@ -60,7 +61,6 @@ DEFAULT_EVAL_EPSILON: Final[float] = 0.5
 # keeps the last one per site and sends it back as the round config's ledger-head, so that a
 # site whose ledger was cut short or replaced refuses (`common/privacy/ledger_anchor.py`).
 LEDGER_HEAD_FIELD: Final[str] = "ledger-head"
-LEDGER_HEAD_PATTERN: Final[re.Pattern[str]] = re.compile(r"[0-9]+:[0-9a-f]{64}")  # fullmatch
 SITE_FIELDS: Final[frozenset[str]] = frozenset({SITE_ID_FIELD, LEDGER_HEAD_FIELD})
 
 
@@ -152,7 +152,7 @@ class RoundConfig:
             )
         if not (0 < self.eval_epsilon < float("inf")):
             problems.append("eval_epsilon must be positive and finite")
-        if self.ledger_head and not LEDGER_HEAD_PATTERN.fullmatch(self.ledger_head):
+        if self.ledger_head and not head_is_valid(self.ledger_head):
             problems.append("ledger_head must be <lines>:<sha256 hex> or empty")
         if problems:
             raise ProtocolError("invalid round config: " + "; ".join(problems))

@@ -20,7 +20,6 @@ from fedrad.common.privacy.ledger import (
     Ledger,
     LedgerError,
     canonical_json,
-    head_is_valid,
     line_hash,
     load_or_create_signing_key,
     verify_ledger,
@@ -31,11 +30,11 @@ from fedrad.common.privacy.ledger_anchor import (
     default_anchor_path,
     ledger_head,
     open_site_ledger,
-    parse_head,
     read_anchor,
     recover_ledger,
     write_anchor,
 )
+from fedrad.common.privacy.ledger_head import head_is_valid, parse_head
 from fedrad.common.protocol.messages import ProtocolError, RoundConfig
 
 ROUND = dict(
