@@ -31,6 +31,11 @@ decode limits (256 MiB of pixels become a few float copies while windowing)."""
 FILE_CPU_SECONDS: Final[int] = 120
 """CPU time one file may take: decoding a 40 MiB JPEG 2000 radiograph takes a few seconds."""
 
+WORKER_ENDED: Final[str] = (
+    "the decoder crashed or ran past its CPU time on this file (worker ended)"
+)
+"""The reason a file is skipped with when its worker died twice on it."""
+
 IN_FLIGHT_PER_WORKER: Final[int] = 2
 """Files queued per worker: enough to keep it busy, few to re-run when one dies."""
 

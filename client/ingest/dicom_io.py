@@ -171,12 +171,8 @@ def _read_bounded(handle: BinaryIO, size: int, limits: DecodeLimits) -> Dataset:
     preamble = read_preamble(handle, force=True)
     meta = _read_file_meta_info(handle)
     if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-        ds = _read_deflated(handle, size, preamble, meta, limits)
-    else:
-        ds = _read_plain(handle, size, limits)
-    if any(tag in ds for tag in PIXEL_TAGS):  # checked again whole: a header may hide its size
-        check_decode_cost(ds, size, limits)
-    return ds
+        return _read_deflated(handle, size, preamble, meta, limits)
+    return _read_plain(handle, size, limits)
 
 
 def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
@@ -193,10 +189,14 @@ def _read_plain(handle: BinaryIO, size: int, limits: DecodeLimits) -> Dataset:
         forced = True
         handle.seek(0)
         header = _read_forced(handle)
-    if handle.tell() < size:  # stopped at the pixel data
+    checked = handle.tell() < size  # stopped at the pixel data
+    if checked:
         check_decode_cost(header, size, limits)
     handle.seek(0)
-    return dcmread(handle, force=forced)
+    ds = dcmread(handle, force=forced)
+    if not checked and any(tag in ds for tag in PIXEL_TAGS):
+        check_decode_cost(ds, size, limits)  # the header pass never reached them
+    return ds
 
 
 def _read_forced(handle: BinaryIO) -> Dataset:
@@ -234,7 +234,8 @@ def _read_deflated(
         del compressed
         peek = DicomBytesIO(chunks[0])
         header = read_dataset(peek, False, True, stop_when=_at_pixel_data)
-        if peek.tell() < len(chunks[0]):  # stopped at the pixel data
+        checked = peek.tell() < len(chunks[0])  # stopped at the pixel data
+        if checked:
             check_decode_cost(header, size, limits)
         total = len(chunks[0])
         while inflater.unconsumed_tail:
@@ -248,8 +249,8 @@ def _read_deflated(
         buffer = DicomBytesIO(b"".join(chunks))
         del chunks
         dataset = read_dataset(buffer, False, True)
-    except CostError:
-        raise
+        if not checked and any(tag in dataset for tag in PIXEL_TAGS):
+            check_decode_cost(dataset, size, limits)  # a header longer than the peek
     except READ_ERRORS as exc:
         raise UnusableError(f"unreadable deflated DICOM ({type(exc).__name__})") from exc
     ds = FileDataset("", dataset, preamble=preamble, file_meta=meta, is_implicit_VR=False)

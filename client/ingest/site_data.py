@@ -19,7 +19,7 @@ from typing import Final
 
 import numpy as np
 
-from fedrad.client.ingest.decode_pool import map_isolated
+from fedrad.client.ingest.decode_pool import WORKER_ENDED, map_isolated
 from fedrad.client.ingest.deid import (
     PhiValues,
     collect_phi,
@@ -173,7 +173,7 @@ def _inspect_star(args: tuple[SiteFile, frozenset[str], PreprocessConfig | None]
 def _crashed(args: tuple[SiteFile, frozenset[str], PreprocessConfig | None]) -> FileResult:
     return FileResult(
         rel_path=args[0].rel_path,
-        reason="the decoder crashed or ran past its CPU time on this file (worker ended)",
+        reason=WORKER_ENDED,
     )
 
 
@@ -188,14 +188,21 @@ def _pick_image(candidates: list[FileResult]) -> FileResult:
 
 def _reports_entry(data_dir: Path) -> tuple[SiteFile | None, Skipped | None]:
     """The report export if present and a regular file inside the directory; a refusal
-    otherwise (a link to a file elsewhere is refused like any other link)."""
+    otherwise (a link to a file elsewhere is refused like any other link). Its header is read
+    here: a broken export is fatal (SiteDataError), said before minutes of decoding."""
     path = data_dir.resolve() / REPORTS_FILE
     if not os.path.lexists(path):
         return None, None
     try:
-        return site_file(path, data_dir.resolve()), None
+        entry = site_file(path, data_dir.resolve())
+        rows = _report_rows(entry)
+        try:
+            next(rows, None)
+        finally:
+            rows.close()
     except RefusedFileError as exc:
         return None, Skipped(REPORTS_FILE, f"report export refused: {exc}")
+    return entry, None
 
 
 def _report_rows(entry: SiteFile) -> Iterator[ReportRow]:
@@ -222,15 +229,6 @@ def scan_site(
     reports_entry, reports_refused = _reports_entry(data_dir)
     if not (listing.files or listing.refused or reports_entry or reports_refused):
         raise SiteDataError(f"data directory is empty: {data_dir}")
-    if reports_entry is not None:  # a broken export is fatal: say so before minutes of decoding
-        rows = _report_rows(reports_entry)
-        try:
-            next(rows, None)
-        except RefusedFileError as exc:
-            reports_refused = Skipped(REPORTS_FILE, f"report export refused: {exc}")
-            reports_entry = None
-        finally:
-            rows.close()
     if reports_entry is not None:
         no_report_reason = "study has no report in reports.csv"
     elif reports_refused is not None:
@@ -366,16 +364,24 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _check_cache_paths(data_dir: Path, cache_dir: Path, folders: list[Path]) -> None:
-    """The cache inside the data directory (the default) is written only where it is: the
-    export may hold a planted `.fedrad-cache` link, or links inside it, that would send the
-    de-identified copy and the pseudonym key elsewhere. A cache the site named may be a link
-    (its own choice), but nothing inside it may lead out of it."""
-    if cache_dir == default_cache_dir(data_dir) and cache_dir.is_symlink():
-        raise SiteDataError(
-            f"{cache_dir} is a symbolic link: the prepared-data cache inside the data directory "
-            "is never written through a link (remove it, or set cache_dir in site.toml)"
+def _cache_link_problem(data_dir: Path, cache: Path) -> str | None:
+    """Why `cache` is not written: it is the default cache inside the data directory and a
+    link. The export may hold a planted `.fedrad-cache` link that would send the de-identified
+    copy and the pseudonym key elsewhere; a cache the site named may be a link (its choice)."""
+    if cache == default_cache_dir(data_dir) and cache.is_symlink():
+        return (
+            f"{cache} is a symbolic link: the prepared-data cache inside the data directory "
+            "is never written through a link"
         )
+    return None
+
+
+def _check_cache_paths(data_dir: Path, cache_dir: Path, folders: list[Path]) -> None:
+    """The cache is written only where it is: not through a linked default cache, and nothing
+    inside it may lead out of it."""
+    problem = _cache_link_problem(data_dir, cache_dir)
+    if problem is not None:
+        raise SiteDataError(f"{problem} (remove it, or set cache_dir in site.toml)")
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
         if not folder.resolve().is_relative_to(cache_dir.resolve()):
@@ -473,11 +479,9 @@ def cache_write_problem(
     place of the default cache), or None; `fix` says how to name another place. A cache that
     already exists is not judged: one prepared elsewhere may be read-only."""
     cache = site_cache_dir(data_dir, cache_dir)
-    if cache_dir is None and cache.is_symlink():
-        return (
-            f"{cache} is a symbolic link: the cache in the data directory is never written "
-            f"through a link; remove it, or {fix}"
-        )
+    link = _cache_link_problem(data_dir, cache)
+    if link is not None:
+        return f"{link}; remove it, or {fix}"
     if cache.is_dir():
         return None
     existing = cache

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fedrad.client.ingest.dataset import encode_context, encode_prompt
-from fedrad.client.ingest.decode_pool import map_isolated
+from fedrad.client.ingest.decode_pool import WORKER_ENDED, map_isolated
 from fedrad.client.ingest.deid import PseudonymKey, deidentify_dataset
 from fedrad.client.ingest.dicom_io import (
     RADIOGRAPH_MODALITIES,
@@ -69,7 +69,7 @@ def _scan_pixels(job: tuple[Path, int, frozenset[str]]) -> np.ndarray | str:
 
 
 def _scan_crashed(job: tuple[Path, int, frozenset[str]]) -> str:
-    return "the decoder crashed or ran past its CPU time on this file (worker ended)"
+    return WORKER_ENDED
 
 
 def answer_scan(
