@@ -52,12 +52,17 @@ class PkiError(Exception):
 # -- host names and addresses ------------------------------------------------------------------
 
 
+def _blank_or_control(text: str) -> bool:
+    """Whether a host or address holds a space, a newline or a control character anywhere."""
+    return not text.isprintable() or any(char.isspace() for char in text)
+
+
 def split_address(address: str) -> tuple[str, int | None]:
     """`host`, `host:port`, `[v6]:port` or a bare IPv6 address -> (host, port or None). Taken
     as it is, never stripped: callers pass the text itself on (flwr's config.toml), so a space,
     newline or control character anywhere in it is refused."""
     text = address
-    if not text.isprintable() or any(char.isspace() for char in text):
+    if _blank_or_control(text):
         raise PkiError(
             f"{address[:70]!r}: an address holds no spaces, newlines or control characters"
         )
@@ -101,7 +106,7 @@ def parse_hosts(hosts: Iterable[str], *, include_loopback: bool = True) -> Hosts
     given = [*(LOOPBACK_HOSTS if include_loopback else ()), *hosts]
     for raw in given:
         text = raw.strip()
-        if not text.isprintable() or any(char.isspace() for char in text):  # "a b", "a\n.b"
+        if _blank_or_control(text):  # "a b", "a\n.b"
             raise PkiError(f"{raw[:70]!r} is not a valid host name or IP address")
         try:
             ip = ipaddress.ip_address(text.strip("[]"))
