@@ -350,7 +350,21 @@ def bench_labeler(
         Path | None, typer.Option(help="A synthetic cohort (with ground_truth.csv per site).")
     ] = None,
     radlabels: Annotated[
-        bool, typer.Option(help="Also score the 1,000 radlabels reports (real prose).")
+        bool, typer.Option(help="Also score radlabels' real reports (see --radlabels-split).")
+    ] = True,
+    radlabels_split: Annotated[
+        str,
+        typer.Option(
+            help="Which radlabels reports: heldout (the half the labeler was not developed "
+            "against), dev or all."
+        ),
+    ] = "heldout",
+    suite: Annotated[
+        bool,
+        typer.Option(
+            help="Also score the phrase suites (cases under the written definitions): the one "
+            "read while the labeler was built, and the held-out one."
+        ),
     ] = True,
     labels: Annotated[
         Path | None,
@@ -364,17 +378,24 @@ def bench_labeler(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Labeler accuracy: on a cohort's ground truth, on radlabels' independent labels, and on
-    your own labelled reports."""
+    """Labeler accuracy: on a cohort's ground truth, on radlabels' independent labels, on the
+    phrase suite, and on your own labelled reports."""
+    from typing import cast  # here, with this command's other imports
+
+    from fedrad.common.labeling.radlabels import SPLITS, Split
+    from fedrad.simulations.benchmarks import labeler as labeler_bench
     from fedrad.simulations.benchmarks.labeler import (
         LabelledReportsError,
         run_cohort_bench,
         run_labelled_bench,
         run_radlabels_bench,
+        run_suite_bench,
     )
 
-    if data is None and not radlabels and labels is None:
-        fail("nothing to measure: give --data COHORT, --labels CSV and/or --radlabels")
+    if data is None and not radlabels and not suite and labels is None:
+        fail("nothing to measure: give --data COHORT, --labels CSV, --radlabels and/or --suite")
+    if radlabels_split not in SPLITS:
+        fail(f"--radlabels-split {radlabels_split!r}: choose from {', '.join(SPLITS)}")
     result: dict[str, object] = {}
     try:
         if data is not None:
@@ -384,12 +405,22 @@ def bench_labeler(
         if labels is not None:
             result["labels"] = run_labelled_bench(labels, column=column)
         if radlabels:
-            result["radlabels"] = run_radlabels_bench()
+            result["radlabels"] = run_radlabels_bench(split=cast(Split, radlabels_split))
+        if suite:
+            result["suite"] = run_suite_bench(labeler_bench.DEFAULT_SUITE)
+            result["suite_heldout"] = run_suite_bench(labeler_bench.HELDOUT_SUITE)
     except (FileNotFoundError, LabelledReportsError) as exc:
         fail(str(exc))
     if json_out:
         emit_json(result)
         return
+    titles = {
+        "labels": "vs your labels",
+        "radlabels": ("(all 1,000)" if radlabels_split == "all" else f"({radlabels_split} half)")
+        + " vs its independent labels",
+        "suite": "vs written definitions",
+        "suite_heldout": "vs written definitions",
+    }
     for name, block in result.items():
         assert isinstance(block, dict)
         views = (
@@ -398,17 +429,27 @@ def bench_labeler(
                 ("vs image truth", block["vs_image_truth"]),
             ]
             if name == "cohort"
-            else [(f"vs {'your labels' if name == 'labels' else 'radlabels'}", block)]
+            else [(titles[name], block)]
         )
         for title, scores in views:
             typer.echo(f"{name} {title}: {_labeler_line(scores)}")
+            per_finding = ", ".join(
+                f"{f} {v['f1']:.2f}" if v["n_positive"] else f"{f} n/a (none present)"
+                for f, v in scores["per_finding"].items()
+            )
+            typer.echo(f"  per finding F1: {per_finding}")
+        if name.startswith("suite") and block["per_kind"]:
+            kinds = block["per_kind"].items()
+            wrong = ", ".join(f"{k} {v['cases_wrong']}/{v['n']}" for k, v in kinds)
+            typer.echo(f"  cases wrong per kind: {wrong} (--json lists each error)")
 
 
 def _labeler_line(scores: dict) -> str:
     m = scores["macro"]
     return (
         f"n={scores['n']} macro accuracy {m['accuracy']:.3f}, "
-        f"macro positive F1 {m['f1']:.3f} (P {m['precision']:.3f}, R {m['recall']:.3f})"
+        f"macro positive F1 {m['f1']:.3f} (P {m['precision']:.3f}, R {m['recall']:.3f}); "
+        f"mentioned F1 {m['f1_mentioned']:.3f}"
     )
 
 

@@ -1,10 +1,13 @@
-"""Side-by-side benchmark: fedrad's report labeler against medspaCy (ConText) on radlabels.
+"""Side-by-side benchmark: fedrad's report labeler against medspaCy (ConText), same reports.
 
 medspaCy pins spacy<3.8, whose thinc needs numpy<2, while fedrad runs on numpy 2.x, so the peer
 cannot be imported here: it runs in its own venv (``make bench-labeler-peer`` creates
 ``.venv-medspacy``) as the script ``peer_labeler/medspacy_labeler.py``, fed JSON lines through a
-pipe. Both labelers are scored by ``labeler_bench.evaluate`` against the same radlabels reference
-(evidence from ignored sections such as INDICATION dropped, as both labelers ignore them).
+pipe. Both labelers are scored by ``labeler_bench.evaluate`` against the same references, per
+corpus: radlabels' held-out half (the figure to quote: fedrad was not developed against it), its
+development half, and the phrase suite written to the finding definitions (with its errors by
+kind). radlabels evidence from ignored sections such as INDICATION is dropped, as both labelers
+ignore them.
 
     python -m fedrad.simulations.benchmarks.peer --out runs/peer_bench.json
 """
@@ -18,11 +21,12 @@ import os
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
 
 from fedrad.common.findings import FINDINGS
-from fedrad.common.labeling.labeler import ReportLabels, label_reports
+from fedrad.common.labeling.labeler import ReportLabels
 from fedrad.common.labeling.radlabels import load_radlabels, radlabels_samples_dir
 from fedrad.simulations.benchmarks import labeler as labeler_bench
 
@@ -135,82 +139,165 @@ def run_peer_labeler(
     return labels, seconds
 
 
+CORPORA: Final[dict[str, str]] = {
+    "radlabels_heldout": "radlabels, held-out half",
+    "radlabels_dev": "radlabels, development half",
+    "suite": "phrase suite (written definitions)",
+    "suite_heldout": "held-out phrase suite (whole reports, written definitions)",
+}
+"""Corpus name -> its title in the tables, in the order they are run and shown."""
+
+
+@dataclass(frozen=True)
+class _Corpus:
+    texts: list[str]
+    truth: list[dict[str, int]]
+    cases: list[labeler_bench.SuiteCase] | None = None
+
+
+def _load_corpus(name: str, samples_dir: Path | None, suite_path: Path) -> _Corpus:
+    if name in ("suite", "suite_heldout"):
+        path = suite_path if name == "suite" else labeler_bench.HELDOUT_SUITE
+        cases = labeler_bench.load_phrase_suite(path)
+        return _Corpus([c.report for c in cases], [c.labels for c in cases], cases)
+    split = "heldout" if name == "radlabels_heldout" else "dev"
+    rows = load_radlabels(samples_dir or radlabels_samples_dir(), split=split)
+    return _Corpus([text for text, _ in rows], [labels for _, labels in rows])
+
+
+def _per_s(n: int, seconds: float | None) -> float | None:
+    return n / seconds if seconds else None
+
+
 def run_peer_bench(
     peer_python: Path,
     *,
     samples_dir: Path | None = None,
+    suite_path: Path = labeler_bench.DEFAULT_SUITE,
+    corpora: Sequence[str] = tuple(CORPORA),
     script: Path = PEER_SCRIPT,
     peer_args: Sequence[str] = (),
     timeout_s: float = 600.0,
 ) -> dict[str, object]:
-    """Score fedrad and medspaCy on the radlabels corpus: {"fedrad", "medspacy", "seconds"}."""
+    """Score fedrad and medspaCy on each corpus: {"corpora": {name: {"n", "fedrad", "medspacy",
+    "seconds", "reports_per_s"} (the suite adds "per_kind" and "errors", both labelers')},
+    "medspacy_args"}. medspaCy runs once per corpus; its pipeline load is timed apart."""
     if not Path(peer_python).is_file():
         # Before the corpus loads: the usual failure should cost nothing and say what to run.
         raise PeerVenvMissingError(
             f"medspaCy peer venv not found ({peer_python}); create it with `{MAKE_TARGET}`"
         )
-    corpus = load_radlabels(samples_dir or radlabels_samples_dir())
-    texts = [text for text, _ in corpus]
-    truth = [labels for _, labels in corpus]
+    unknown = [c for c in corpora if c not in CORPORA]
+    if unknown:
+        raise ValueError(f"unknown corpus {unknown} (choose from {', '.join(CORPORA)})")
+    out: dict[str, object] = {}
+    for name in corpora:
+        corpus = _load_corpus(name, samples_dir, suite_path)
+        n = len(corpus.texts)
+        ours, ours_s = labeler_bench.timed_labels(corpus.texts)
+        peer, peer_s = run_peer_labeler(
+            peer_python, corpus.texts, script=script, peer_args=peer_args, timeout_s=timeout_s
+        )
+        logger.info(
+            "%s: labelled %d reports: fedrad %.2f s, medspaCy %.2f s",
+            name,
+            n,
+            ours_s,
+            peer_s["wall"],
+        )
+        block: dict[str, object] = {
+            "n": n,
+            "fedrad": labeler_bench.evaluate(ours, corpus.truth),
+            "medspacy": labeler_bench.evaluate(peer, corpus.truth),
+            "seconds": {
+                "fedrad": ours_s,
+                "medspacy_wall": peer_s["wall"],
+                "medspacy_load": peer_s.get("load_s"),
+                "medspacy_label": peer_s.get("label_s"),
+            },
+            "reports_per_s": {
+                "fedrad": _per_s(n, ours_s),
+                "medspacy_label": _per_s(n, peer_s.get("label_s")),
+                "medspacy_wall": _per_s(n, peer_s["wall"]),
+            },
+        }
+        if corpus.cases is not None:
+            ours_kind, ours_errors = labeler_bench.suite_errors(corpus.cases, ours)
+            peer_kind, peer_errors = labeler_bench.suite_errors(corpus.cases, peer)
+            block["per_kind"] = {"fedrad": ours_kind, "medspacy": peer_kind}
+            block["errors"] = {"fedrad": ours_errors, "medspacy": peer_errors}
+        out[name] = block
+    return {"corpora": out, "medspacy_args": list(peer_args)}
 
-    started = time.perf_counter()
-    ours = label_reports(texts)
-    ours_s = time.perf_counter() - started
-    peer, peer_s = run_peer_labeler(
-        peer_python, texts, script=script, peer_args=peer_args, timeout_s=timeout_s
-    )
-    logger.info(
-        "labelled %d reports: fedrad %.2f s, medspaCy %.2f s", len(texts), ours_s, peer_s["wall"]
-    )
-    return {
-        "n": len(texts),
-        "fedrad": labeler_bench.evaluate(ours, truth),
-        "medspacy": labeler_bench.evaluate(peer, truth),
-        "seconds": {
-            "fedrad": ours_s,
-            "medspacy_wall": peer_s["wall"],
-            "medspacy_load": peer_s.get("load_s"),
-            "medspacy_label": peer_s.get("label_s"),
-        },
-        "medspacy_args": list(peer_args),
-    }
 
-
-def markdown_table(result: dict[str, object]) -> str:
-    """Per finding F1 and 3-class accuracy for both labelers, then macro and run time."""
-    ours = cast(dict[str, Any], result["fedrad"])
-    peer = cast(dict[str, Any], result["medspacy"])
+def _corpus_table(title: str, block: dict[str, Any]) -> list[str]:
+    """One corpus: per finding F1 (present, and mentioned at all) and 3-class accuracy for
+    both labelers, macro, speed."""
+    ours, peer = block["fedrad"], block["medspacy"]
     rows = [
-        "| finding | n present | fedrad F1 | medspaCy F1 | fedrad acc | medspaCy acc |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"### {title} ({block['n']} reports)",
+        "",
+        "| finding | n present | fedrad F1 | medspaCy F1 | fedrad mentioned F1 "
+        "| medspaCy mentioned F1 | fedrad acc | medspaCy acc |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for finding in FINDINGS:
         o, p = ours["per_finding"][finding], peer["per_finding"][finding]
         rows.append(
             f"| {finding} | {o['n_positive']} | {o['f1']:.3f} | {p['f1']:.3f} "
+            f"| {o['f1_mentioned']:.3f} | {p['f1_mentioned']:.3f} "
             f"| {o['accuracy']:.3f} | {p['accuracy']:.3f} |"
         )
     om, pm = ours["macro"], peer["macro"]
     rows.append(
         f"| **macro** | | **{om['f1']:.3f}** | **{pm['f1']:.3f}** "
+        f"| **{om['f1_mentioned']:.3f}** | **{pm['f1_mentioned']:.3f}** "
         f"| **{om['accuracy']:.3f}** | **{pm['accuracy']:.3f}** |"
     )
-    sec = cast(dict[str, Any], result["seconds"])
-    n = result["n"]
-    timing = (
-        f"\n{n} reports. fedrad: {sec['fedrad']:.2f} s. medspaCy: {sec['medspacy_wall']:.2f} s wall"
-    )
-    if sec.get("medspacy_load") is not None and sec.get("medspacy_label") is not None:
-        load, label = sec["medspacy_load"], sec["medspacy_label"]
-        timing += f" ({load:.2f} s pipeline load, {label:.2f} s labelling)"
-    return "\n".join(rows) + timing + "."
+    sec, rate = block["seconds"], block["reports_per_s"]
+    timing = f"fedrad: {rate['fedrad']:.0f} reports/s ({sec['fedrad']:.2f} s). medspaCy: "
+    if rate.get("medspacy_label") is not None and sec.get("medspacy_load") is not None:
+        timing += (
+            f"{rate['medspacy_label']:.0f} reports/s labelling ({sec['medspacy_label']:.2f} s; "
+            f"{sec['medspacy_wall']:.2f} s wall with a {sec['medspacy_load']:.2f} s pipeline load)."
+        )
+    else:
+        timing += f"{rate['medspacy_wall']:.0f} reports/s wall ({sec['medspacy_wall']:.2f} s)."
+    rows += ["", timing]
+    if "per_kind" in block:
+        rows += [
+            "",
+            "| kind | cases | fedrad cases wrong | medspaCy cases wrong |",
+            "|---|---:|---:|---:|",
+        ]
+        peer_kind = block["per_kind"]["medspacy"]
+        for kind, o in block["per_kind"]["fedrad"].items():
+            rows.append(
+                f"| {kind} | {o['n']} | {o['cases_wrong']} | {peer_kind[kind]['cases_wrong']} |"
+            )
+    return rows
+
+
+def markdown_table(result: dict[str, object]) -> str:
+    """One table per corpus (per finding F1 and 3-class accuracy for both labelers, macro,
+    reports/s), and for the suite the cases each gets wrong per kind."""
+    corpora = cast(dict[str, Any], result["corpora"])
+    parts = [_corpus_table(CORPORA.get(name, name), block) for name, block in corpora.items()]
+    return "\n\n".join("\n".join(rows) for rows in parts)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: print the markdown table; write the full result as JSON with ``--out``."""
-    parser = argparse.ArgumentParser(description="fedrad labeler vs medspaCy on radlabels")
+    """CLI: print the markdown tables; write the full result as JSON with ``--out``."""
+    parser = argparse.ArgumentParser(description="fedrad labeler vs medspaCy, same reports")
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_PYTHON)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
+    parser.add_argument(
+        "--corpus",
+        action="append",
+        choices=tuple(CORPORA),
+        default=None,
+        help="score this corpus, repeatable (default: all of them)",
+    )
     parser.add_argument(
         "--peer-arg",
         action="append",
@@ -223,8 +310,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = run_peer_bench(args.peer_python, peer_args=args.peer_arg, timeout_s=args.timeout)
-    except (PeerVenvMissingError, PeerLabelerError, FileNotFoundError) as exc:
+        result = run_peer_bench(
+            args.peer_python,
+            corpora=args.corpus or tuple(CORPORA),
+            peer_args=args.peer_arg,
+            timeout_s=args.timeout,
+        )
+    except (
+        PeerVenvMissingError,
+        PeerLabelerError,
+        FileNotFoundError,
+        labeler_bench.LabelledReportsError,
+    ) as exc:
         print(f"error: {exc}")
         return 2
     print(markdown_table(result))

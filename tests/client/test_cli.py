@@ -82,7 +82,10 @@ def test_check_fatal_errors_are_one_line(tmp_path: Path, setup: str, message: st
 def test_label_json_maps_accession_to_labels(tmp_path: Path) -> None:
     path = write_reports(
         tmp_path / "r.csv",
-        [("X1", "No pleural effusion. Possible right lower lobe pneumonia."), ("X2", "Normal.")],
+        [
+            ("X1", "No pleural effusion. Possible right lower lobe consolidation."),
+            ("X2", "Normal."),
+        ],
     )
     result = _run("label", str(path), "--json")
     assert result.exit_code == 0, result.output

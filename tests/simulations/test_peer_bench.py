@@ -15,7 +15,9 @@ from fedrad.common.labeling.labeler import ReportLabels
 from fedrad.common.labeling.radlabels import radlabels_samples_dir
 from fedrad.simulations.benchmarks import labeler as labeler_bench
 from fedrad.simulations.benchmarks import peer as peer_bench
+from fedrad.simulations.benchmarks.labeler import SUITE_COLUMNS
 from fedrad.simulations.benchmarks.peer import (
+    CORPORA,
     PeerLabelerError,
     PeerVenvMissingError,
     markdown_table,
@@ -121,21 +123,75 @@ def test_failing_peer_reports_its_stderr(tmp_path: Path) -> None:
         run_peer_labeler(Path(sys.executable), ["x"], script=script)
 
 
-def test_bench_with_a_fake_peer_on_radlabels(tmp_path: Path) -> None:
+def _tiny_suite(tmp_path: Path) -> Path:
+    suite = tmp_path / "suite.csv"
+    suite.write_text(
+        ",".join(SUITE_COLUMNS) + "\n"
+        "pos-1,positive,s,Large right pleural effusion.,0,1,0,0,0,0\n"
+        "neg-1,negation,s,No pneumothorax or fracture.,0,0,0,0,0,0\n"
+        "look-1,related_term,s,Calcified granuloma.,0,0,0,0,0,0\n",
+        encoding="utf-8",
+    )
+    return suite
+
+
+def test_bench_with_a_fake_peer_on_every_corpus(tmp_path: Path) -> None:
     samples = _radlabels_or_skip()
     script = _fake_peer(
         tmp_path,
         "for r in rows:\n"
         "    print(json.dumps({'id': r['id'], 'labels': {f: 0 for f in FINDINGS}}))\n",
     )
-    result = run_peer_bench(Path(sys.executable), samples_dir=samples, script=script)
-    assert result["n"] == 1000
-    assert result["medspacy"]["macro"]["f1"] == 0.0
-    assert result["fedrad"]["macro"]["f1"] > 0.8
+    result = run_peer_bench(
+        Path(sys.executable), samples_dir=samples, suite_path=_tiny_suite(tmp_path), script=script
+    )
+    corpora = result["corpora"]
+    assert list(corpora) == list(CORPORA)
+    heldout_cases = labeler_bench.load_phrase_suite(labeler_bench.HELDOUT_SUITE)
+    heldout_kinds = len({case.kind for case in heldout_cases})
+    assert [corpora[c]["n"] for c in CORPORA] == [484, 516, 3, len(heldout_cases)]
+    for block in corpora.values():
+        assert block["medspacy"]["macro"]["f1"] == 0.0
+        assert block["reports_per_s"]["fedrad"] > 0
+    assert corpora["radlabels_heldout"]["fedrad"]["macro"]["f1"] > 0.8
+    suite = corpora["suite"]
+    assert suite["per_kind"]["medspacy"]["positive"] == {"n": 1, "errors": 1, "cases_wrong": 1}
+    assert suite["errors"]["medspacy"] == [
+        {
+            "case": "pos-1",
+            "kind": "positive",
+            "finding": "pleural_effusion",
+            "expected": 1,
+            "got": 0,
+        }
+    ]
     table = markdown_table(result)
-    rows = [line for line in table.splitlines() if line.startswith("|")]
-    assert len(rows) == 2 + len(FINDINGS) + 1  # header, separator, findings, macro
-    assert "**macro**" in table
+    assert table.count("### ") == 4 and "### radlabels, held-out half (484 reports)" in table
+    finding_rows = [line for line in table.splitlines() if line.startswith("| ")]
+    # per corpus: header, findings, macro; each suite adds its kinds table (header + kinds)
+    assert len(finding_rows) == 4 * (1 + len(FINDINGS) + 1) + (1 + 3) + (1 + heldout_kinds)
+    assert table.count("**macro**") == 4
+    assert table.count("reports/s") == 8
+
+
+def test_markdown_table_shape_without_radlabels(tmp_path: Path) -> None:
+    script = _fake_peer(
+        tmp_path,
+        "for r in rows:\n"
+        "    print(json.dumps({'id': r['id'], 'labels': {f: 0 for f in FINDINGS}}))\n",
+    )
+    result = run_peer_bench(
+        Path(sys.executable),
+        suite_path=_tiny_suite(tmp_path),
+        corpora=["suite"],
+        script=script,
+    )
+    table = markdown_table(result).splitlines()
+    assert table[0] == "### phrase suite (written definitions) (3 reports)"
+    assert "| **macro** |" in "\n".join(table)
+    assert "| related_term | 1 | 0 | 0 |" in table  # kind, cases, fedrad wrong, medspaCy wrong
+    with pytest.raises(ValueError, match="unknown corpus"):
+        run_peer_bench(Path(sys.executable), corpora=["mimic"], script=script)
 
 
 @needs_peer
@@ -155,10 +211,32 @@ def test_real_medspacy_peer_on_handwritten_reports() -> None:
 
 
 @needs_peer
+def test_real_medspacy_peer_follows_the_written_definitions() -> None:
+    cases = {
+        "Calcified granuloma in the left upper lobe.": {},
+        "Calcified nodule, likely granuloma.": {"nodule": 1},
+        "Right lower lobe pneumonia. Patchy airspace opacity.": {},
+        "Right lower lobe consolidation consistent with pneumonia.": {"consolidation": 1},
+        "Blunting of the left costophrenic angle.": {"pleural_effusion": -1},
+        "Blunting of the left costophrenic angle. Moderate right effusion.": {
+            "pleural_effusion": 1
+        },
+        "Heart size is borderline.": {"cardiomegaly": -1},
+        "Small left hydropneumothorax.": {"pleural_effusion": 1, "pneumothorax": 1},
+        "Pneumomediastinum. Fractured sternotomy wires.": {},
+    }
+    labels, _ = run_peer_labeler(PEER_PYTHON, list(cases), timeout_s=300)
+    for (text, expected), got in zip(cases.items(), labels, strict=True):
+        assert got.labels == {f: 0 for f in FINDINGS} | expected, text
+
+
+@needs_peer
 @pytest.mark.slow
-def test_real_medspacy_peer_on_radlabels() -> None:
+def test_real_medspacy_peer_on_every_corpus() -> None:
     samples = _radlabels_or_skip()
     result = run_peer_bench(PEER_PYTHON, samples_dir=samples, timeout_s=600)
-    assert result["n"] == 1000
-    for who in ("fedrad", "medspacy"):
-        assert 0.5 < result[who]["macro"]["f1"] <= 1.0
+    corpora = result["corpora"]
+    assert [corpora[c]["n"] for c in ("radlabels_heldout", "radlabels_dev")] == [484, 516]
+    for block in corpora.values():
+        for who in ("fedrad", "medspacy"):
+            assert 0.5 < block[who]["macro"]["f1"] <= 1.0

@@ -8,6 +8,16 @@ timings on stderr (``{"peer_timing": {"load_s": ..., "label_s": ..., "n": ...}}`
 
 How the pipeline is built and how a mention becomes a label, with the reasons: docs/labeler.md,
 "The peer labeler (medspaCy)".
+
+What counts as each finding follows fedrad's written finding definitions
+(docs/labeler.md, "Finding definitions"), the same ones radlabels' labels are mapped
+under and the phrase suite is written to: granuloma is no nodule; consolidation is the
+consolidation words only (pneumonia, infiltrate, airspace disease / opacity and infection are
+look-alikes); a blunted costophrenic angle, or a borderline heart size, is uncertain at most; a
+hydropneumothorax is an effusion and a pneumothorax; pneumomediastinum, pericardial effusion,
+device "fractures" and the like are look-alikes. ``TARGETS``, ``UNCERTAIN_AT_MOST`` and
+``DISTRACTORS`` were changed to follow those definitions, word for word where they list words;
+nothing in them was tuned to a benchmark score.
 """
 
 from __future__ import annotations
@@ -63,6 +73,8 @@ _GRADE: Final[list[str]] = [
     "substantial",
 ]
 
+_BORDERLINE: Final[list[str]] = ["borderline", "top"]
+
 TARGETS: Final[dict[str, list[str | list[dict[str, Any]]]]] = {
     "nodule": [
         "nodule",
@@ -75,11 +87,19 @@ TARGETS: Final[dict[str, list[str | list[dict[str, Any]]]]] = {
         "micronodules",
         "mass",
         "masses",
-        "granuloma",
-        "granulomas",
+        "lung mass",
+        "pulmonary mass",
         "lung lesion",
+        "lung lesions",
         "pulmonary lesion",
+        "pulmonary lesions",
+        "cavitary lesion",
+        "spiculated lesion",
         "lung tumor",
+        "lung tumour",
+        "lung neoplasm",
+        "pulmonary neoplasm",
+        "lung carcinoma",
         "pulmonary metastases",
     ],
     "pleural_effusion": [
@@ -89,11 +109,8 @@ TARGETS: Final[dict[str, list[str | list[dict[str, Any]]]]] = {
         "hydrothorax",
         "hemothorax",
         "empyema",
-        "blunting of the costophrenic angle",
-        "blunting of the costophrenic angles",
-        "blunted costophrenic angle",
-        "blunted costophrenic angles",
-        "costophrenic angle blunting",
+        "layering fluid",
+        "fluid in the pleural space",
     ],
     "cardiomegaly": [
         "cardiomegaly",
@@ -118,33 +135,29 @@ TARGETS: Final[dict[str, list[str | list[dict[str, Any]]]]] = {
             {"LOWER": {"IN": _HEART}},
             {"LOWER": {"IN": [*_HEART_PART, "enlargement"]}, "OP": "?"},
         ],
+        # "heart size is increased"
+        [
+            {"LOWER": {"IN": _HEART}},
+            {"LOWER": {"IN": _HEART_PART}},
+            {"LOWER": {"IN": _VERB}, "OP": "*"},
+            {"LOWER": {"IN": _DEGREE}, "OP": "*"},
+            {"LOWER": "increased"},
+        ],
     ],
     "pneumothorax": [
         "pneumothorax",
         "pneumothoraces",
-        "hydropneumothorax",
         "ptx",
     ],
     "consolidation": [
         "consolidation",
         "consolidations",
+        "consolidative",
         "consolidative opacity",
         "consolidative opacities",
-        "pneumonia",
-        "pneumonias",
-        "bronchopneumonia",
-        "airspace disease",
-        "air space disease",
-        "airspace opacity",
-        "airspace opacities",
-        "air space opacity",
-        "air space opacities",
+        "consolidated",
         "airspace consolidation",
-        "infiltrate",
-        "infiltrates",
-        "infiltration",
-        "infection",
-        "infectious process",
+        "air space consolidation",
     ],
     "fracture": [
         "fracture",
@@ -155,16 +168,123 @@ TARGETS: Final[dict[str, list[str | list[dict[str, Any]]]]] = {
 }
 """Synonyms per finding: strings are phrase rules (matched lower-cased), lists spaCy patterns."""
 
+UNCERTAIN_AT_MOST: Final[dict[str, list[str | list[dict[str, Any]]]]] = {
+    # may be a small effusion or pleural thickening
+    "pleural_effusion": [
+        "blunting of the costophrenic angle",
+        "blunting of the costophrenic angles",
+        "blunting of the left costophrenic angle",
+        "blunting of the right costophrenic angle",
+        "blunted costophrenic angle",
+        "blunted costophrenic angles",
+        "costophrenic angle blunting",
+        "costophrenic blunting",
+    ],
+    "cardiomegaly": [
+        "borderline cardiomegaly",
+        "upper limits of normal heart size",
+        # "borderline heart size", "top-normal cardiac size", "top normal heart"
+        [
+            {"LOWER": {"IN": _BORDERLINE}},
+            {"ORTH": "-", "OP": "?"},
+            {"LOWER": "normal", "OP": "?"},
+            {"LOWER": {"IN": _HEART}},
+            {"LOWER": {"IN": _HEART_PART}, "OP": "?"},
+        ],
+        # "heart size is borderline", "heart size is top-normal"
+        [
+            {"LOWER": {"IN": _HEART}},
+            {"LOWER": {"IN": _HEART_PART}, "OP": "?"},
+            {"LOWER": {"IN": _VERB}, "OP": "*"},
+            {"LOWER": {"IN": _BORDERLINE}},
+            {"ORTH": "-", "OP": "?"},
+            {"LOWER": "normal", "OP": "?"},
+        ],
+        # "heart size is at the upper limits of normal"
+        [
+            {"LOWER": {"IN": _HEART}},
+            {"LOWER": {"IN": _HEART_PART}, "OP": "?"},
+            {"LOWER": {"IN": _VERB}, "OP": "*"},
+            {"LOWER": "at", "OP": "?"},
+            {"LOWER": "the", "OP": "?"},
+            {"LOWER": "upper"},
+            {"LOWER": {"IN": ["limit", "limits"]}},
+            {"LOWER": "of"},
+            {"LOWER": "normal"},
+        ],
+    ],
+}
+"""Mentions the definitions call uncertain (-1) even when asserted; negated they are 0. Matched
+as category ``<finding>_uncertain`` so that the longest match ("borderline cardiomegaly") wins
+over the finding's own rule ("cardiomegaly")."""
+
+BOTH: Final[dict[str, tuple[str, ...]]] = {
+    "hydropneumothorax": ("pleural_effusion", "pneumothorax"),
+}
+"""Words that are two findings at once, matched as their own category."""
+
 DISTRACTORS: Final[list[str]] = [
-    "pericardial effusion",
-    "pericardial effusions",
+    # not a nodule
+    "granuloma",
+    "granulomas",
+    "calcified granuloma",
+    "calcified granulomas",
+    "granulomatous disease",
+    "granulomatous change",
+    "granulomatous changes",
     "mediastinal mass",
-    "mass effect",
-    "soft tissue mass",
     "breast mass",
     "neck mass",
+    "soft tissue mass",
+    "soft-tissue mass",
+    "thyroid mass",
+    "mass effect",
+    "nipple shadow",
+    "nipple shadows",
+    "bone island",
+    # not a pleural effusion
+    "pericardial effusion",
+    "pericardial effusions",
+    "joint effusion",
+    # not a pneumothorax
+    "pneumomediastinum",
+    "pneumoperitoneum",
+    "pneumopericardium",
+    "subcutaneous emphysema",
+    "skin fold",
+    "skin folds",
+    # not consolidation unless consolidation is said too
+    "pneumonia",
+    "pneumonias",
+    "bronchopneumonia",
+    "infiltrate",
+    "infiltrates",
+    "infiltration",
+    "airspace disease",
+    "air space disease",
+    "airspace opacity",
+    "airspace opacities",
+    "air space opacity",
+    "air space opacities",
+    "infection",
+    "infectious process",
+    # not a fracture: a device's
+    "fractured sternotomy wire",
+    "fractured sternotomy wires",
+    "fractured sternal wire",
+    "fractured sternal wires",
+    "sternotomy wire fracture",
+    "wire fracture",
+    "fractured wire",
+    "fractured wires",
+    "lead fracture",
+    "fractured lead",
+    "fractured leads",
+    "fractured pacer lead",
+    "fractured pacemaker lead",
 ]
-"""Look-alikes matched as category ``OTHER`` so that TargetMatcher's longest match drops them."""
+"""Look-alikes matched as category ``OTHER`` so that TargetMatcher's longest match drops them
+and no finding reads them."""
 
 IGNORED_HEADER_WORDS: Final[list[str]] = [
     "indication",
@@ -263,6 +383,16 @@ def build_pipeline(*, keep_colon_rules: bool = False) -> Any:
                 rules.append(
                     TargetRule(literal=f"{finding} pattern", category=finding, pattern=synonym)
                 )
+    for finding, synonyms in UNCERTAIN_AT_MOST.items():
+        for synonym in synonyms:
+            category = f"{finding}_uncertain"
+            if isinstance(synonym, str):
+                rules.append(TargetRule(literal=synonym, category=category))
+            else:
+                rules.append(
+                    TargetRule(literal=f"{category} pattern", category=category, pattern=synonym)
+                )
+    rules.extend(TargetRule(literal=word, category=word) for word in BOTH)
     rules.extend(TargetRule(literal=d, category="OTHER") for d in DISTRACTORS)
     nlp.get_pipe("medspacy_target_matcher").add(rules)
     return nlp
@@ -299,13 +429,24 @@ def in_ignored_section(ent: Any, *, blank_line_ends: bool = True) -> bool:
     return _BLANK_LINE_RE.search(body, lead) is None
 
 
+CATEGORY_FINDINGS: Final[dict[str, tuple[tuple[str, bool], ...]]] = {
+    **{f: ((f, False),) for f in FINDINGS},
+    **{f"{f}_uncertain": ((f, True),) for f in UNCERTAIN_AT_MOST},
+    **{word: tuple((f, False) for f in findings) for word, findings in BOTH.items()},
+}
+"""Target category -> (finding, whether an asserted mention is uncertain at most)."""
+
+
 def doc_labels(doc: Any, *, hypothetical: int, blank_line_ends: bool = True) -> dict[str, int]:
     """CheXpert aggregation over the mentions outside ignored sections."""
     seen: dict[str, list[int]] = {f: [] for f in FINDINGS}
     for ent in doc.ents:
-        if ent.label_ not in seen or in_ignored_section(ent, blank_line_ends=blank_line_ends):
+        targets = CATEGORY_FINDINGS.get(ent.label_, ())
+        if not targets or in_ignored_section(ent, blank_line_ends=blank_line_ends):
             continue
-        seen[ent.label_].append(mention_label(ent, hypothetical=hypothetical))
+        label = mention_label(ent, hypothetical=hypothetical)
+        for finding, at_most_uncertain in targets:
+            seen[finding].append(UNCERTAIN if at_most_uncertain and label == PRESENT else label)
     out: dict[str, int] = {}
     for finding, statuses in seen.items():
         if PRESENT in statuses:
