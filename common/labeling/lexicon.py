@@ -138,6 +138,9 @@ spans, so fixed-status phrases come before the generic ones."""
 RELATED: Final[dict[str, tuple[str, ...]]] = {
     "nodule": (
         r"\b(?:calcified )?granulom(?:a|as|ata|atous)\b(?: (?:disease|changes?|process))?",
+        # as in the CheXpert labeler: a calcified nodule is a healed granuloma, no lesion
+        r"\bcalcified(?<!non-calcified)(?<!non calcified) (?:[\w-]+ ){0,3}?"
+        r"(?:nodul(?:e|es|i)|nodular (?:opacit(?:y|ies)|densit(?:y|ies)))\b",
         r"\bmass effect\b",
         r"\b(?:mediastinal|breast|soft[- ]tissue|thyroid|neck|abdominal|chest wall"
         r"|paratracheal|axillary|renal|adrenal|pelvic) mass(?:es)?\b",

@@ -12,10 +12,12 @@ The mapping follows fedrad's written finding definitions
 per score (alias counts in the comments are mentions over the 1,000 reports):
 
 - nodule: ``lung_nodule_or_mass`` without the aliases naming a granuloma ("granuloma" 2,
-  "calcified granuloma" 2): a granuloma is a look-alike, not a nodule; "calcified nodule" (1)
-  stays, the report says nodule. ``lung_lesion`` is left out: its lung / pulmonary lesion
-  aliases are the same mentions ``lung_nodule_or_mass`` already carries, and its others,
-  "cavitation" (4) and "lytic lesion" (1, bone), are not nodules.
+  "calcified granuloma" 2) or a calcified nodule (the alias "calcified nodule" 1, or
+  "calcified" among the three tokens before the mention): both are healed granulomas,
+  look-alikes of a nodule (the CheXpert labeler's unmention list).
+  ``lung_lesion`` is left out: its lung / pulmonary lesion aliases are the same mentions
+  ``lung_nodule_or_mass`` already carries, and its others, "cavitation" (4) and "lytic lesion"
+  (1, bone), are not nodules.
 - pleural_effusion: ``pleural_effusion``; its blunting aliases ("costophrenic blunting" 14,
   "blunting costophrenic angle" 5) count as uncertain (-1) whatever their status, absent
   ("no blunting") excepted: blunting alone may be a small effusion or pleural thickening. The
@@ -48,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -80,6 +83,10 @@ RADLABELS_MAPPING: Final[dict[str, tuple[str, ...]]] = {
 }
 """radlabels finding -> our findings, before the alias rules of ``mapped_evidence``."""
 
+_CALCIFIED_RE: Final[re.Pattern[str]] = re.compile(
+    r"\bcalcified\b(?<!non-calcified)(?<!non calcified)"
+)
+"""A calcified nodule is a healed granuloma, as in the CheXpert labeler's unmention list."""
 _FRACTURE_DISEASES: Final[frozenset[str]] = frozenset(
     {"fracture_generic", "acute_rib_fracture", "non_acute_rib_fracture"}
 )
@@ -98,8 +105,10 @@ def mapped_evidence(disease: str, alias: str, status: int) -> list[tuple[str, in
     alias = alias.lower()
     if disease == "air_space_opacity" and "consolidat" not in alias:
         return []  # pneumonia, infiltrate, airspace / patchy opacity: not consolidation
-    if disease == "lung_nodule_or_mass" and "granuloma" in alias:
-        return []  # granuloma: a look-alike of a nodule
+    if disease == "lung_nodule_or_mass" and (
+        "granuloma" in alias or _CALCIFIED_RE.search(alias) is not None
+    ):
+        return []  # granuloma, calcified nodule: look-alikes of a nodule
     if disease in _FRACTURE_DISEASES and "fracture" not in alias:
         return []  # a bare "deformity" is not a fracture
     if disease == "pleural_effusion" and "blunting" in alias and status != ABSENT:
@@ -162,6 +171,14 @@ def _names_a_device(tokens: Sequence[str], indices: Sequence[int]) -> bool:
     return any(word.lower() in _DEVICE_WORDS for word in near)
 
 
+def _calcified(tokens: Sequence[str], indices: Sequence[int]) -> bool:
+    """Whether a nodule mention is a calcified one ("several calcified nodular opacities"): a
+    healed granuloma under the definitions, whatever alias RadGraph gave it."""
+    first = min(indices)
+    before = " ".join(tokens[max(0, first - 3) : first]).lower()
+    return _CALCIFIED_RE.search(before) is not None
+
+
 def _collapse(statuses: Sequence[int]) -> int:
     if PRESENT in statuses:
         return PRESENT
@@ -190,6 +207,8 @@ def _labels_from_matches(
             i for i in match.get("start_ix", []) if isinstance(i, int) and 0 <= i < len(tokens)
         ]
         if disease in _FRACTURE_DISEASES and indices and _names_a_device(tokens, indices):
+            continue
+        if disease == "lung_nodule_or_mass" and indices and _calcified(tokens, indices):
             continue
         if ignored:
             positions = [offsets[i] for i in indices if offsets[i] is not None]

@@ -94,7 +94,8 @@ def test_the_installed_corpus_splits_516_484() -> None:
     ("disease", "alias", "status", "expected"),
     [
         ("lung_nodule_or_mass", "nodular opacity", PRESENT, [("nodule", PRESENT)]),
-        ("lung_nodule_or_mass", "calcified nodule", PRESENT, [("nodule", PRESENT)]),
+        ("lung_nodule_or_mass", "calcified nodule", PRESENT, []),
+        ("lung_nodule_or_mass", "non-calcified nodule", PRESENT, [("nodule", PRESENT)]),
         ("lung_nodule_or_mass", "calcified granuloma", PRESENT, []),
         ("lung_nodule_or_mass", "granuloma", PRESENT, []),
         ("lung_lesion", "cavitation", PRESENT, []),

@@ -214,7 +214,8 @@ def test_real_medspacy_peer_on_handwritten_reports() -> None:
 def test_real_medspacy_peer_follows_the_written_definitions() -> None:
     cases = {
         "Calcified granuloma in the left upper lobe.": {},
-        "Calcified nodule, likely granuloma.": {"nodule": 1},
+        "Calcified nodule, likely granuloma.": {},
+        "A 7 mm nodule in the left upper lobe.": {"nodule": 1},
         "Right lower lobe pneumonia. Patchy airspace opacity.": {},
         "Right lower lobe consolidation consistent with pneumonia.": {"consolidation": 1},
         "Blunting of the left costophrenic angle.": {"pleural_effusion": -1},

@@ -232,6 +232,13 @@ DISTRACTORS: Final[list[str]] = [
     "granulomatous disease",
     "granulomatous change",
     "granulomatous changes",
+    # a calcified nodule is a healed granuloma (the CheXpert labeler's unmention list)
+    "calcified nodule",
+    "calcified nodules",
+    "calcified nodular opacity",
+    "calcified nodular opacities",
+    "calcified nodular density",
+    "calcified nodular densities",
     "mediastinal mass",
     "breast mass",
     "neck mass",
