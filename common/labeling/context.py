@@ -220,10 +220,8 @@ def _split_top_level(fragment: str) -> list[str]:
 
 _TRIGGER_RE: Final[re.Pattern[str]] = _build_trigger_re()
 _WORD_RE: Final[re.Pattern[str]] = re.compile(r"\w+")
-_CONNECTOR_SPLIT_RE: Final[re.Pattern[str]] = re.compile(
-    r",|/|\b(?:and|or|nor|as well as|and/or)\b"
-)
-_DISJUNCTION_RE: Final[re.Pattern[str]] = re.compile(r"\b(?:or|nor)\s*$")
+_CONNECTOR_SPLIT_RE: Final[re.Pattern[str]] = re.compile(r",|/|\b(?:and|or|nor|as well as)\b")
+_COMMA_RE: Final[re.Pattern[str]] = re.compile(r"[,/]")
 _VERB_RE: Final[re.Pattern[str]] = re.compile(
     r"\b(?:is|are|was|were|has|have|had|remains?|appears?|seen|noted|persists?|unchanged|stable"
     r"|new|increased|decreased|improved|worsened|again|there|demonstrates?|shows?)\b"
@@ -253,7 +251,7 @@ def _items(gap: str) -> list[tuple[str, bool]]:
     pos, disjunct = 0, False
     for m in _CONNECTOR_SPLIT_RE.finditer(gap):
         out.append((gap[pos : m.start()], disjunct))
-        disjunct = m.group(0) in ("or", "nor", "and/or")
+        disjunct = m.group(0) in ("or", "nor")
         pos = m.end()
     out.append((gap[pos:], disjunct))
     return out
@@ -271,7 +269,7 @@ def list_link(gap: str) -> bool:
     """Two mentions read as items of one list: joined by a connector, no new clause between."""
     segments = _items(gap)
     if len(segments) == 1:
-        return gap.strip(" _") == "" or _DISJUNCTION_RE.search(gap) is not None
+        return gap.strip(" _") == ""
     return _list_items_ok(segments)
 
 
@@ -286,7 +284,7 @@ def _lead_ok(gap: str, reach: int, *, forward: bool) -> bool:
         return False
     near, rest = (segments[0], segments[1:]) if forward else (segments[-1], segments[:-1])
     if not forward and (
-        (n_words(near[0]) > 0 and re.search(r"[,/]", gap) is not None)
+        (n_words(near[0]) > 0 and _COMMA_RE.search(gap) is not None)
         or any(n_words(seg) > _BACK_ITEM_WORDS for seg, _ in rest)
     ):
         return False
@@ -334,10 +332,15 @@ class SentenceContext:
         i = bisect.bisect_left(self.terms, (a, -1))
         return i < len(self.terms) and self.terms[i][1] <= b
 
+    def others(self, span: tuple[int, int]) -> list[tuple[int, int]]:
+        """The sentence's mention spans that do not overlap ``span``."""
+        st, en = span
+        return [sp for sp in self._spans if not (sp[0] < en and st < sp[1])]
+
     def status(self, span: tuple[int, int]) -> int:
         """PRESENT, ABSENT or UNCERTAIN for the mention at ``span``."""
         st, en = span
-        others = [sp for sp in self._spans if not (sp[0] < en and st < sp[1])]
+        others = self.others(span)
         negs: list[int] = []
         uncs: list[int] = []
         for t in self._active:

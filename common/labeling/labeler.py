@@ -202,9 +202,9 @@ def _analyse_sentence(orig: str) -> list[_Mention]:
         side_set: frozenset[str] = frozenset()
         sizes_mm: tuple[float, ...] = ()
         if status != ABSENT:
-            others = [sp for sp in spans if not (sp[0] < en and st < sp[1])]
             if hit.finding in LATERAL_FINDINGS:
-                side_set = _sides_near((st, en), sides, [*others, *context.terms], side_text)
+                blocks = [*context.others((st, en)), *context.terms]
+                side_set = _sides_near((st, en), sides, blocks, side_text)
                 if not side_set and hit.text.endswith(("effusions", "pneumothoraces")):
                     side_set = frozenset({"bilateral"})
             if hit.finding == "nodule":

@@ -199,10 +199,8 @@ KEYWORDS: Final[dict[str, tuple[str, ...]]] = {
 """Every mention pattern contains one of its finding's keywords: a substring test is far cheaper
 than the patterns, and most sentences mention nothing (tubes, lines, comparisons)."""
 
-_FLAGS: Final[int] = 0
 MENTION_RES: Final[dict[str, tuple[tuple[re.Pattern[str], Term], ...]]] = {
-    finding: tuple((re.compile(t.pattern, _FLAGS), t) for t in terms)
-    for finding, terms in MENTIONS.items()
+    finding: tuple((re.compile(t.pattern), t) for t in terms) for finding, terms in MENTIONS.items()
 }
 RELATED_RE: Final[re.Pattern[str]] = re.compile(
     "|".join(f"(?:{p})" for finding in FINDINGS for p in RELATED[finding])

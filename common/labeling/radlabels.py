@@ -54,7 +54,7 @@ import re
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 from fedrad.common.findings import ABSENT, FINDINGS, PRESENT, UNCERTAIN
 from fedrad.common.labeling.sections import section_spans
@@ -62,7 +62,7 @@ from fedrad.common.labeling.sections import section_spans
 logger = logging.getLogger(__name__)
 
 Split = Literal["all", "dev", "heldout"]
-SPLITS: Final[tuple[str, ...]] = ("all", "dev", "heldout")
+SPLITS: Final[tuple[str, ...]] = get_args(Split)
 
 _STATUS: Final[dict[str, int]] = {
     "definitely present": PRESENT,

@@ -291,9 +291,7 @@ def load_cohort_reports(cohort_dir: Path) -> list[tuple[str, dict[str, int], dic
 def run_cohort_bench(cohort_dir: Path) -> dict[str, object]:
     """The labeler against what each synthetic report asserts, and against the image truth."""
     rows = load_cohort_reports(cohort_dir)
-    start = time.perf_counter()
-    pred = label_reports([text for text, _, _ in rows])
-    seconds = time.perf_counter() - start
+    pred, seconds = timed_labels([text for text, _, _ in rows])
     return {
         "reports": len(rows),
         "vs_report_labels": evaluate(pred, [asserted for _, asserted, _ in rows]),
