@@ -705,6 +705,18 @@ def report(
     ask: Annotated[str | None, typer.Option(help="A question about the scan.")] = None,
     indication: Annotated[str, typer.Option(help="The clinical question, if any.")] = "",
     beams: Annotated[int, typer.Option(help="Beam width (1 = greedy).", min=1, max=8)] = 1,
+    candidates: Annotated[
+        int,
+        typer.Option(
+            help="Report candidates written and re-ranked against the finding head.", min=1, max=8
+        ),
+    ] = 4,
+    present_at: Annotated[
+        float, typer.Option(help="Head probability at which a finding is decided present.")
+    ] = 0.5,
+    possible_at: Annotated[
+        float, typer.Option(help="Head probability at which a finding is decided possible.")
+    ] = 0.3,
     modalities: ModalitiesOpt = DEFAULT_MODALITIES,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,
@@ -713,10 +725,15 @@ def report(
     from fedrad.client.ingest.dicom_io import UnusableError
     from fedrad.client.reading.inference import answer_scan, scan_tensor
     from fedrad.common.model.checkpoint import CheckpointError, load_checkpoint
+    from fedrad.common.tasks import STATUS_WORDS, Thresholds
 
     setup_logging(verbose)
     if ask is not None and not ask.strip():
         fail("--ask needs a non-empty question")
+    try:
+        thresholds = Thresholds(present=present_at, possible=possible_at)
+    except ValueError as exc:
+        fail(f"--present-at / --possible-at: {exc}")
     if not scan.exists():
         fail(f"no such file: {scan}")
     try:
@@ -727,21 +744,40 @@ def report(
         image = scan_tensor(scan, model.config.image_size, modalities=_modalities(modalities))
     except UnusableError as exc:
         fail(f"{scan}: {exc}")
-    result = answer_scan(model, image, indication=indication, question=ask, num_beams=beams)
+    result = answer_scan(
+        model,
+        image,
+        indication=indication,
+        question=ask,
+        num_beams=beams,
+        candidates=candidates,
+        thresholds=thresholds,
+    )
     if json_out:
         emit_json(
             {
                 "report": result.report,
+                "report_source": result.report_source,
                 "findings": result.findings,
+                "decisions": {f: STATUS_WORDS[d] for f, d in result.decisions.items()},
+                "sides": result.sides,
+                "side_probabilities": result.side_probabilities,
+                "thresholds": {"present": present_at, "possible": possible_at},
                 "answer": result.answer,
+                "answer_value": result.answer_value,
                 "notes": list(result.notes),
             }
         )
         return
     typer.echo(result.report)
+    typer.echo(f"(report: {result.report_source})")
     typer.echo("")
     for finding, prob in sorted(result.findings.items(), key=lambda kv: -kv[1]):
-        typer.echo(f"  {finding:<18} {prob:.3f}")
+        side = result.sides.get(finding)
+        where = ""
+        if side is not None:
+            where = f", {side} ({result.side_probabilities[finding][side]:.2f})"
+        typer.echo(f"  {finding:<18} {prob:.3f}  {STATUS_WORDS[result.decisions[finding]]}{where}")
     if result.answer is not None:
         typer.echo(f"\nQ: {ask}\nA: {result.answer}")
     for note in result.notes:

@@ -29,6 +29,9 @@ LATERAL_FINDINGS: Final[frozenset[str]] = frozenset(
 
 SIDES: Final[tuple[str, ...]] = ("left", "right", "bilateral")
 
+LATERAL_ORDER: Final[tuple[str, ...]] = tuple(f for f in FINDINGS if f in LATERAL_FINDINGS)
+"""Row order of the side head: one (left, right, bilateral) distribution per lateral finding."""
+
 DISPLAY_NAMES: Final[dict[str, str]] = {
     "nodule": "pulmonary nodule",
     "pleural_effusion": "pleural effusion",

@@ -1,6 +1,7 @@
 """Evaluation metrics from well-kept libraries: AUROC (scikit-learn), BLEU-4 (sacrebleu), ROUGE-L
 (rouge-score); clinical efficacy is the labeler applied to generated and reference reports, as
-report-generation papers do with the CheXpert labeler.
+report-generation papers do with the CheXpert labeler, and report-head agreement the labeler
+applied to generated reports against the head's own decisions.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from sacrebleu.metrics import BLEU
 from sklearn.metrics import roc_auc_score
 
 from fedrad.common.findings import FINDINGS
+from fedrad.common.grounding import disagreements, placeholder_rate, repeated_ngram_rate
 from fedrad.common.labeling.labeler import label_report
 from fedrad.common.tasks import normalise_answer
 
@@ -96,3 +98,45 @@ def answer_accuracy(answers: Sequence[str], references: Sequence[str]) -> float 
         normalise_answer(a) == normalise_answer(r) for a, r in zip(answers, references, strict=True)
     ]
     return float(np.mean(hits))
+
+
+def head_agreement(
+    generated: Sequence[str],
+    decisions: Sequence[dict[str, int]],
+    sides: Sequence[dict[str, str | None]] | None = None,
+) -> dict[str, float | None]:
+    """Per finding, the share of reports whose labeler reading (present, uncertain, absent;
+    and the side, where both state one) is the heads' decision for that study; `macro` is
+    their mean. None without reports."""
+    if not generated:
+        return {"macro": None, **dict.fromkeys(FINDINGS)}
+    side_rows = sides if sides is not None else [None] * len(generated)
+    wrong = [
+        set(disagreements(label_report(t), d, s))
+        for t, d, s in zip(generated, decisions, side_rows, strict=True)
+    ]
+    per: dict[str, float | None] = {
+        f: float(np.mean([f not in w for w in wrong])) for f in FINDINGS
+    }
+    return {"macro": macro(per), **per}
+
+
+def degeneration(generated: Sequence[str]) -> dict[str, float | None]:
+    """Mean share of repeated word 4-grams and of placeholder words ("___") per report."""
+    if not generated:
+        return {"repeated_4gram": None, "placeholders": None}
+    return {
+        "repeated_4gram": float(np.mean([repeated_ngram_rate(t) for t in generated])),
+        "placeholders": float(np.mean([placeholder_rate(t) for t in generated])),
+    }
+
+
+def accuracy_by_kind(
+    answers: Sequence[str], references: Sequence[str], kinds: Sequence[str]
+) -> dict[str, float | None]:
+    """Answer accuracy per question kind ("presence", "side", "size")."""
+    out: dict[str, float | None] = {}
+    for kind in ("presence", "side", "size"):
+        pairs = [(a, r) for a, r, k in zip(answers, references, kinds, strict=True) if k == kind]
+        out[kind] = answer_accuracy([a for a, _ in pairs], [r for _, r in pairs])
+    return out

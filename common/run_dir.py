@@ -99,7 +99,15 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     (run_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1, sort_keys=True))
 
 
-PLOTTED = ("macro_auroc", "ce_f1", "bleu4", "rouge_l", "qa_accuracy")
+PLOTTED = (
+    "macro_auroc",
+    "ce_f1",
+    "report_head_agreement",
+    "bleu4",
+    "rouge_l",
+    "qa_accuracy",
+    "qa_presence_accuracy",
+)
 
 MAX_PLOTTED_SITES = 10
 """Beyond this many sites one line each is unreadable: the epsilon plot shows their spread."""

@@ -9,16 +9,32 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
-from fedrad.common.findings import DISPLAY_NAMES, FINDINGS, LATERAL_FINDINGS
+from fedrad.common.findings import (
+    DISPLAY_NAMES,
+    FINDINGS,
+    LATERAL_FINDINGS,
+    LATERAL_ORDER,
+    SIDES,
+)
+from fedrad.common.labeling.labeler import mentioned_findings
 
 REPORT_PROMPT: Final[str] = "report:"
-SUGGEST_THRESHOLD: Final[float] = 0.5  # probability at which a finding is suggested as present
-POSSIBLE_THRESHOLD: Final[float] = 0.3  # ... and as possible
+PROMPT_FORMAT: Final[int] = 2
+"""1: a "suggested:" line naming present and possible findings; 2: the findings line below.
+Checkpoints record it: a model is only ever served with the prompt it was trained on."""
+SUGGEST_THRESHOLD: Final[float] = 0.5  # probability at which a finding is decided present
+POSSIBLE_THRESHOLD: Final[float] = 0.3  # ... and uncertain ("possible")
+DETAIL_PROBABILITY: Final[float] = 0.5
+"""How often a training prompt also carries the nodule size the site's report states. Sides
+are always carried (inference states the side head's); no head measures a nodule, so at
+inference the prompt has no size, and the model must learn to write one from the image."""
+STATUS_WORDS: Final[dict[int, str]] = {1: "present", 0: "absent", -1: "uncertain"}
 
-_SHORT_NAMES: Final[dict[str, str]] = {
+SHORT_NAMES: Final[dict[str, str]] = {
     "nodule": "nodule",
     "pleural_effusion": "effusion",
     "cardiomegaly": "cardiomegaly",
@@ -28,9 +44,12 @@ _SHORT_NAMES: Final[dict[str, str]] = {
 }
 
 
+QuestionKind = Literal["presence", "side", "size"]
+
+
 @dataclass(frozen=True)
 class QuestionAnswer:
-    kind: str  # "presence" | "side" | "size"
+    kind: QuestionKind
     finding: str
     question: str
     answer: str
@@ -42,38 +61,122 @@ def context_text(indication: str) -> str:
     return f"indication: {clean}\n" if clean else "indication: none\n"
 
 
-def suggestion_line(suggested: dict[str, int]) -> str:
-    """The findings the diagnosis head suggests, as text the LM reads before its task."""
-    items = [
-        ("possible " if suggested[f] == -1 else "") + DISPLAY_NAMES[f]
-        for f in FINDINGS
-        if suggested[f] != 0
-    ]
-    return f"suggested: {', '.join(items) if items else 'no finding'}\n"
+def findings_line(
+    decisions: dict[str, int],
+    sides: dict[str, str | None] | None = None,
+    nodule_size_mm: float | None = None,
+) -> str:
+    """The findings prompt: every finding in FINDINGS order with its status, and its side (or
+    the nodule's size) where known. The format is public and fixed (PROMPT_FORMAT): training
+    fills it from the labels of the site's own report, inference from the head's decisions."""
+    parts = []
+    for finding in FINDINGS:
+        decision = decisions[finding]
+        words = [SHORT_NAMES[finding], STATUS_WORDS[decision]]
+        if decision != 0 and sides and sides.get(finding):
+            words.append(str(sides[finding]))
+        if finding == "nodule" and decision != 0 and nodule_size_mm is not None:
+            words.append(f"{nodule_size_mm:g} mm")
+        parts.append(" ".join(words))
+    return f"findings: {'; '.join(parts)}\n"
 
 
-def report_prompt(suggested: dict[str, int]) -> str:
-    """Diagnosis-driven report prompt (as in PromptMRG): suggestions, then the report.
-    Training uses the labels read from the site's report, inference the head's own
-    suggestions, so the report, the answers and the suggestions agree."""
-    return f"{suggestion_line(suggested)}{REPORT_PROMPT}"
+def report_prompt(
+    decisions: dict[str, int],
+    sides: dict[str, str | None] | None = None,
+    nodule_size_mm: float | None = None,
+) -> str:
+    """Diagnosis-driven report prompt (as in PromptMRG): the findings, then the report."""
+    return f"{findings_line(decisions, sides, nodule_size_mm)}{REPORT_PROMPT}"
 
 
-def qa_prompt(suggested: dict[str, int], question: str) -> str:
-    """Questions are answered after the same suggestions line."""
-    return f"{suggestion_line(suggested)}{question_prompt(question)}"
+def qa_prompt(
+    decisions: dict[str, int],
+    question: str,
+    sides: dict[str, str | None] | None = None,
+    nodule_size_mm: float | None = None,
+) -> str:
+    """Questions are answered after the same findings line."""
+    return f"{findings_line(decisions, sides, nodule_size_mm)}{question_prompt(question)}"
 
 
-def suggestions(probabilities: dict[str, float]) -> dict[str, int]:
-    """Head probabilities -> 1 (suggested), -1 (possible), 0 per finding."""
+@dataclass(frozen=True)
+class Thresholds:
+    """Where a head probability becomes a decision; a site may set its own."""
+
+    present: float = SUGGEST_THRESHOLD
+    possible: float = POSSIBLE_THRESHOLD
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.possible <= self.present < 1.0:
+            raise ValueError("thresholds need 0 < possible <= present < 1")
+
+
+def suggestions(
+    probabilities: dict[str, float], thresholds: Thresholds | None = None
+) -> dict[str, int]:
+    """Head probabilities -> 1 (present), -1 (uncertain), 0 (absent) per finding."""
+    t = thresholds or Thresholds()
     return {
-        f: 1 if p >= SUGGEST_THRESHOLD else (-1 if p >= POSSIBLE_THRESHOLD else 0)
-        for f, p in probabilities.items()
+        f: 1 if p >= t.present else (-1 if p >= t.possible else 0) for f, p in probabilities.items()
+    }
+
+
+def side_table(rows: Sequence[Sequence[float]]) -> dict[str, dict[str, float]]:
+    """The side head's output for one study, (lateral findings x sides), as a mapping."""
+    return {
+        finding: {side: float(p) for side, p in zip(SIDES, row, strict=True)}
+        for finding, row in zip(LATERAL_ORDER, rows, strict=True)
+    }
+
+
+def head_sides(
+    side_probabilities: dict[str, dict[str, float]], decisions: dict[str, int]
+) -> dict[str, str | None]:
+    """The side head's most probable side for each lateral finding decided present or
+    possible; None where the finding is absent."""
+    return {
+        f: max(p, key=lambda side: p[side]) if decisions.get(f, 0) != 0 else None
+        for f, p in side_probabilities.items()
     }
 
 
 def question_prompt(question: str) -> str:
     return f"question: {' '.join(question.split())}\nanswer:"
+
+
+_SIZE_QUESTION_RE: Final[re.Pattern[str]] = re.compile(
+    r"\bhow (?:large|big|small|wide)\b|\bsizes?\b|\bmeasur|\bdiameter\b|\bdimensions?\b"
+    r"|\bhow many (?:mm|cm|millimet|centimet)",
+    re.IGNORECASE,
+)
+_SIDE_QUESTION_RE: Final[re.Pattern[str]] = re.compile(
+    r"\b(?:which|what) (?:side|lung|hemithorax)\b|\bleft or right\b|\bright or left\b"
+    r"|\blateralit|\bon which\b|\bwhere\b|\bside\b",
+    re.IGNORECASE,
+)
+_PRESENCE_QUESTION_RE: Final[re.Pattern[str]] = re.compile(
+    r"^\s*(?:is|are|was|were|does|do|did|has|have|any|can|could|should|would)\b"
+    r"|\b(?:present|evidence|seen|visible|shown|show|signs?)\b",
+    re.IGNORECASE,
+)
+
+
+def question_kind(question: str) -> tuple[QuestionKind, str] | None:
+    """(kind, finding) of a question about exactly one finding, or None: a size question is
+    about a nodule, a side question about a finding that has a side, and a presence question
+    about any finding; a question of no known kind is not guessed at."""
+    named = mentioned_findings(question)
+    if len(named) != 1:
+        return None
+    [finding] = named
+    if _SIZE_QUESTION_RE.search(question):
+        return ("size", finding) if finding == "nodule" else None
+    if _SIDE_QUESTION_RE.search(question):
+        return ("side", finding) if finding in LATERAL_FINDINGS else None
+    if _PRESENCE_QUESTION_RE.search(question):
+        return "presence", finding
+    return None
 
 
 def presence_answer(label: int) -> str:
@@ -93,7 +196,7 @@ def all_questions(
         )
         out.append(QuestionAnswer("presence", finding, question, presence_answer(labels[finding])))
     for finding in sorted(LATERAL_FINDINGS):
-        short = _SHORT_NAMES[finding]
+        short = SHORT_NAMES[finding]
         if labels[finding] == 0:
             answer = f"there is no {short}"
         else:

@@ -309,8 +309,9 @@ def _print_round(record: dict) -> None:
     secure = record.get("secagg")
     typer.echo(
         f"round {record['round']}: macro AUROC {fmt('macro_auroc')}, "
-        f"CE F1 {fmt('ce_f1')}, ROUGE-L {fmt('rouge_l')}, "
-        f"QA {fmt('qa_accuracy')}, epsilon {eps_text}"
+        f"CE F1 {fmt('ce_f1')}, report-head agreement {fmt('report_head_agreement')}, "
+        f"ROUGE-L {fmt('rouge_l')}, QA {fmt('qa_accuracy')} (presence "
+        f"{fmt('qa_presence_accuracy')}), epsilon {eps_text}"
         + (f"; SecAgg+ over {int(secure['sites_summed'])} sites" if secure else "")
     )
 
@@ -539,6 +540,61 @@ def foundation(
         metadata={"kind": "initial", "source": str(lm_dir), "preset": preset, "seed": seed},
     )
     typer.echo(f"foundation checkpoint written to {out}")
+
+
+@app.command()
+def evaluate(
+    data: CohortOpt,
+    model_dir: Annotated[
+        Path, typer.Option("--model", help="A checkpoint directory (runs/<id>/checkpoints/...).")
+    ],
+    eval_reports: Annotated[
+        int, typer.Option(help="Reports generated per site (the slow part).", min=1)
+    ] = 48,
+    eval_questions: Annotated[int, typer.Option(help="Questions per site.", min=1)] = 96,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """One checkpoint on every site's held-out split, exactly: diagnosis, reports (against the
+    site's reports and against the head), answers by question kind. For a researcher's own
+    cohort; a federated site releases only noised counts."""
+    from fedrad.client.training.evaluate import EvalConfig
+    from fedrad.common.model.checkpoint import CheckpointError, load_checkpoint
+    from fedrad.simulations.benchmarks.utility import evaluate_on_cohort, pooled
+
+    setup_logging(verbose)
+    if not data.is_dir():
+        fail(f"not a directory: {data}")
+    try:
+        model = load_checkpoint(model_dir)
+    except CheckpointError as exc:
+        fail(str(exc))
+    config = EvalConfig(max_reports=eval_reports, max_questions=eval_questions)
+    try:
+        per_site = evaluate_on_cohort(
+            data, lambda _: model, config, image_size=model.config.image_size
+        )
+    except _run_errors() as exc:
+        fail(str(exc))
+    result = {"model": str(model_dir), "pooled": pooled(per_site), "per_site": per_site}
+    if json_out:
+        emit_json(result)
+        return
+    figures = result["pooled"]
+
+    def fmt(key: str) -> str:
+        value = figures.get(key)
+        return f"{value:.3f}" if isinstance(value, float) else "n/a"
+
+    typer.echo(
+        f"held-out, {sum(m['n_studies'] for m in per_site.values())} studies over "
+        f"{len(per_site)} sites: macro AUROC {fmt('macro_auroc')}, CE F1 {fmt('ce_f1')}, "
+        f"report-head agreement {fmt('report_head_agreement')} (the model's own best "
+        f"candidate: {fmt('first_candidate_agreement')}), BLEU-4 {fmt('bleu4')}, ROUGE-L "
+        f"{fmt('rouge_l')}, QA {fmt('qa_accuracy')} (presence {fmt('qa_presence_accuracy')}, "
+        f"side {fmt('qa_side_accuracy')}, size {fmt('qa_size_accuracy')}), repeated 4-grams "
+        f"{fmt('repeated_4gram')}, placeholders {fmt('placeholders')}"
+    )
 
 
 @bench_app.command("utility")

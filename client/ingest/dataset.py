@@ -18,9 +18,16 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from fedrad.client.ingest.site_data import CachedStudy, load_cached_image, load_manifest
-from fedrad.common.findings import FINDINGS
+from fedrad.common.findings import FINDINGS, LATERAL_ORDER, SIDES
+from fedrad.common.grounding import report_target
 from fedrad.common.model.config import ModelConfig
-from fedrad.common.tasks import context_text, qa_prompt, report_prompt, sample_question
+from fedrad.common.tasks import (
+    DETAIL_PROBABILITY,
+    context_text,
+    qa_prompt,
+    report_prompt,
+    sample_question,
+)
 
 REPORT_TASK_PROBABILITY = 0.5
 
@@ -87,8 +94,21 @@ def finding_targets(labels: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]
     return target, mask
 
 
+def side_targets(labels: dict[str, int], sides: dict[str, str | None]) -> torch.Tensor:
+    """Side-head targets: the index in SIDES of the side the report states for each lateral
+    finding it calls present or possible; -1 (left out of the loss) otherwise."""
+    return torch.tensor(
+        [
+            SIDES.index(side) if labels[f] != 0 and (side := sides.get(f)) in SIDES else -1
+            for f in LATERAL_ORDER
+        ],
+        dtype=torch.long,
+    )
+
+
 class TrainingExamples(Dataset):
-    """Tuples (image, input_ids, attention_mask, target_mask, ctx_index, findings, mask)."""
+    """Tuples (image, input_ids, attention_mask, target_mask, ctx_index, findings, mask,
+    side targets)."""
 
     def __init__(
         self,
@@ -109,11 +129,14 @@ class TrainingExamples(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         study = self.studies.studies[index]
+        sides = study.sides  # inference states the side head's sides
+        size = study.nodule_size_mm if self.rng.random() < DETAIL_PROBABILITY else None
         if self.rng.random() < REPORT_TASK_PROBABILITY:
-            task_prompt, target = report_prompt(study.labels), study.report
+            task_prompt = report_prompt(study.labels, sides, size)
+            target = report_target(study.report)
         else:
             qa = sample_question(study.labels, study.sides, study.nodule_size_mm, self.rng)
-            task_prompt, target = qa_prompt(study.labels, qa.question), qa.answer
+            task_prompt, target = qa_prompt(study.labels, qa.question, sides, size), qa.answer
         prompt, ctx_index = encode_prompt(
             self.tokenizer, study.indication, task_prompt, self.config.max_prompt_tokens
         )
@@ -139,4 +162,5 @@ class TrainingExamples(Dataset):
             torch.tensor(ctx_index),
             findings,
             mask,
+            side_targets(study.labels, study.sides),
         )

@@ -1,46 +1,56 @@
 """Cross-checks between the model's three outputs for one scan, shown beside them.
 
-The report and the answer are generated text; the finding probabilities come from the
-classifier head. A small or DP-trained language model can write a report that leaves out what
-the head sees, or answer "no" where the head says 0.99. Nothing is overwritten: the reader gets
-each disagreement as a note, found by running the site's own report labeler over the text.
+The report and the answer are grounded in the head's decisions (`common/grounding.py`), so
+these checks should find nothing; they stay as the reader's guarantee. The site's own report
+labeler reads the final report back, and any finding it reads differently from the head's
+decision, or an answer that differs from the decision or the report, becomes a note.
 """
 
 from __future__ import annotations
 
-from fedrad.common.findings import DISPLAY_NAMES, FINDINGS, PRESENT, UNCERTAIN
-from fedrad.common.labeling.labeler import label_report
-from fedrad.common.tasks import normalise_answer, suggestions
+from fedrad.common.findings import DISPLAY_NAMES
+from fedrad.common.grounding import GroundedAnswer, disagreements
+from fedrad.common.labeling.labeler import ReportLabels, label_report
+from fedrad.common.tasks import STATUS_WORDS, presence_answer
 
-PRESENCE_ANSWERS = {"yes": PRESENT, "no": 0, "possibly": UNCERTAIN}
 
-
-def report_notes(report: str, findings: dict[str, float]) -> list[str]:
-    """Findings the head suggests that the report does not state, and findings the report
-    states that the head does not even call possible (`tasks.suggestions` draws both lines)."""
-    stated, head = label_report(report).labels, suggestions(findings)
+def report_notes(
+    report: str,
+    decisions: dict[str, int],
+    findings: dict[str, float],
+    sides: dict[str, str | None] | None = None,
+) -> list[str]:
+    """Each finding the labeler reads in `report` with another status than the head's, or on
+    another side than the side head's."""
+    read = label_report(report)
     notes = []
-    for finding in FINDINGS:
-        name, p = DISPLAY_NAMES[finding], findings[finding]
-        if head[finding] == PRESENT and stated[finding] == 0:
-            notes.append(f"the report does not state {name}; the finding head gives {p:.3f}")
-        elif stated[finding] == PRESENT and head[finding] == 0:
-            notes.append(f"the report states {name}; the finding head gives only {p:.3f}")
+    for f in disagreements(read, decisions, sides):
+        name, stated = DISPLAY_NAMES[f], read.labels[f]
+        if stated != decisions[f]:
+            notes.append(
+                f"the report reads {name} as {STATUS_WORDS[stated]}; the finding head "
+                f"decides {STATUS_WORDS[decisions[f]]} ({findings[f]:.3f})"
+            )
+        else:
+            notes.append(
+                f"the report puts {name} on the {read.sides[f]}; the side head says "
+                f"{(sides or {}).get(f)}"
+            )
     return notes
 
 
-def answer_notes(question: str, answer: str, findings: dict[str, float]) -> list[str]:
-    """A yes / no / possibly answer about one finding, against the head's probability."""
-    said_text = normalise_answer(answer)
-    said = 0 if said_text.startswith("there is no ") else PRESENCE_ANSWERS.get(said_text)
-    asked = [f for f, label in label_report(question).labels.items() if label != 0]
-    if said is None or len(asked) != 1:
-        return []  # not a presence question about one finding: nothing to compare
-    finding = asked[0]
-    head = suggestions(findings)[finding]
-    if said == head or UNCERTAIN in (said, head):
+def answer_notes(
+    answer: GroundedAnswer, decisions: dict[str, int], report: ReportLabels
+) -> list[str]:
+    """A presence answer that is not the head's decision, or a side of a finding the head
+    calls present or possible that is not the side the report states."""
+    finding = answer.finding
+    if finding is None:
         return []
-    return [
-        f"the answer '{said_text}' disagrees with the finding head "
-        f"({DISPLAY_NAMES[finding]} {findings[finding]:.3f})"
-    ]
+    name = DISPLAY_NAMES[finding]
+    if answer.kind == "presence" and answer.value != presence_answer(decisions[finding]):
+        return [f"the answer '{answer.value}' is not the finding head's decision on {name}"]
+    stated = report.sides.get(finding)
+    if answer.kind == "side" and decisions[finding] != 0 and stated not in (None, answer.value):
+        return [f"the answer '{answer.value}' is not the side the report states ({stated})"]
+    return []

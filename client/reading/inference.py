@@ -26,17 +26,31 @@ from fedrad.client.ingest.dicom_io import (
 )
 from fedrad.client.reading.consistency import answer_notes, report_notes
 from fedrad.common.findings import FINDINGS
+from fedrad.common.grounding import CANDIDATES, ground_answer, ground_report, needs_language_model
+from fedrad.common.labeling.labeler import label_report
 from fedrad.common.model.preprocess import PreprocessConfig, preprocess
 from fedrad.common.model.radiology_model import RadiologyModel
-from fedrad.common.tasks import qa_prompt, report_prompt, suggestions
+from fedrad.common.tasks import (
+    Thresholds,
+    head_sides,
+    qa_prompt,
+    report_prompt,
+    side_table,
+    suggestions,
+)
 
 
 @dataclass(frozen=True)
 class ScanAnswer:
     report: str
     findings: dict[str, float]
-    answer: str | None
-    notes: tuple[str, ...] = ()  # where the report or answer disagrees with the finding head
+    decisions: dict[str, int]  # the head's decision per finding, at the site's thresholds
+    sides: dict[str, str | None]  # the side head's side per lateral finding not absent
+    side_probabilities: dict[str, dict[str, float]]  # per lateral finding, left/right/bilateral
+    report_source: str  # where the report's text came from (`GroundedReport.describe`)
+    answer: str | None  # the answer as the reader sees it, probability included
+    answer_value: str | None = None  # the short answer ("yes", "left", "cannot answer")
+    notes: tuple[str, ...] = ()  # where the report or answer still disagrees with the head
 
 
 def scan_tensor(
@@ -79,21 +93,50 @@ def answer_scan(
     indication: str = "",
     question: str | None = None,
     num_beams: int = 1,
+    candidates: int = CANDIDATES,
+    thresholds: Thresholds | None = None,
 ) -> ScanAnswer:
+    """The heads decide each finding and its side; the report is written from those
+    decisions and kept to them (`common/grounding.py`); a question is answered from the same
+    decisions and report."""
     tok = model.tokenizer
     limit = model.config.max_prompt_tokens
-    probs = model.finding_probabilities(image, [encode_context(tok, indication, limit)])[0]
-    findings = {f: float(p) for f, p in zip(FINDINGS, probs, strict=True)}
-    suggested = suggestions(findings)
-    prompt, _ = encode_prompt(tok, indication, report_prompt(suggested), limit)
-    report = model.generate(
-        image, [prompt], max_new_tokens=model.config.max_target_tokens, num_beams=num_beams
-    )[0]
-    answer = None
-    shown = {f: round(p, 4) for f, p in findings.items()}  # notes quote what is shown
-    notes = report_notes(report, shown)
+    presence, by_side = model.diagnose(image, [encode_context(tok, indication, limit)])
+    shown = {f: round(float(p), 4) for f, p in zip(FINDINGS, presence[0], strict=True)}
+    decided = suggestions(shown, thresholds)  # decisions from what is shown, to the digit
+    side_probs = {
+        f: {side: round(p, 4) for side, p in row.items()}
+        for f, row in side_table(by_side[0].tolist()).items()
+    }
+    sides = head_sides(side_probs, decided)
+    prompt, _ = encode_prompt(tok, indication, report_prompt(decided, sides), limit)
+    [written] = model.generate_candidates(
+        image,
+        [prompt],
+        max_new_tokens=model.config.max_target_tokens,
+        candidates=candidates,
+        num_beams=num_beams,
+    )
+    grounded = ground_report(written, decided, sides)
+    read = label_report(grounded.text)
+    notes = report_notes(grounded.text, decided, shown, sides)
+    answer = value = None
     if question is not None:
-        q_prompt, _ = encode_prompt(tok, indication, qa_prompt(suggested, question), limit)
-        answer = model.generate(image, [q_prompt], max_new_tokens=16, num_beams=num_beams)[0]
-        notes += answer_notes(question, answer, shown)
-    return ScanAnswer(report=report, findings=shown, answer=answer, notes=tuple(notes))
+        said = None
+        if needs_language_model(question, decided, read, side_probs):
+            q_prompt, _ = encode_prompt(tok, indication, qa_prompt(decided, question, sides), limit)
+            [said] = model.generate(image, [q_prompt], max_new_tokens=16, num_beams=num_beams)
+        grounded_answer = ground_answer(question, decided, shown, read, said, side_probs)
+        answer, value = grounded_answer.text, grounded_answer.value
+        notes += answer_notes(grounded_answer, decided, read)
+    return ScanAnswer(
+        report=grounded.text,
+        findings=shown,
+        decisions=decided,
+        sides=sides,
+        side_probabilities=side_probs,
+        report_source=grounded.describe(len(written)),
+        answer=answer,
+        answer_value=value,
+        notes=tuple(notes),
+    )

@@ -11,8 +11,11 @@ nothing more. Per family (`EVAL_FAMILIES`), a study contributes:
 - auroc: per finding with a certain label, one count in a (label, score bin) histogram;
   AUROC from the histograms (ties within a bin count half);
 - report (studies a report was generated for): per finding, one of true positive, false
-  positive, false negative of the generated report against the site's own, and its ROUGE-L;
-- qa (studies a question was asked about): one, and the share of its answers that were right.
+  positive, false negative of the generated report against the site's own, and one if the
+  report agrees with the heads' decision (status and side); its ROUGE-L, repeated 4-gram
+  share and placeholder share;
+- qa (studies a question was asked about): one, and the share of its answers that were right;
+  the same two per question kind (presence, side, size) the study was asked.
 """
 
 from __future__ import annotations
@@ -26,11 +29,18 @@ import numpy as np
 
 from fedrad.client.training.evaluate import StudyOutputs
 from fedrad.common.findings import FINDINGS
+from fedrad.common.grounding import (
+    disagreements,
+    placeholder_rate,
+    repeated_ngram_rate,
+    report_target,
+)
 from fedrad.common.labeling.labeler import label_report
 from fedrad.common.metrics import answer_accuracy, rouge_l_scores
 from fedrad.common.privacy.randomness import MechanismRandomness
 from fedrad.common.protocol.messages import EVAL_FAMILIES
 
+QA_KINDS: Final[tuple[str, ...]] = ("presence", "side", "size")
 SCORE_BINS: Final[int] = 10  # AUROC resolution: more bins, more noise in every count
 MIN_COUNT: Final[float] = 0.5  # a noised count below this is taken as none (figure undefined)
 _K = len(FINDINGS)
@@ -43,9 +53,11 @@ def sensitivity(families: Sequence[str]) -> float:
         if family == "auroc":
             squared += _K  # one histogram count per finding
         elif family == "report":
-            squared += _K + 1  # one confusion cell per finding, its ROUGE-L in [0, 1]
+            # one confusion cell and one agreement per finding; ROUGE-L, repeated 4-grams,
+            # placeholders, each in [0, 1]
+            squared += 2 * _K + 3
         elif family == "qa":
-            squared += 2  # one, its accuracy in [0, 1]
+            squared += 2 * (1 + len(QA_KINDS))  # one and an accuracy, overall and per kind
         else:
             raise ValueError(f"unknown evaluation family {family!r}")
     return math.sqrt(squared)
@@ -74,23 +86,37 @@ def contribution_sums(out: StudyOutputs, families: Sequence[str]) -> dict[str, n
         sums["auroc"] = hist
     if "report" in families:
         cells = np.zeros((_K, 3))  # true positive, false positive, false negative
-        for generated, reference in zip(out.generated, out.references, strict=True):
-            pred = np.asarray(label_report(generated).as_vector()) == 1
+        agree = np.zeros(_K)
+        for generated, reference, decided, sides in zip(
+            out.generated, out.references, out.decisions, out.sides, strict=True
+        ):
+            read = label_report(generated)
+            pred = np.asarray(read.as_vector()) == 1
             true = np.asarray(label_report(reference).as_vector()) == 1
             cells[:, 0] += pred & true
             cells[:, 1] += pred & ~true
             cells[:, 2] += ~pred & true
-        rouge = sum(rouge_l_scores(out.generated, out.references))
-        sums["report"] = np.concatenate([cells.reshape(-1), [rouge]])
+            wrong = set(disagreements(read, decided, sides))
+            agree += np.asarray([f not in wrong for f in FINDINGS])
+        targets = [report_target(r) for r in out.references]
+        rouge = sum(rouge_l_scores(out.generated, targets))
+        repeats = sum(repeated_ngram_rate(t) for t in out.generated)
+        placeholders = sum(placeholder_rate(t) for t in out.generated)
+        sums["report"] = np.concatenate([cells.reshape(-1), agree, [rouge, repeats, placeholders]])
     if "qa" in families:
-        per_study: dict[int, list[tuple[str, str]]] = {}
-        for study, answer, expected in zip(out.qa_study, out.answers, out.expected, strict=True):
-            per_study.setdefault(study, []).append((answer, expected))
-        right = sum(
-            answer_accuracy([a for a, _ in pairs], [e for _, e in pairs]) or 0.0
-            for pairs in per_study.values()
-        )
-        sums["qa"] = np.array([float(len(per_study)), right])
+        per_study: dict[int, list[tuple[str, str, str]]] = {}
+        for study, answer, expected, kind in zip(
+            out.qa_study, out.answers, out.expected, out.qa_kind, strict=True
+        ):
+            per_study.setdefault(study, []).append((answer, expected, kind))
+        qa = np.zeros(2 * (1 + len(QA_KINDS)))  # (studies, right) overall, then per kind
+        for triples in per_study.values():
+            for slot, kind in enumerate((None, *QA_KINDS)):
+                pairs = [(a, e) for a, e, k in triples if kind is None or k == kind]
+                if pairs:
+                    qa[2 * slot] += 1.0
+                    qa[2 * slot + 1] += answer_accuracy(*zip(*pairs, strict=True)) or 0.0
+        sums["qa"] = qa
     return sums
 
 
@@ -120,8 +146,9 @@ def release(
     if "report" in noisy:
         metrics.update(_report_figures(noisy["report"], len(out.generated)))
     if "qa" in noisy:
-        studies, right = noisy["qa"]
-        metrics["qa_accuracy"] = _clip01(right / studies) if studies >= MIN_COUNT else math.nan
+        for slot, key in enumerate(("qa_accuracy", *(f"qa_{k}_accuracy" for k in QA_KINDS))):
+            studies, right = noisy["qa"][2 * slot : 2 * slot + 2]
+            metrics[key] = _clip01(right / studies) if studies >= MIN_COUNT else math.nan
     expected = set().union(*(EVAL_FAMILIES[f] for f in families))
     assert set(metrics) == expected, "every released family's figures, nothing else"
     return Release(metrics, noise_multiplier, bound)
@@ -143,7 +170,8 @@ def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 def _report_figures(sums: np.ndarray, reports: int) -> dict[str, float]:
     """Clinical efficacy (micro and macro F1, precision, recall) and mean ROUGE-L."""
-    cells = np.maximum(sums[:-1].reshape(_K, 3), 0.0)
+    cells = np.maximum(sums[: 3 * _K].reshape(_K, 3), 0.0)
+    agree, (rouge, repeats, placeholders) = sums[3 * _K : 4 * _K], sums[4 * _K :]
     tp, fp, fn = cells.sum(axis=0)
     figures = {
         "ce_precision": _clip01(tp / (tp + fp)) if tp + fp >= MIN_COUNT else math.nan,
@@ -154,7 +182,14 @@ def _report_figures(sums: np.ndarray, reports: int) -> dict[str, float]:
     present = [v for v in per_finding if not math.isnan(v)]
     figures["ce_macro_f1"] = float(np.mean(present)) if present else math.nan
     # the number of reports is public (the first eval_reports studies of a known split)
-    figures["rouge_l"] = _clip01(sums[-1] / reports) if reports else math.nan
+
+    def share(total: float) -> float:
+        return _clip01(total / reports) if reports else math.nan
+
+    figures["rouge_l"] = share(rouge)
+    figures["report_head_agreement"] = share(float(np.mean(agree)))
+    figures["repeated_4gram"] = share(repeats)
+    figures["placeholders"] = share(placeholders)
     return figures
 
 

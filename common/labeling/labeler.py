@@ -277,6 +277,16 @@ def label_report(text: str) -> ReportLabels:
     return ReportLabels(labels=labels, sides=sides, nodule_size_mm=nodule_size)
 
 
+def mentioned_findings(text: str) -> frozenset[str]:
+    """The findings a text names at all, whatever their status ("no effusion" names an
+    effusion): what a sentence must lose when it contradicts a decision about them."""
+    found: set[str] = set()
+    for _, sentence in sentences(text[:_MAX_CHARS] if isinstance(text, str) else ""):
+        hits, _ = _find_mentions(_lower_same_length(sentence))
+        found.update(hit.finding for hit in hits)
+    return frozenset(found)
+
+
 def label_reports(texts: Iterable[str]) -> list[ReportLabels]:
     """Label many reports in order (the labeler is stateless, so this is a plain map)."""
     return [label_report(t) for t in texts]

@@ -33,8 +33,15 @@ from fedrad.common.model.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION: Final[int] = 2  # 2: checkpoints over a pretrained base omit its weights
-READABLE_FORMATS: Final[frozenset[int]] = frozenset({1, 2})  # 1 only ever held from-config LMs
+FORMAT_VERSION: Final[int] = 3
+"""2: checkpoints over a pretrained base omit its weights; 3: the language model was trained
+on the findings prompt (`tasks.PROMPT_FORMAT` 2), which inference builds from the head."""
+READABLE_FORMATS: Final[frozenset[int]] = frozenset({FORMAT_VERSION})
+RETRAIN_HINT: Final[str] = (
+    "it predates the findings prompt that keeps reports and answers to the diagnosis, and "
+    "serving it with that prompt would mix two formats: train it again (fedrad-sim run, "
+    "fedrad-sim centralized, or a federation with fedrad-coordinator)"
+)
 REQUIRED_FILES: Final[tuple[str, ...]] = (
     "config.json",
     "lm_config.json",
@@ -116,6 +123,19 @@ def read_model_config(directory: Path) -> ModelConfig:
     return ModelConfig.from_dict(json.loads((Path(directory) / "config.json").read_text()))
 
 
+def check_format(directory: Path, meta: dict[str, Any]) -> None:
+    """CheckpointError unless this fedrad serves the checkpoint's format as it was trained."""
+    version = meta.get("format_version")
+    if version in READABLE_FORMATS:
+        return
+    if isinstance(version, int) and not isinstance(version, bool) and version < FORMAT_VERSION:
+        raise CheckpointError(f"{directory}: checkpoint format {version}: {RETRAIN_HINT}")
+    raise CheckpointError(
+        f"{directory}: checkpoint format {version!r}, "
+        f"this fedrad reads format {', '.join(map(str, sorted(READABLE_FORMATS)))}"
+    )
+
+
 def load_checkpoint(directory: Path) -> RadiologyModel:
     """Rebuilds the exact model; CheckpointError with a one-line reason when it cannot."""
     directory = Path(directory)
@@ -129,11 +149,7 @@ def load_checkpoint(directory: Path) -> RadiologyModel:
         config = read_model_config(directory)
     except (json.JSONDecodeError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{directory}: unreadable config or metadata ({exc})") from exc
-    if meta.get("format_version") not in READABLE_FORMATS:
-        raise CheckpointError(
-            f"{directory}: checkpoint format {meta.get('format_version')!r}, "
-            f"this fedrad reads formats {', '.join(map(str, sorted(READABLE_FORMATS)))}"
-        )
+    check_format(directory, meta)
     try:  # the weights file first: a corrupt one must not wait for a base LM to load
         state = load_file(str(directory / "model.safetensors"))
     except (OSError, SafetensorError) as exc:
@@ -178,6 +194,7 @@ def write_checkpoint_from(
     """`source` with its trainable tensors replaced by `arrays`, written without building
     the model: a coordinator checkpoints rounds without ever loading a pretrained base."""
     source, directory = Path(source), Path(directory)
+    check_format(source, read_metadata(source))  # never relabel an old model as the new format
     state = load_file(str(source / "model.safetensors"))
     declared = set(read_metadata(source).get("trainable") or ())
     if set(arrays) != declared:

@@ -42,8 +42,8 @@ class ModelConfig:
     lm_layers: int = 2  # GPT-2 blocks
     lm_heads: int = 4  # attention heads
     lm_dim: int = 128  # hidden width
-    max_positions: int = 192  # prefix + prompt + target tokens
-    max_prompt_tokens: int = 48  # indication + suggestions or question, truncated beyond
+    max_positions: int = 208  # prefix + prompt + target tokens
+    max_prompt_tokens: int = 64  # indication + findings line + question, indication cut first
     max_target_tokens: int = 128  # report or answer, truncated beyond
     lora_rank: int = 8  # LoRA rank on the LM's attention/MLP projections
     lora_alpha: int = 16  # LoRA scaling numerator (scale = alpha / rank)

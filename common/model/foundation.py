@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fedrad.common.cache import cache_root, publish_once
+from fedrad.common.grounding import report_target, tidy_report
 from fedrad.common.labeling.labeler import label_report
 from fedrad.common.model.base_lm import locate
 from fedrad.common.model.checkpoint import build_model
@@ -35,11 +36,17 @@ from fedrad.common.model.public_images import PUBLIC_SEED_NAMESPACE, EncoderReci
 from fedrad.common.model.radiology_model import RadiologyModel
 from fedrad.common.model.tokenizer import load_tokenizer, train_tokenizer
 from fedrad.common.stage_progress import stage_reporter
-from fedrad.common.tasks import context_text, qa_prompt, report_prompt, sample_question
+from fedrad.common.tasks import (
+    DETAIL_PROBABILITY,
+    context_text,
+    qa_prompt,
+    report_prompt,
+    sample_question,
+)
 
 logger = logging.getLogger(__name__)
 
-FOUNDATION_VERSION = 5  # bump when the LM recipe below changes: invalidates LM caches
+FOUNDATION_VERSION = 7  # bump when the LM recipe below changes: invalidates LM caches
 ENCODER_VERSION = 1  # bump when the public image set or encoder pretraining changes
 
 
@@ -110,19 +117,25 @@ def radlabels_reports() -> list[str]:
 def training_texts(
     pairs: list[tuple[str, str]], extra_reports: list[str], rng: random.Random
 ) -> list[str]:
-    """The same prompt formats the model is fine-tuned with: reports and question answering."""
+    """The same prompt formats the model is fine-tuned with: reports and question answering,
+    with sides and sizes in the prompt as often as fine-tuning puts them there."""
     texts = []
     for indication, report in pairs:
         labels = label_report(report)
-        prompt = report_prompt(labels.labels)
-        texts.append(f"{context_text(indication)}{prompt} {' '.join(report.split())}")
+        sides = labels.sides
+        size = labels.nodule_size_mm if rng.random() < DETAIL_PROBABILITY else None
+        prompt = report_prompt(labels.labels, sides, size)
+        texts.append(f"{context_text(indication)}{prompt} {report_target(report)}")
         qa = sample_question(labels.labels, labels.sides, labels.nodule_size_mm, rng)
         texts.append(
-            f"{context_text(indication)}{qa_prompt(labels.labels, qa.question)} {qa.answer}"
+            f"{context_text(indication)}{qa_prompt(labels.labels, qa.question, sides, size)} "
+            f"{qa.answer}"
         )
     for report in extra_reports:
+        if not tidy_report(report):
+            continue  # no findings or impression (a truncated export): nothing to learn
         prompt = report_prompt(label_report(report).labels)
-        texts.append(f"{context_text('')}{prompt} {' '.join(report.split())}")
+        texts.append(f"{context_text('')}{prompt} {report_target(report)}")
     return texts
 
 

@@ -1,9 +1,11 @@
 """Image encoder + projector + causal LM + diagnosis head: one model for reports, findings, answers.
 
-The LM reads `[visual prefix ; indication ; task prompt ; target]` through `inputs_embeds`. The
-diagnosis head reads the pooled image features together with the LM's hidden state at the last
-context token (image + indication, before any task text), so findings use the same cross-modal
-context as the report while staying independent of which task a training example asked for.
+The LM reads `[visual prefix ; indication ; findings line ; task prompt ; target]` through
+`inputs_embeds`. The diagnosis head (presence per finding) and the side head (left, right or
+bilateral per lateral finding) read the pooled image features together with the LM's hidden
+state at the last context token (image + indication, before any task text), so findings use the
+same cross-modal context as the report while staying independent of which task a training
+example asked for, and never see the findings line that training fills from the labels.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from fedrad.common.findings import FINDINGS
+from fedrad.common.findings import FINDINGS, LATERAL_ORDER, SIDES
 from fedrad.common.model.config import ModelConfig
 from fedrad.common.model.encoder import ImageEncoder
 
@@ -49,7 +51,9 @@ class RadiologyModel(nn.Module):
             nn.Linear(hidden, hidden),
         )
         self.lm = lm
-        self.head = nn.Linear(self.encoder.pooled_channels + hidden, len(FINDINGS))
+        features = self.encoder.pooled_channels + hidden
+        self.head = nn.Linear(features, len(FINDINGS))
+        self.side_head = nn.Linear(features, len(LATERAL_ORDER) * len(SIDES))
 
     # -- shared pieces -------------------------------------------------------------------------
 
@@ -91,8 +95,10 @@ class RadiologyModel(nn.Module):
         ctx_index: torch.Tensor,
         findings: torch.Tensor,
         findings_mask: torch.Tensor,
+        side_targets: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-example LM loss, per-example finding loss and finding logits."""
+        """Per-example LM loss, per-example finding loss (presence BCE plus side cross-entropy
+        where the report states a side) and finding logits."""
         prefix, pooled = self.visual_prefix(images)
         k = prefix.shape[1]
         text = self.lm.get_input_embeddings()(input_ids)
@@ -110,12 +116,18 @@ class RadiologyModel(nn.Module):
         per_example = per_example.index_add(0, rows, ce)
         lm_loss = per_example / targets.sum(dim=1).clamp(min=1).to(ce.dtype)
         batch = torch.arange(hidden.shape[0], device=hidden.device)
-        context = hidden[batch, k + ctx_index]
-        finding_logits = self.head(torch.cat([pooled, context], dim=1))
+        features = torch.cat([pooled, hidden[batch, k + ctx_index]], dim=1)
+        finding_logits = self.head(features)
         bce = F.binary_cross_entropy_with_logits(finding_logits, findings, reduction="none")
         fmask = findings_mask.to(bce.dtype)
         finding_loss = (bce * fmask).sum(dim=1) / fmask.sum(dim=1).clamp(min=1.0)
-        return lm_loss, finding_loss, finding_logits
+        side_logits = self.side_head(features).view(-1, len(SIDES)).float()
+        side_ce = F.cross_entropy(
+            side_logits, side_targets.reshape(-1).clamp(min=0), reduction="none"
+        ).view(side_targets.shape)
+        smask = (side_targets >= 0).to(side_ce.dtype)
+        side_loss = (side_ce * smask).sum(dim=1) / smask.sum(dim=1).clamp(min=1.0)
+        return lm_loss, finding_loss + side_loss.to(finding_loss.dtype), finding_logits
 
     def loss(self, *batch: torch.Tensor) -> LossParts:
         lm_loss, finding_loss, _ = self(*batch)
@@ -141,15 +153,26 @@ class RadiologyModel(nn.Module):
         return torch.stack(rows), torch.stack(masks).to(device=prefix.device, dtype=torch.long)
 
     @torch.no_grad()
-    def finding_probabilities(
+    def diagnose(
         self, images: torch.Tensor, contexts: list[list[int]]
-    ) -> torch.Tensor:
-        """(B, 6) probabilities; contexts are the token ids of each study's indication text."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, findings) presence probabilities and (B, lateral findings, sides) side
+        probabilities; contexts are the token ids of each study's indication text."""
         prefix, pooled = self.visual_prefix(images)
         embeds, mask = self._left_padded(prefix, contexts)
         _, hidden = self._lm_forward(embeds, mask, keep=_LAST_ONLY)
         context = hidden[:, -1]  # left padding puts every row's last context token at the end
-        return torch.sigmoid(self.head(torch.cat([pooled, context], dim=1)).float()).cpu()
+        features = torch.cat([pooled, context], dim=1)
+        presence = torch.sigmoid(self.head(features).float()).cpu()
+        sides = self.side_head(features).float().view(-1, len(LATERAL_ORDER), len(SIDES))
+        return presence, torch.softmax(sides, dim=-1).cpu()
+
+    @torch.no_grad()
+    def finding_probabilities(
+        self, images: torch.Tensor, contexts: list[list[int]]
+    ) -> torch.Tensor:
+        """(B, findings) presence probabilities."""
+        return self.diagnose(images, contexts)[0]
 
     @torch.no_grad()
     def generate(
@@ -161,6 +184,26 @@ class RadiologyModel(nn.Module):
         num_beams: int = 1,
     ) -> list[str]:
         """Greedy (num_beams=1) or beam search with the LM's KV cache, from the visual prefix."""
+        return [
+            best
+            for best, *_ in self.generate_candidates(
+                images, prompts, max_new_tokens=max_new_tokens, candidates=1, num_beams=num_beams
+            )
+        ]
+
+    @torch.no_grad()
+    def generate_candidates(
+        self,
+        images: torch.Tensor,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        candidates: int,
+        num_beams: int = 1,
+    ) -> list[list[str]]:
+        """Per row, the `candidates` best beams (best first); at least that many beams run."""
+        if candidates < 1:
+            raise ValueError("candidates must be >= 1")
         prefix, _ = self.visual_prefix(images)
         embeds, mask = self._left_padded(prefix, prompts)
         # generate() derives position ids from the attention mask, so left padding is safe.
@@ -168,18 +211,20 @@ class RadiologyModel(nn.Module):
             inputs_embeds=embeds,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
+            num_beams=max(num_beams, candidates),
+            num_return_sequences=candidates,
             do_sample=False,
             no_repeat_ngram_size=NO_REPEAT_NGRAM,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        return [
+        texts = [
             self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out.tolist()
         ]
+        return [texts[i : i + candidates] for i in range(0, len(texts), candidates)]
 
     # -- parameters that train and travel ------------------------------------------------------
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Exactly the parameters with requires_grad: encoder, projector, head, LoRA."""
+        """Exactly the parameters with requires_grad: encoder, projector, heads, LoRA."""
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}

@@ -42,8 +42,21 @@ TRAIN_METRIC_KEYS: Final[frozenset[str]] = frozenset(
 # config names the families it asks for; a site's policy names those it releases.
 EVAL_FAMILIES: Final[dict[str, frozenset[str]]] = {
     "auroc": frozenset({"macro_auroc", *(f"auroc_{finding}" for finding in FINDINGS)}),
-    "report": frozenset({"ce_f1", "ce_macro_f1", "ce_precision", "ce_recall", "rouge_l"}),
-    "qa": frozenset({"qa_accuracy"}),
+    "report": frozenset(
+        {
+            "ce_f1",
+            "ce_macro_f1",
+            "ce_precision",
+            "ce_recall",
+            "rouge_l",
+            "report_head_agreement",
+            "repeated_4gram",
+            "placeholders",
+        }
+    ),
+    "qa": frozenset(
+        {"qa_accuracy", "qa_presence_accuracy", "qa_side_accuracy", "qa_size_accuracy"}
+    ),
 }
 # Public beside them: the held-out split's size (as the training split's) and the release's
 # own mechanism (its epsilon alone and its noise multiplier).

@@ -30,6 +30,7 @@ import numpy as np
 
 from fedrad.client.training.evaluate import EvalConfig, evaluate
 from fedrad.common.model.checkpoint import load_checkpoint, read_model_config
+from fedrad.common.model.radiology_model import RadiologyModel
 from fedrad.common.privacy.defaults import DEFAULT_DELTA
 from fedrad.common.protocol.messages import DEFAULT_LR, NO_EVAL_FAMILIES
 from fedrad.common.run_dir import read_metrics
@@ -40,7 +41,28 @@ from fedrad.simulations.federated import FederatedConfig, run_federated, run_loc
 
 logger = logging.getLogger(__name__)
 
-METRICS: Final[tuple[str, ...]] = ("macro_auroc", "ce_f1", "bleu4", "rouge_l", "qa_accuracy")
+METRICS: Final[tuple[str, ...]] = (
+    "macro_auroc",
+    "ce_f1",
+    "report_head_agreement",
+    "bleu4",
+    "rouge_l",
+    "qa_accuracy",
+    "qa_presence_accuracy",
+    "qa_side_accuracy",
+    "qa_size_accuracy",
+    "repeated_4gram",
+    "placeholders",
+)
+EXACT_ONLY: Final[tuple[str, ...]] = (
+    "first_candidate_agreement",
+    "first_candidate_ce_f1",
+    "reports_generated",
+    "reports_repaired",
+    "reports_template",
+)
+"""Figures only an exact evaluation has (a site never releases them): how often the model's
+own best candidate already agreed, and where the final reports came from."""
 ARMS: Final[tuple[str, ...]] = (
     "centralized-nodp",
     "federated-nodp",
@@ -84,6 +106,8 @@ def _row(
     eps = [v for v in (last.get("epsilon") or {}).values() if v is not None]
     per_site = exact if exact is not None else (last.get("per_site") or {})
     final = _pooled(exact) if exact is not None else {m: last.get(m) for m in METRICS}
+    if exact is None:  # the centralized arm evaluates exactly itself, every round
+        final |= {m: last.get(m) for m in EXACT_ONLY}
     return {
         "arm": arm,
         "run_dir": str(run_dir),
@@ -97,7 +121,7 @@ def _row(
             else {m: (records[0].get(m) if records else None) for m in METRICS}
         ),
         "per_site": {
-            site: {m: metrics.get(m) for m in ("n_studies", *METRICS)}
+            site: {m: metrics.get(m) for m in ("n_studies", *METRICS, *EXACT_ONLY)}
             for site, metrics in per_site.items()
         },
     }
@@ -106,7 +130,7 @@ def _row(
 def _pooled(per_site: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """Each metric's mean over sites where it is defined, weighted by held-out studies."""
     out: dict[str, float | None] = {}
-    for metric in METRICS:
+    for metric in (*METRICS, *EXACT_ONLY):
         pairs = [
             (float(m[metric]), float(m["n_studies"]))
             for m in per_site.values()
@@ -115,6 +139,28 @@ def _pooled(per_site: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         weight = sum(w for _, w in pairs)
         out[metric] = sum(v * w for v, w in pairs) / weight if weight else None
     return out
+
+
+def evaluate_on_cohort(
+    cohort: Path,
+    model_for: Callable[[str], RadiologyModel],
+    eval_config: EvalConfig,
+    *,
+    image_size: int,
+) -> dict[str, dict[str, Any]]:
+    """Each site's held-out split through `model_for(site_id)`, exactly (the researcher owns
+    the cohort): the site's aggregate figures, per-finding AUROC left out."""
+    splits, _ = load_cohort(cohort, image_size=image_size)
+    results: dict[str, dict[str, Any]] = {}
+    for split in splits:
+        raw = evaluate(model_for(split.site_id), split.held_out, eval_config)
+        results[split.site_id] = {k: v for k, v in raw.items() if k != "auroc"}
+    return results
+
+
+def pooled(per_site: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Every figure's mean over sites where it is defined, weighted by held-out studies."""
+    return _pooled(per_site)
 
 
 def exact_evaluation(
@@ -126,13 +172,12 @@ def exact_evaluation(
     shared = None if per_site_models else load_checkpoint(run_dir / "checkpoints" / last)
     eval_config = EvalConfig(max_reports=config.eval_reports, max_questions=config.eval_questions)
     image_size = read_model_config(checkpoint_dir(run_dir, 0)).image_size  # the run's start
-    results: dict[str, dict[str, Any]] = {}
-    splits, _ = load_cohort(cohort, image_size=image_size)
-    for split in splits:
-        model = shared or load_checkpoint(run_dir / "checkpoints" / split.site_id / last)
-        raw = evaluate(model, split.held_out, eval_config)
-        results[split.site_id] = {k: v for k, v in raw.items() if k != "auroc"}
-    return results
+    return evaluate_on_cohort(
+        cohort,
+        lambda site: shared or load_checkpoint(run_dir / "checkpoints" / site / last),
+        eval_config,
+        image_size=image_size,
+    )
 
 
 def smallest_site(rows: list[dict[str, Any]]) -> str | None:
@@ -217,24 +262,41 @@ def run_utility_bench(
     return result
 
 
+TABLE: Final[tuple[tuple[str, str], ...]] = (
+    ("macro_auroc", "macro AUROC"),
+    ("ce_f1", "CE F1"),
+    ("report_head_agreement", "report-head agr."),
+    ("first_candidate_agreement", "agr. before grounding"),
+    ("bleu4", "BLEU-4"),
+    ("rouge_l", "ROUGE-L"),
+    ("qa_accuracy", "QA acc."),
+    ("qa_presence_accuracy", "QA presence"),
+    ("qa_side_accuracy", "QA side"),
+    ("qa_size_accuracy", "QA size"),
+    ("repeated_4gram", "repeated 4-grams"),
+    ("placeholders", "placeholders"),
+)
+
+
 def markdown_table(result: dict[str, Any]) -> str:
-    """The README's table: one line per arm, the last round's held-out metrics."""
+    """The results page's table: one line per arm, the last round's held-out metrics."""
 
     def cell(value: Any) -> str:
         return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
     small = result.get("smallest_site")
     head = (
-        "| arm | macro AUROC | CE F1 | BLEU-4 | ROUGE-L | QA acc. | max site eps "
-        f"| AUROC on {small or 'smallest site'} | wall |"
+        "| arm | "
+        + " | ".join(title for _, title in TABLE)
+        + f" | max site eps | AUROC on {small or 'smallest site'} | wall |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---" * (len(TABLE) + 4) + "|"]
     for row in result["rows"]:
         eps = row["max_site_epsilon"]
         own = row.get("per_site", {}).get(small, {}).get("macro_auroc") if small else None
         lines.append(
             f"| {row['arm']} | "
-            + " | ".join(cell(row[m]) for m in METRICS)
+            + " | ".join(cell(row.get(m)) for m, _ in TABLE)
             + f" | {'-' if eps is None else f'{eps:.2f}'} | {cell(own)}"
             + f" | {row['wall_s'] / 60:.1f} min |"
         )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedrad.client.ingest.dataset import SiteStudies, split_held_out
+from fedrad.client.ingest.dataset import SiteStudies, side_targets, split_held_out
 from fedrad.client.ingest.site_data import CachedStudy
+from fedrad.common.findings import FINDINGS
 
 
 def _studies(ids: list[str]) -> SiteStudies:
@@ -52,3 +53,11 @@ def test_a_single_study_trains() -> None:
     for name in ("a", "b", "c", "d", "e", "f", "g", "h"):
         train, held = split_held_out(_studies([name]), fraction=0.9)
         assert len(train) == 1 and len(held) == 0
+
+
+def test_side_targets_are_the_stated_sides_of_findings_not_absent() -> None:
+    labels = dict.fromkeys(FINDINGS, 0) | {"nodule": 1, "pleural_effusion": -1, "fracture": 1}
+    sides = dict.fromkeys(FINDINGS) | {"nodule": "right", "pleural_effusion": "bilateral"}
+    sides["pneumothorax"] = "left"  # absent: its side is not a target
+    # LATERAL_ORDER: nodule, effusion, pneumothorax, consolidation, fracture (no side stated)
+    assert side_targets(labels, sides).tolist() == [1, 2, -1, -1, -1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,11 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from fedrad.client.cli import app
-from fedrad.client.reading.consistency import answer_notes, report_notes
 from fedrad.common.findings import FINDINGS
+from fedrad.common.grounding import disagreements
+from fedrad.common.labeling.labeler import label_report
 from fedrad.common.model.checkpoint import save_checkpoint
+from fedrad.common.tasks import STATUS_WORDS, presence_answer, suggestions
 from tests.conftest import write_radiograph
 from tests.model_fixtures import micro_model
 
@@ -42,13 +45,43 @@ def test_report_json_contract(checkpoint: Path, tmp_path: Path, scan: str) -> No
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"report", "findings", "answer", "notes"}
-    assert set(data["findings"]) == set(FINDINGS)
+    assert set(data) == {
+        "report",
+        "report_source",
+        "findings",
+        "decisions",
+        "sides",
+        "side_probabilities",
+        "thresholds",
+        "answer",
+        "answer_value",
+        "notes",
+    }
+    assert set(data["findings"]) == set(FINDINGS) == set(data["decisions"])
     assert all(0.0 <= p <= 1.0 for p in data["findings"].values())
-    assert isinstance(data["report"], str) and isinstance(data["answer"], str)
-    assert data["notes"] == report_notes(data["report"], data["findings"]) + answer_notes(
-        "Is there a pleural effusion?", data["answer"], data["findings"]
-    )
+    decisions = suggestions(data["findings"])
+    assert data["decisions"] == {f: STATUS_WORDS[d] for f, d in decisions.items()}
+    # the report reads back as the decisions (status and side), and the answer is the head's
+    assert disagreements(label_report(data["report"]), decisions, data["sides"]) == []
+    for finding, side in data["sides"].items():
+        by_side = data["side_probabilities"][finding]
+        assert side is None if decisions[finding] == 0 else side == max(by_side, key=by_side.get)
+    assert data["answer_value"] == presence_answer(decisions["pleural_effusion"])
+    assert data["answer"].startswith(data["answer_value"] + " (pleural effusion, probability")
+    assert data["notes"] == []
+
+
+def test_a_question_of_no_known_kind_is_not_guessed(checkpoint: Path, tmp_path: Path) -> None:
+    path = write_radiograph(tmp_path / "a.dcm", accession="A1")
+    result = _report(str(path), "--model", str(checkpoint), "--ask", "Who read it?", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["answer_value"] == "cannot answer"
+
+
+def test_thresholds_are_checked(checkpoint: Path, tmp_path: Path) -> None:
+    path = write_radiograph(tmp_path / "a.dcm", accession="A1")
+    result = _report(str(path), "--model", str(checkpoint), "--present-at", "0.2")
+    assert result.exit_code != 0 and "thresholds need 0 < possible <= present < 1" in result.output
 
 
 def test_report_without_question_has_null_answer(checkpoint: Path, tmp_path: Path) -> None:
@@ -69,6 +102,7 @@ def test_report_without_question_has_null_answer(checkpoint: Path, tmp_path: Pat
         ("missing_file", "no such file"),
         ("pipe", "named pipe (not a regular file)"),
         ("huge_header", "over the 67 megapixel limit"),
+        ("old_model", "checkpoint format 2: it predates the findings prompt"),
     ],
 )
 def test_report_bad_input(checkpoint: Path, tmp_path: Path, case: str, message: str) -> None:
@@ -84,6 +118,10 @@ def test_report_bad_input(checkpoint: Path, tmp_path: Path, case: str, message: 
         extra = ["--ask", "  "]
     elif case == "no_model":
         model = tmp_path / "nothing"
+    elif case == "old_model":  # trained before reports were conditioned on the findings line
+        model = Path(shutil.copytree(checkpoint, tmp_path / "old"))
+        meta = json.loads((model / "metadata.json").read_text())
+        (model / "metadata.json").write_text(json.dumps(meta | {"format_version": 2}))
     elif case == "pipe":
         scan = tmp_path / "pipe.dcm"
         os.mkfifo(scan)

@@ -155,7 +155,15 @@ def test_an_exact_release_matches_the_sites_own_evaluation() -> None:
         noise_multiplier=0.0,
         randomness=MechanismRandomness(),
     ).metrics
-    for key in ("ce_f1", "ce_precision", "ce_recall", "rouge_l"):
+    for key in (
+        "ce_f1",
+        "ce_precision",
+        "ce_recall",
+        "rouge_l",
+        "report_head_agreement",
+        "repeated_4gram",
+        "placeholders",
+    ):
         if math.isnan(released[key]):  # no count behind it: the exact figure is 0 or None
             assert not exact[key]
         else:
@@ -184,7 +192,16 @@ def test_one_study_moves_the_released_sums_by_at_most_the_sensitivity() -> None:
             references=[
                 r for i, r in zip(out.report_index, out.references, strict=True) if i != drop
             ],
+            first_candidates=[
+                c for i, c in zip(out.report_index, out.first_candidates, strict=True) if i != drop
+            ],
+            sources=[s for i, s in zip(out.report_index, out.sources, strict=True) if i != drop],
+            decisions=[
+                d for i, d in zip(out.report_index, out.decisions, strict=True) if i != drop
+            ],
+            sides=[s for i, s in zip(out.report_index, out.sides, strict=True) if i != drop],
             qa_study=[s for s in out.qa_study if s != drop],
+            qa_kind=[k for s, k in zip(out.qa_study, out.qa_kind, strict=True) if s != drop],
             answers=[a for s, a in zip(out.qa_study, out.answers, strict=True) if s != drop],
             expected=[e for s, e in zip(out.qa_study, out.expected, strict=True) if s != drop],
         )

@@ -14,7 +14,7 @@ from fedrad.common.metrics import (
     macro,
     rouge_l,
 )
-from fedrad.common.tasks import all_questions, report_prompt, suggestions
+from fedrad.common.tasks import Thresholds, all_questions, qa_prompt, report_prompt, suggestions
 
 
 def test_auroc_perfect_random_and_single_class() -> None:
@@ -44,15 +44,33 @@ def test_bleu_and_rouge_bounds() -> None:
     assert answer_accuracy(["Yes.", "no"], ["yes", "yes"]) == 0.5
 
 
-def test_report_prompt_and_suggestions() -> None:
+def test_report_prompt_states_every_finding_and_details_where_known() -> None:
     labels = dict.fromkeys(FINDINGS, 0)
-    assert report_prompt(labels) == "suggested: no finding\nreport:"
-    labels.update(pleural_effusion=1, nodule=-1)
-    assert (
-        report_prompt(labels) == "suggested: possible pulmonary nodule, pleural effusion\nreport:"
+    assert report_prompt(labels) == (
+        "findings: nodule absent; effusion absent; cardiomegaly absent; pneumothorax absent; "
+        "consolidation absent; fracture absent\nreport:"
     )
+    labels.update(pleural_effusion=1, nodule=-1)
+    sides = dict.fromkeys(FINDINGS) | {"pleural_effusion": "left", "fracture": "right"}
+    assert report_prompt(labels, sides, 8.0) == (
+        "findings: nodule uncertain 8 mm; effusion present left; cardiomegaly absent; "
+        "pneumothorax absent; consolidation absent; fracture absent\nreport:"
+    )  # an absent finding's side is not stated
+    assert qa_prompt(labels, " Is there\na nodule? ").endswith(
+        "fracture absent\nquestion: Is there a nodule?\nanswer:"
+    )
+
+
+def test_decisions_follow_the_sites_thresholds() -> None:
     probs = dict.fromkeys(FINDINGS, 0.1) | {"fracture": 0.9, "nodule": 0.4}
     assert suggestions(probs)["fracture"] == 1 and suggestions(probs)["nodule"] == -1
+    strict = Thresholds(present=0.95, possible=0.5)
+    assert (
+        suggestions(probs, strict)["fracture"] == -1 and suggestions(probs, strict)["nodule"] == 0
+    )
+    for bad in ((0.3, 0.5), (1.0, 0.3), (0.5, 0.0)):
+        with pytest.raises(ValueError, match="thresholds"):
+            Thresholds(*bad)
 
 
 def test_questions_cover_presence_side_and_size() -> None:

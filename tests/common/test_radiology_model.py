@@ -28,12 +28,14 @@ def test_forward_returns_per_example_losses() -> None:
     assert torch.isfinite(lm_loss).all() and torch.isfinite(finding_loss).all()
 
 
-def test_only_encoder_projector_head_and_lora_train() -> None:
+def test_only_encoder_projector_heads_and_lora_train() -> None:
     model = micro_model()
     names = list(model.trainable_state())
     assert names and all(
-        n.startswith(("encoder.", "projector.", "head.")) or "lora_" in n for n in names
+        n.startswith(("encoder.", "projector.", "head.", "side_head.")) or "lora_" in n
+        for n in names
     )
+    assert "side_head.weight" in names
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert any("wte" in n for n in frozen)
 
@@ -123,3 +125,18 @@ def test_a_frozen_encoder_neither_trains_nor_travels_and_stays_frozen_on_reload(
     meta = json.loads((tmp_path / "ckpt" / "metadata.json").read_text())
     assert set(meta["trainable"]) == names
     assert set(load_checkpoint(tmp_path / "ckpt").trainable_state()) == names
+
+
+def test_the_side_loss_counts_only_stated_sides() -> None:
+    """Examples without a stated side add nothing; a stated side adds its cross-entropy."""
+    model = micro_model()
+    batch = list(_batch(model))
+    batch[-1] = torch.full_like(batch[-1], -1)
+    _, without, _ = model(*batch)
+    batch[-1] = torch.zeros_like(batch[-1])
+    batch[-1][:, 1] = 2  # every study: effusion bilateral, the rest left
+    _, with_sides, _ = model(*batch)
+    assert torch.all(with_sides > without)
+    presence, sides = model.diagnose(batch[0], [[1, 2, 3]] * 4)
+    assert presence.shape == (4, 6) and sides.shape == (4, 5, 3)
+    assert torch.allclose(sides.sum(dim=-1), torch.ones(4, 5))

@@ -51,8 +51,18 @@ def test_run_directory_contract(
     assert tomllib.loads((run_dir / "config.toml").read_text())["dp"] is dp
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [1, 2]
-    for key in ("macro_auroc", "ce_f1", "bleu4", "rouge_l", "qa_accuracy", "epsilon"):
+    for key in (
+        "macro_auroc",
+        "ce_f1",
+        "report_head_agreement",
+        "bleu4",
+        "rouge_l",
+        "qa_accuracy",
+        "qa_presence_accuracy",
+        "epsilon",
+    ):
         assert key in lines[-1]
+    assert lines[-1]["report_head_agreement"] == 1.0  # every report kept to the heads
     if dp:
         eps = [r["epsilon"]["pooled"] for r in lines]
         assert 0 < eps[0] < eps[1] <= 8.0 + 1e-6
@@ -65,4 +75,4 @@ def test_run_directory_contract(
     scan = next(p for p in (cohort / "site_1").rglob("*") if p.is_file() and "dicom" in p.parts)
     result = CliRunner().invoke(site_app, ["report", str(scan), "--model", str(ckpt), "--json"])
     assert result.exit_code == 0, result.output
-    assert set(json.loads(result.stdout)) == {"report", "findings", "answer", "notes"}
+    assert json.loads(result.stdout)["notes"] == []

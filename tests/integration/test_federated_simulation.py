@@ -58,7 +58,15 @@ def test_two_rounds_on_three_virtual_sites(tmp_path: Path) -> None:
     assert [r["round"] for r in records] == [1, 2] == [r["round"] for r in seen]
     for record in records:
         assert set(record["epsilon"]) == set(sites)
-        for key in ("macro_auroc", "ce_f1", "rouge_l", "qa_accuracy", "eval_epsilon"):
+        for key in (
+            "macro_auroc",
+            "ce_f1",
+            "report_head_agreement",
+            "rouge_l",
+            "qa_accuracy",
+            "qa_side_accuracy",
+            "eval_epsilon",
+        ):
             assert key in record
         assert record["failures"] == []
     for round_no in (0, 1, 2):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
+from typer.testing import CliRunner
 
 from fedrad.common.protocol.messages import NO_EVAL_FAMILIES
 from fedrad.common.synthetic.cohort import generate_cohort
@@ -17,6 +19,7 @@ from fedrad.simulations.benchmarks.utility import (
     markdown_table,
     smallest_site,
 )
+from fedrad.simulations.cli import app as sim_app
 from fedrad.simulations.federated import FederatedConfig, run_local_only
 from tests.fl_fixtures import micro_foundation
 
@@ -41,7 +44,16 @@ def test_rows_read_the_last_round_and_the_table_shows_them(tmp_path: Path) -> No
     assert row["macro_auroc"] == 0.7 and row["first_round"]["macro_auroc"] == 0.5
     assert row["max_site_epsilon"] == 3.0 and row["rouge_l"] is None and row["rounds"] == 2
     table = markdown_table({"rows": [row]})
-    assert "| federated-dp-eps3 | 0.700 | 0.300 | 0.200 | - | - | 3.00 | - | 2.1 min |" in table
+    assert (
+        "| federated-dp-eps3 | 0.700 | 0.300 | - | - | 0.200 | - | - | - | - | - | - | - "
+        "| 3.00 | - | 2.1 min |"
+    ) in table
+
+
+def test_evaluate_refuses_what_is_not_a_current_checkpoint(tmp_path: Path) -> None:
+    args = ["evaluate", "--data", str(tmp_path), "--model", str(tmp_path / "none")]
+    result = CliRunner().invoke(sim_app, args)
+    assert result.exit_code == 2 and "not a checkpoint directory" in result.stderr
 
 
 def test_the_smallest_site_is_compared_on_its_own_held_out_split(tmp_path: Path) -> None:
@@ -92,3 +104,15 @@ def test_arms_are_scored_by_an_exact_evaluation_of_their_final_models(tmp_path: 
     for site in exact:  # the ledger holds the training rounds only: nothing was released
         lines = (run_dir / "sites" / site / "ledger.jsonl").read_text().splitlines()
         assert len(lines) == 1
+
+    # `fedrad-sim evaluate`: one checkpoint on every site's held-out split, the same figures
+    model = run_dir / "checkpoints" / "site_1" / "round_001"
+    args = ["evaluate", "--data", str(cohort), "--model", str(model), "--eval-reports", "1"]
+    result = CliRunner().invoke(sim_app, [*args, "--eval-questions", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert sorted(data["per_site"]) == ["site_1", "site_2"]
+    assert data["per_site"]["site_1"] == exact["site_1"] | {"eval_seconds": ANY}
+    assert data["pooled"]["report_head_agreement"] == pytest.approx(1.0)  # grounded reports
+    human = CliRunner().invoke(sim_app, [*args, "--eval-questions", "2"])
+    assert human.exit_code == 0 and "report-head agreement 1.000" in human.stdout
