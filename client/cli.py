@@ -52,10 +52,12 @@ from fedrad.common.cli_support import (
 )
 from fedrad.common.findings import FINDINGS
 from fedrad.common.flower_process import FlowerProcessError, flower_executable
+from fedrad.common.grounding import CANDIDATES
 from fedrad.common.labeling.labeler import label_report
 from fedrad.common.model.preprocess import PreprocessConfig
 from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
 from fedrad.common.privacy.ledger import LedgerError
+from fedrad.common.tasks import POSSIBLE_THRESHOLD, SUGGEST_THRESHOLD
 
 app = typer.Typer(
     name="fedrad-site",
@@ -710,13 +712,13 @@ def report(
         typer.Option(
             help="Report candidates written and re-ranked against the finding head.", min=1, max=8
         ),
-    ] = 4,
+    ] = CANDIDATES,
     present_at: Annotated[
         float, typer.Option(help="Head probability at which a finding is decided present.")
-    ] = 0.5,
+    ] = SUGGEST_THRESHOLD,
     possible_at: Annotated[
         float, typer.Option(help="Head probability at which a finding is decided possible.")
-    ] = 0.3,
+    ] = POSSIBLE_THRESHOLD,
     modalities: ModalitiesOpt = DEFAULT_MODALITIES,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,

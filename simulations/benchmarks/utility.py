@@ -105,7 +105,7 @@ def _row(
     last = records[-1] if records else {}
     eps = [v for v in (last.get("epsilon") or {}).values() if v is not None]
     per_site = exact if exact is not None else (last.get("per_site") or {})
-    final = _pooled(exact) if exact is not None else {m: last.get(m) for m in METRICS}
+    final = pooled(exact) if exact is not None else {m: last.get(m) for m in METRICS}
     if exact is None:  # the centralized arm evaluates exactly itself, every round
         final |= {m: last.get(m) for m in EXACT_ONLY}
     return {
@@ -127,7 +127,7 @@ def _row(
     }
 
 
-def _pooled(per_site: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+def pooled(per_site: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """Each metric's mean over sites where it is defined, weighted by held-out studies."""
     out: dict[str, float | None] = {}
     for metric in (*METRICS, *EXACT_ONLY):
@@ -156,11 +156,6 @@ def evaluate_on_cohort(
         raw = evaluate(model_for(split.site_id), split.held_out, eval_config)
         results[split.site_id] = {k: v for k, v in raw.items() if k != "auroc"}
     return results
-
-
-def pooled(per_site: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    """Every figure's mean over sites where it is defined, weighted by held-out studies."""
-    return _pooled(per_site)
 
 
 def exact_evaluation(
