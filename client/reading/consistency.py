@@ -10,19 +10,18 @@ from __future__ import annotations
 
 from fedrad.common.findings import DISPLAY_NAMES
 from fedrad.common.grounding import GroundedAnswer, disagreements
-from fedrad.common.labeling.labeler import ReportLabels, label_report
+from fedrad.common.labeling.labeler import ReportLabels
 from fedrad.common.tasks import STATUS_WORDS, presence_answer
 
 
 def report_notes(
-    report: str,
+    read: ReportLabels,
     decisions: dict[str, int],
     findings: dict[str, float],
     sides: dict[str, str | None] | None = None,
 ) -> list[str]:
-    """Each finding the labeler reads in `report` with another status than the head's, or on
-    another side than the side head's."""
-    read = label_report(report)
+    """Each finding the labeler read in the report (`read`) with another status than the
+    head's, or on another side than the side head's."""
     notes = []
     for f in disagreements(read, decisions, sides):
         name, stated = DISPLAY_NAMES[f], read.labels[f]

@@ -119,7 +119,7 @@ def answer_scan(
     )
     grounded = ground_report(written, decided, sides)
     read = label_report(grounded.text)
-    notes = report_notes(grounded.text, decided, shown, sides)
+    notes = report_notes(read, decided, shown, sides)
     answer = value = None
     if question is not None:
         said = None

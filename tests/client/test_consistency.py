@@ -17,16 +17,15 @@ def _head(**probs: float) -> dict[str, float]:
 def test_a_report_read_otherwise_than_the_decisions_is_noted() -> None:
     head = _head(pleural_effusion=0.996, cardiomegaly=0.4)
     decisions = NONE | {"pleural_effusion": 1, "cardiomegaly": -1}
-    notes = report_notes(
-        "FINDINGS: No pleural effusion. Small right pneumothorax.", decisions, head
-    )
+    read = label_report("FINDINGS: No pleural effusion. Small right pneumothorax.")
+    notes = report_notes(read, decisions, head)
     assert notes == [
         "the report reads pleural effusion as absent; the finding head decides present (0.996)",
         "the report reads cardiomegaly as absent; the finding head decides uncertain (0.400)",
         "the report reads pneumothorax as present; the finding head decides absent (0.010)",
     ]
     agreeing = "Moderate left pleural effusion. The heart may be enlarged."
-    assert report_notes(agreeing, decisions, head) == []
+    assert report_notes(label_report(agreeing), decisions, head) == []
 
 
 def test_an_answer_against_the_decision_or_the_report_is_noted() -> None:
