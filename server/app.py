@@ -24,10 +24,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from fedrad.common.model.parts import declared_parts
 from fedrad.common.privacy.coordinator_ledger import CoordinatorLedger
-from fedrad.common.protocol.messages import SITE_ID_FIELD, SITE_KEY
+from fedrad.common.protocol.messages import SITE_ID_FIELD, SITE_KEY, WEIGHT_KEY
 from fedrad.common.run_dir import append_failed_round
 from fedrad.server.ledger_heads import LedgerHeads, heads_file
+from fedrad.server.part_average import partial_parts, rescale_parts
 from fedrad.server.participation import (
     FederationError,
     Participation,
@@ -143,14 +145,42 @@ class PlainRounds:
         self.heads.observe_replies(grid, replies)
         updates = [r for r in replies if not r.has_error()]  # refusals are failures
         new_arrays, metrics = self.strategy.aggregate_train(round_no, updates)
+        new = None if new_arrays is None else {k: v.numpy() for k, v in new_arrays.items()}
+        if new is not None:
+            new = self._per_part(new, arrays, updates)
         return TrainOutcome(
-            arrays=None if new_arrays is None else {k: v.numpy() for k, v in new_arrays.items()},
+            arrays=new,
             metrics=dict(metrics or {}),  # type: ignore[arg-type]
             per_site=_site_metrics(replies, grid),
             failures=grid.failures(),
             updates=len(updates),
             update_bytes=max(grid.sent_bytes.values(), default=0),
         )
+
+    def _per_part(
+        self,
+        new: dict[str, np.ndarray],
+        previous: Mapping[str, np.ndarray],
+        updates: list[Message],
+    ) -> dict[str, np.ndarray]:
+        """Each modality part averaged over the replies that trained it (`part_average.py`),
+        with the weights the strategy averaged by."""
+        metrics = [dict(next(iter(r.content.metric_records.values()))) for r in updates]
+        declared = [declared_parts(m) for m in metrics]
+        if self.plan.central_dp:
+            weights = [1.0] * len(metrics)
+        else:
+            weights = [float(m.get(WEIGHT_KEY, 0.0)) for m in metrics]  # type: ignore[arg-type]
+        if self.plan.strategy == "fedadam":
+            partial = partial_parts(weights, declared)
+            if partial:
+                raise FederationError(
+                    f"fedadam cannot average a part only some sites train "
+                    f"({', '.join(partial)}): its server step is not linear in the mean; use "
+                    "fedavg or fedprox"
+                )
+            return new  # every part trained by all sites or by none: Adam's step stands
+        return rescale_parts(new, previous, weights, declared)
 
     def evaluate(
         self, grid: RoundGrid, round_no: int, arrays: Mapping[str, np.ndarray], config: RoundValues

@@ -42,6 +42,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.supercore.differential_privacy import compute_stdv
 
+from fedrad.common.model.parts import declared_parts
 from fedrad.common.privacy.randomness import MechanismRandomness
 from fedrad.common.protocol.messages import SITE_FIELDS, SITE_ID_FIELD, WEIGHT_KEY
 from fedrad.common.protocol.secagg import (
@@ -52,6 +53,7 @@ from fedrad.common.protocol.secagg import (
 )
 from fedrad.common.protocol.secagg_masks import MaskSeedError, install_full_strength_masks
 from fedrad.server.ledger_heads import LedgerHeads
+from fedrad.server.part_average import rescale_parts
 from fedrad.server.participation import FederationError, RoundGrid
 from fedrad.server.rounds import EvalOutcome, ServerPlan, TrainOutcome
 from fedrad.server.strategies import add_central_noise, weighted_metrics
@@ -283,6 +285,10 @@ class SecureRounds:
             )
             for name, mean in zip(names, means, strict=True)
         }
+        # each modality part over the sites that trained it (`part_average.py`): a site's
+        # declaration travels beside its masked update, as its example count does
+        declared = [declared_parts(res.metrics) for _, res in results]
+        new = rescale_parts(new, arrays, [float(res.num_examples) for _, res in results], declared)
         # The workflow keys results by a reply's source, which the RoundGrid has checked is the
         # node the request went to.
         reported = [(proxy.node_id, res.metrics) for proxy, res in results]  # type: ignore[attr-defined]

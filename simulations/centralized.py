@@ -70,7 +70,9 @@ def run_centralized(
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     model_config = model_config_for(config.preset, config.lm)
-    splits, dropped = load_cohort(cohort, image_size=model_config.image_size)
+    splits, dropped = load_cohort(
+        cohort, image_size=model_config.image_size, volume_shape=model_config.volume_shape
+    )
     train = pooled([s.train for s in splits])
     held = pooled([s.held_out for s in splits])
     model, foundation_dir = build_foundation(

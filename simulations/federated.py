@@ -280,7 +280,9 @@ def _site_specs(
     """One spec per usable site; keys are created here, before any worker could race."""
     from fedrad.client.ingest.site_data import manifest_path
 
-    preprocess = PreprocessConfig(image_size=model_config.image_size)
+    preprocess = PreprocessConfig(
+        image_size=model_config.image_size, volume_shape=model_config.volume_shape
+    )
     threads = _site_threads(config, model_config)
     specs = []
     for split in splits:
@@ -392,7 +394,10 @@ def run_federated(
             raise ValueError(f"run {run_dir.name} has no initial model (checkpoints/round_000)")
     model_config = _model_config(config, resume)
     splits, dropped = load_cohort(
-        cohort, image_size=model_config.image_size, held_out_fraction=config.held_out_fraction
+        cohort,
+        image_size=model_config.image_size,
+        volume_shape=model_config.volume_shape,
+        held_out_fraction=config.held_out_fraction,
     )
     # Settings that cannot work with this many sites (SecAgg+ on two) fail before anything
     # is written.
@@ -519,7 +524,10 @@ def run_local_only(
     cohort = Path(cohort)
     model_config = _model_config(config, None)
     splits, dropped = load_cohort(
-        cohort, image_size=model_config.image_size, held_out_fraction=config.held_out_fraction
+        cohort,
+        image_size=model_config.image_size,
+        volume_shape=model_config.volume_shape,
+        held_out_fraction=config.held_out_fraction,
     )
     run_dir = new_run_dir(runs_root, "local")
     foundation_dir = _initial_model(config, run_dir)

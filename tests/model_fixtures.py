@@ -36,6 +36,7 @@ def micro_config(**overrides: object) -> ModelConfig:
         max_target_tokens=48,
         lora_rank=4,
         norm_groups=4,
+        volume_shape=(8, 16, 16),
     )
     base.update(overrides)
     return preset("tiny", **base)  # type: ignore[arg-type]
@@ -48,7 +49,15 @@ def micro_model(seed: int = 0, **overrides: object) -> RadiologyModel:
     return build_model(config, tokenizer)
 
 
-def micro_studies(n: int = 12, size: int = 32, seed: int = 0) -> SiteStudies:
+def micro_studies(
+    n: int = 12,
+    size: int = 32,
+    seed: int = 0,
+    *,
+    ct_every: int = 0,
+    volume_shape: tuple[int, int, int] = (8, 16, 16),
+) -> SiteStudies:
+    """`n` studies of random pixels; with `ct_every` k, every k-th one is a CT volume."""
     rng = np.random.default_rng(seed)
     studies, images = [], []
     for i in range(n):
@@ -64,13 +73,22 @@ def micro_studies(n: int = 12, size: int = 32, seed: int = 0) -> SiteStudies:
                 sides=sides,
                 nodule_size_mm=8.0 if labels["nodule"] else None,
                 view="PA",
+                modality="CT" if ct_every and i % ct_every == 0 else "radiograph",
             )
         )
-        images.append(rng.standard_normal((1, size, size)).astype(np.float16))
+        shape = (1, *volume_shape) if studies[-1].modality == "CT" else (1, size, size)
+        images.append(rng.standard_normal(shape).astype(np.float16))
     return SiteStudies(studies, images)
 
 
-def micro_examples(model: RadiologyModel, n: int = 12, seed: int = 0) -> TrainingExamples:
-    return TrainingExamples(
-        micro_studies(n, model.config.image_size, seed), model.tokenizer, model.config, seed=seed
+def micro_examples(
+    model: RadiologyModel, n: int = 12, seed: int = 0, *, ct_every: int = 0
+) -> TrainingExamples:
+    studies = micro_studies(
+        n,
+        model.config.image_size,
+        seed,
+        ct_every=ct_every,
+        volume_shape=model.config.volume_shape,
     )
+    return TrainingExamples(studies, model.tokenizer, model.config, seed=seed)

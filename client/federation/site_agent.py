@@ -39,7 +39,8 @@ from fedrad.client.training.evaluate import EvalConfig, study_outputs
 from fedrad.client.training.private_evaluation import release
 from fedrad.client.training.train import DPConfig, TrainConfig, train_local
 from fedrad.common.model.checkpoint import load_checkpoint, read_metadata
-from fedrad.common.model.preprocess import PreprocessConfig
+from fedrad.common.model.parts import part_metrics
+from fedrad.common.model.preprocess import VOLUME_SHAPE, PreprocessConfig
 from fedrad.common.model.radiology_model import RadiologyModel
 from fedrad.common.privacy.accounting import (
     MechanismStep,
@@ -182,7 +183,9 @@ class SiteUpdate:
 # -- per-process caches ----------------------------------------------------------------------
 
 _MODELS: dict[str, RadiologyModel] = {}
-_STUDIES: OrderedDict[tuple[str, float], tuple[SiteStudies, SiteStudies]] = OrderedDict()
+_STUDIES: OrderedDict[tuple[str, float, tuple[str, ...]], tuple[SiteStudies, SiteStudies]] = (
+    OrderedDict()
+)
 _DECLARED: dict[str, frozenset[str]] = {}
 
 
@@ -207,23 +210,40 @@ def declared_trainable(foundation_dir: Path) -> frozenset[str]:
     return _DECLARED[key]
 
 
-def _manifest(spec: SiteSpec, image_size: int) -> Path:
+def _manifest(
+    spec: SiteSpec, image_size: int, volume_shape: tuple[int, int, int] = VOLUME_SHAPE
+) -> Path:
     if spec.manifest is not None:
         return spec.manifest
     assert spec.data_dir is not None
     return prepared_manifest(
-        spec.data_dir, config=PreprocessConfig(image_size=image_size), cache_dir=spec.cache_dir
+        spec.data_dir,
+        config=PreprocessConfig(image_size=image_size, volume_shape=volume_shape),
+        cache_dir=spec.cache_dir,
     )
 
 
-def site_studies(spec: SiteSpec, image_size: int) -> tuple[SiteStudies, SiteStudies]:
-    """(train, held-out), cached per process for the last few sites served."""
-    manifest = _manifest(spec, image_size)
-    key = (str(manifest.resolve()), spec.held_out_fraction)
+def site_studies(
+    spec: SiteSpec,
+    image_size: int,
+    volume_shape: tuple[int, int, int] = VOLUME_SHAPE,
+    modalities: tuple[str, ...] = ("CT",),
+) -> tuple[SiteStudies, SiteStudies]:
+    """(train, held-out) of the modalities the model reads (radiographs and `modalities`),
+    cached per process for the last few sites served."""
+    manifest = _manifest(spec, image_size, volume_shape)
+    key = (str(manifest.resolve()), spec.held_out_fraction, modalities)
     if key in _STUDIES:
         _STUDIES.move_to_end(key)
         return _STUDIES[key]
-    studies = SiteStudies.from_manifest(manifest)
+    everything = SiteStudies.from_manifest(manifest)
+    studies = everything.of_modalities(modalities)
+    if len(studies) < len(everything):
+        logger.info(
+            "site %s: %d studies of a modality the model does not read are left out",
+            spec.site_id,
+            len(everything) - len(studies),
+        )
     train, held = split_held_out(studies, fraction=spec.held_out_fraction)
     if len(train) == 0:
         raise SiteRefusalError(f"site {spec.site_id} has no training studies")
@@ -447,7 +467,9 @@ def train_site(
     return the update. A round refused for privacy reasons is recorded in the ledger as a
     refusal (spending nothing) and logged before the refusal is raised."""
     model = cached_model(spec.foundation_dir)
-    train, _ = site_studies(spec, model.config.image_size)
+    train, _ = site_studies(
+        spec, model.config.image_size, model.config.volume_shape, model.config.volume_modalities
+    )
     load_global(model, global_arrays)
     ledger = open_ledger(spec, plan)
     n = len(train)
@@ -482,6 +504,7 @@ def train_site(
         max_grad_norm=result.max_grad_norm,
         delta=plan.delta,
         accountant=plan.accountant,  # type: ignore[arg-type]
+        trained=result.parts,
     )
     check_recorded_spend(plan, entry, admitted.target_epsilon, "round")
     epsilon = entry["epsilon"]
@@ -494,6 +517,7 @@ def train_site(
             "steps": float(result.steps),
             "noise_multiplier": float(result.noise_multiplier),
             "sample_rate": float(result.sample_rate),
+            **part_metrics(result.parts),
         },
         ledger_head=ledger_head(ledger),
     )
@@ -566,7 +590,9 @@ def evaluate_site(
     (policy, budget) before any study is read, recorded in the ledger before the reply can
     leave. A refusal is recorded like a training round's and spends nothing."""
     model = cached_model(spec.foundation_dir)
-    _, held = site_studies(spec, model.config.image_size)
+    _, held = site_studies(
+        spec, model.config.image_size, model.config.volume_shape, model.config.volume_modalities
+    )
     if len(held) == 0:
         raise SiteRefusalError(f"site {spec.site_id} has no held-out studies")
     ledger = open_ledger(spec, plan)

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from fedrad.client.ingest.site_data import CachedStudy, load_cached_image, load_manifest
 from fedrad.common.findings import FINDINGS, LATERAL_ORDER, SIDES
 from fedrad.common.grounding import report_target
+from fedrad.common.modality import RADIOGRAPH, modality_code
 from fedrad.common.model.config import ModelConfig
 from fedrad.common.tasks import (
     DETAIL_PROBABILITY,
@@ -34,13 +35,31 @@ REPORT_TASK_PROBABILITY = 0.5
 
 @dataclass(frozen=True)
 class SiteStudies:
-    """Cached studies of one site with their images loaded (small: 128 px float16)."""
+    """Cached studies of one site with their scans loaded (small: a 128 px float16 image or a
+    32 x 64 x 64 float16 volume each)."""
 
     studies: list[CachedStudy]
     images: list[np.ndarray]
 
     def __len__(self) -> int:
         return len(self.studies)
+
+    @property
+    def modalities(self) -> frozenset[str]:
+        return frozenset(s.modality for s in self.studies)
+
+    def of_modalities(self, volume_modalities: tuple[str, ...]) -> SiteStudies:
+        """The radiographs and the volumes of `volume_modalities` (those the model reads): a
+        site's MR studies wait, prepared, for a model that reads MR."""
+        kinds = {RADIOGRAPH, *volume_modalities}
+        return self.subset([i for i, s in enumerate(self.studies) if s.modality in kinds])
+
+    def by_modality(self) -> dict[str, list[int]]:
+        """Row indices per modality, in order: inference batches one kind of scan at a time."""
+        out: dict[str, list[int]] = {}
+        for i, study in enumerate(self.studies):
+            out.setdefault(study.modality, []).append(i)
+        return out
 
     @staticmethod
     def from_manifest(manifest: Path) -> SiteStudies:
@@ -107,8 +126,12 @@ def side_targets(labels: dict[str, int], sides: dict[str, str | None]) -> torch.
 
 
 class TrainingExamples(Dataset):
-    """Tuples (image, input_ids, attention_mask, target_mask, ctx_index, findings, mask,
-    side targets)."""
+    """Tuples (image, volume, modality, input_ids, attention_mask, target_mask, ctx_index,
+    findings, mask, side targets).
+
+    Every row carries both scan slots so a batch can mix radiographs and volumes: the slot of
+    the other kind holds zeros (the model never reads it); a site without volumes carries a
+    1-voxel placeholder rather than a full empty volume."""
 
     def __init__(
         self,
@@ -123,6 +146,19 @@ class TrainingExamples(Dataset):
         self.config = config
         self.rng = random.Random(seed)
         self.length = config.max_prompt_tokens + config.max_target_tokens
+        self.image_shape = (1, config.image_size, config.image_size)
+        has_volumes = any(s.modality != RADIOGRAPH for s in studies.studies)
+        self.volume_shape = (1, *config.volume_shape) if has_volumes else (1, 1, 1, 1)
+        shapes = {
+            img.shape
+            for s, img in zip(studies.studies, studies.images, strict=True)
+            if s.modality != RADIOGRAPH
+        }
+        if shapes - {self.volume_shape}:
+            raise ValueError(
+                f"volumes were prepared at {sorted(shapes)[0][1:]} but the model reads "
+                f"{config.volume_shape}: prepare the site again for this model"
+            )
 
     def __len__(self) -> int:
         return len(self.studies)
@@ -152,10 +188,16 @@ class TrainingExamples(Dataset):
         target_mask = torch.tensor(
             [False] * len(prompt) + [True] * len(target_ids) + [False] * pad, dtype=torch.bool
         )
-        image = torch.from_numpy(self.studies.images[index].astype(np.float32))
+        scan = torch.from_numpy(self.studies.images[index].astype(np.float32))
+        if study.modality == RADIOGRAPH:
+            image, volume = scan, torch.zeros(self.volume_shape)
+        else:
+            image, volume = torch.zeros(self.image_shape), scan
         findings, mask = finding_targets(study.labels)
         return (
             image,
+            volume,
+            torch.tensor(modality_code(study.modality)),
             input_ids,
             attention,
             target_mask,

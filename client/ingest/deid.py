@@ -61,7 +61,41 @@ KEEP_ATTRIBUTES: Final[tuple[str, ...]] = (
     "BurnedInAnnotation",
     "PatientSex",
     "PixelData",
+    # Geometry and phase of CT/MR slices: what orders a series into a volume (series.py) and
+    # tells a second phase or a cine from a stack of slices.
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "SliceLocation",
+    "InstanceNumber",
+    "AcquisitionNumber",
+    "TemporalPositionIndex",
+    "TriggerTime",
+    "DiffusionBValue",
+    "FrameIncrementPointer",
 )
+
+# Enhanced CT/MR objects keep their per-frame and shared geometry, rebuilt from this keep-list:
+# a functional group item keeps only these macros, each macro only these attributes. Anything
+# else in a group (a private tag, a referenced image, a frame comment, an acquisition time) is
+# dropped, as it would be at the top level.
+FUNCTIONAL_GROUPS: Final[tuple[str, ...]] = (
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+)
+GEOMETRY_MACROS: Final[dict[str, tuple[str, ...]]] = {
+    "PlanePositionSequence": ("ImagePositionPatient",),
+    "PlaneOrientationSequence": ("ImageOrientationPatient",),
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices"),
+    "FrameContentSequence": (
+        "StackID",
+        "InStackPositionNumber",
+        "TemporalPositionIndex",
+        "FrameAcquisitionNumber",
+    ),
+    "PixelValueTransformationSequence": ("RescaleIntercept", "RescaleSlope", "RescaleType"),
+}
 
 # UIDs that identify an instance, series, study or frame of reference: replaced, consistently.
 REMAP_UIDS: Final[tuple[str, ...]] = (
@@ -162,6 +196,10 @@ def deidentify_dataset(ds: Dataset, key: PseudonymKey) -> Dataset:
     for keyword in KEEP_ATTRIBUTES:
         if keyword in ds:
             out[keyword] = ds[keyword]
+    for keyword in FUNCTIONAL_GROUPS:
+        groups = ds.get(keyword)
+        if groups:
+            setattr(out, keyword, Sequence([_geometry_only(item) for item in groups]))
     age = _age_value(ds)
     if age is not None:
         out.PatientAge = age
@@ -201,6 +239,25 @@ def deidentify_dataset(ds: Dataset, key: PseudonymKey) -> Dataset:
         meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     out.file_meta = meta
+    return out
+
+
+def _geometry_only(group: Dataset) -> Dataset:
+    """A functional group item rebuilt from GEOMETRY_MACROS; an item left empty stays, so the
+    per-frame sequence still holds one item per frame."""
+    out = Dataset()
+    for macro, attributes in GEOMETRY_MACROS.items():
+        items = group.get(macro)
+        if not items:
+            continue
+        kept = []
+        for item in items:
+            clean = Dataset()
+            for keyword in attributes:
+                if keyword in item:
+                    clean[keyword] = item[keyword]
+            kept.append(clean)
+        setattr(out, macro, Sequence(kept))
     return out
 
 

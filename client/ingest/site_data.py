@@ -8,6 +8,7 @@ raw files again. Nothing here logs a path, a header value or report text.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from fedrad.client.ingest.deid import (
 from fedrad.client.ingest.dicom_io import (
     RADIOGRAPH_MODALITIES,
     READ_ERRORS,
+    DicomFile,
     UnusableError,
     decode_radiograph,
     read_dicom_handle,
@@ -38,6 +40,12 @@ from fedrad.client.ingest.report_export import (
     ReportRow,
     row_problem,
     site_report_rows,
+)
+from fedrad.client.ingest.series import (
+    Frame,
+    assemble_series,
+    is_volume_candidate,
+    read_frames,
 )
 from fedrad.client.ingest.site_files import (
     CACHE_DIRNAME,
@@ -50,7 +58,8 @@ from fedrad.client.ingest.site_files import (
 )
 from fedrad.common.findings import FINDINGS
 from fedrad.common.labeling.labeler import label_report
-from fedrad.common.model.preprocess import PreprocessConfig, preprocess
+from fedrad.common.modality import RADIOGRAPH, VOLUME_MODALITIES
+from fedrad.common.model.preprocess import PreprocessConfig, preprocess, preprocess_volume
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +67,10 @@ NON_IMAGE_FILES: Final[frozenset[str]] = frozenset(
     {REPORTS_FILE, "ground_truth.csv", "cohort.json"}
 )
 FRONTAL_VIEWS: Final[tuple[str, ...]] = ("PA", "AP")
+ACCEPTED_MODALITIES: Final[frozenset[str]] = RADIOGRAPH_MODALITIES | VOLUME_MODALITIES
+"""What a site reads by default: projection radiographs and CT / MR series."""
+SERIES_CPU_SECONDS: Final[int] = 600
+"""CPU time one series may take to read and resample (a 500-slice CT decodes in a minute)."""
 
 
 class SiteDataError(Exception):
@@ -82,6 +95,19 @@ class FileResult:
     sop_uid: str = ""
     phi: PhiValues = field(default_factory=PhiValues.empty)
     image: np.ndarray | None = None
+    frames: list[Frame] | None = None  # a CT/MR file: its frames' geometry (pixels dropped)
+
+
+@dataclass
+class SeriesResult:
+    """What the pool returns for one series: the resampled volume, or why it is not one."""
+
+    key: tuple[str, str]
+    volume: np.ndarray | None = None
+    reason: str | None = None
+    slices: int = 0
+    modality: str = ""
+    set_aside: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,12 +122,16 @@ class Study:
     sides: dict[str, str | None]
     nodule_size_mm: float | None
     view: str
+    modality: str = RADIOGRAPH
+    slices: int = 0  # a volume's slice count (0 for a radiograph)
 
 
 @dataclass
 class SiteScan:
     files_seen: int = 0
     images_decoded: int = 0
+    series_seen: int = 0
+    series_usable: int = 0
     reports_rows: int = 0
     reports_file: bool = True
     studies: list[Study] = field(default_factory=list)
@@ -117,6 +147,11 @@ class SiteScan:
             "reports": self.reports_rows,
             "reports_file": self.reports_file,
             "usable": len(self.studies),
+            "series": {"seen": self.series_seen, "usable": self.series_usable},
+            "usable_by_modality": {
+                m: sum(1 for s in self.studies if s.modality == m)
+                for m in sorted({s.modality for s in self.studies})
+            },
             "labels_present": positives,
             "labels_uncertain": uncertain,
             "skipped": [asdict(s) for s in sorted(self.skipped, key=lambda s: s.path)],
@@ -139,6 +174,9 @@ def _inspect_file(
         with open_site_file(entry) as handle:
             dicom = read_dicom_handle(handle, entry.size)
         ds = dicom.dataset
+        volume_kinds = modalities & VOLUME_MODALITIES
+        if volume_kinds and is_volume_candidate(ds):
+            return _inspect_series_file(result, dicom, volume_kinds)
         image = decode_radiograph(
             dicom, modalities=modalities, on_decoded=lambda: setattr(result, "decoded", True)
         )
@@ -166,6 +204,70 @@ def _inspect_file(
     return result
 
 
+def _inspect_series_file(
+    result: FileResult, dicom: DicomFile, modalities: frozenset[str]
+) -> FileResult:
+    """A CT/MR file: its frames are read (so an undecodable one is found now) and only their
+    geometry kept; the series is assembled once all its files are known."""
+    frames = read_frames(dicom, rel_path=result.rel_path, modalities=modalities)
+    result.decoded = True
+    ds = dicom.dataset
+    try:
+        result.accession = str(ds.get("AccessionNumber", "") or "").strip()
+        result.sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+        result.phi = collect_phi(ds)
+    except READ_ERRORS as exc:
+        raise UnusableError(f"malformed header ({type(exc).__name__})") from exc
+    if not result.accession:
+        raise UnusableError("no AccessionNumber in header (cannot join to a report)")
+    empty = np.zeros((0, 0), dtype=np.float32)
+    result.frames = [dataclasses.replace(f, pixels=empty) for f in frames]
+    return result
+
+
+def _read_series(
+    job: tuple[tuple[str, str], list[SiteFile], PreprocessConfig | None, frozenset[str]],
+) -> SeriesResult:
+    """Runs in a worker process: reads every file of one series, assembles the volume (the
+    geometry checks of `series.py`) and resamples it to the model's grid."""
+    key, entries, config, modalities = job
+    result = SeriesResult(key=key)
+    try:
+        frames: list[Frame] = []
+        for entry in entries:
+            with open_site_file(entry) as handle:
+                dicom = read_dicom_handle(handle, entry.size)
+            frames.extend(read_frames(dicom, rel_path=entry.rel_path, modalities=modalities))
+        volume = assemble_series(frames)
+        result.slices = int(volume.voxels.shape[0])
+        result.modality = volume.modality
+        result.set_aside = volume.set_aside
+        if config is not None:
+            try:
+                tensor = preprocess_volume(
+                    volume.voxels, volume.orientation, volume.modality, config
+                )
+            except ValueError as exc:
+                raise UnusableError(str(exc)) from exc
+            result.volume = tensor.numpy().astype(np.float16)
+    except (UnusableError, RefusedFileError) as exc:
+        result.reason = str(exc)
+    except MemoryError:
+        result.reason = "reading it needs more memory than a series may use (worker memory limit)"
+    except Exception as exc:
+        logger.warning(
+            "a series could not be read: %s (a fedrad bug; reported)", type(exc).__name__
+        )
+        result.reason = f"could not be read ({type(exc).__name__} in fedrad; please report it)"
+    return result
+
+
+def _series_crashed(
+    job: tuple[tuple[str, str], list[SiteFile], PreprocessConfig | None, frozenset[str]],
+) -> SeriesResult:
+    return SeriesResult(key=job[0], reason=WORKER_ENDED)
+
+
 def _inspect_star(args: tuple[SiteFile, frozenset[str], PreprocessConfig | None]) -> FileResult:
     return _inspect_file(*args)
 
@@ -184,6 +286,64 @@ def _pick_image(candidates: list[FileResult]) -> FileResult:
             if cand.view == view:
                 return cand
     return candidates[0]
+
+
+def _assemble_reported_series(
+    series_files: dict[tuple[str, str], list[FileResult]],
+    reports: dict[str, ReportRow],
+    listing: SiteListing,
+    config: PreprocessConfig | None,
+    modalities: frozenset[str],
+    workers: int,
+    scan: SiteScan,
+) -> dict[tuple[str, str], SeriesResult]:
+    """Every series of a study with a report, read whole in a worker (the volume, or why it
+    is not one); series of studies without a report are not read again."""
+    entries = {entry.rel_path: entry for entry in listing.files}
+    jobs = []
+    for key, files in sorted(series_files.items()):
+        if not any(f.accession in reports for f in files):
+            continue
+        paths = sorted({f.rel_path for f in files})
+        jobs.append((key, [entries[p] for p in paths], config, modalities & VOLUME_MODALITIES))
+    results = map_isolated(
+        _read_series,
+        jobs,
+        workers=workers or min(os.cpu_count() or 1, 8),
+        on_crash=_series_crashed,
+        cpu_seconds=SERIES_CPU_SECONDS,
+    )
+    out = {result.key: result for result in results}
+    scan.series_usable = sum(1 for r in results if r.reason is None)
+    return out
+
+
+def _pick_series(
+    accession: str,
+    volumes: dict[tuple[str, str], SeriesResult],
+    series_files: dict[tuple[str, str], list[FileResult]],
+) -> tuple[str, str] | None:
+    """The study's usable series with the most slices (the thinnest reconstruction)."""
+    usable = [
+        key
+        for key, result in volumes.items()
+        if result.reason is None and any(f.accession == accession for f in series_files[key])
+    ]
+    return max(usable, key=lambda k: (volumes[k].slices, k), default=None)
+
+
+def _series_failed(cand: FileResult, volumes: dict[tuple[str, str], SeriesResult]) -> bool:
+    keys = {(f.study_uid, f.series_uid) for f in cand.frames or ()}
+    return any(k in volumes and volumes[k].reason is not None for k in keys)
+
+
+def _series_reason(cand: FileResult, volumes: dict[tuple[str, str], SeriesResult]) -> str:
+    """Why a file of a study's series was not used: its series' own refusal."""
+    for frame_key in {(f.study_uid, f.series_uid) for f in cand.frames or ()}:
+        result = volumes.get(frame_key)
+        if result is not None and result.reason is not None:
+            return f"series not used: {result.reason}"
+    return "series not used"
 
 
 def _reports_entry(data_dir: Path) -> tuple[SiteFile | None, Skipped | None]:
@@ -214,7 +374,7 @@ def _report_rows(entry: SiteFile) -> Iterator[ReportRow]:
 def scan_site(
     data_dir: Path,
     *,
-    modalities: frozenset[str] = RADIOGRAPH_MODALITIES,
+    modalities: frozenset[str] = ACCEPTED_MODALITIES,
     config: PreprocessConfig | None = None,
     workers: int = 0,
     progress: Callable[[int], None] | None = None,
@@ -253,11 +413,15 @@ def scan_site(
         scan.skipped.append(reports_refused)
     scan.images_decoded = sum(r.decoded for r in results)
     by_accession: dict[str, list[FileResult]] = {}
+    series_files: dict[tuple[str, str], list[FileResult]] = {}
     for res in results:
         if res.reason is not None:
             scan.skipped.append(Skipped(res.rel_path, res.reason))
         else:
             by_accession.setdefault(res.accession, []).append(res)
+            for frame_key in {(f.study_uid, f.series_uid) for f in res.frames or ()}:
+                series_files.setdefault(frame_key, []).append(res)
+    scan.series_seen = len(series_files)
 
     report_by_accession: dict[str, ReportRow] = {}
     seen: set[str] = set()
@@ -282,6 +446,9 @@ def scan_site(
         except RefusedFileError as exc:
             raise SiteDataError(f"{REPORTS_FILE}: {exc}") from exc
 
+    volumes = _assemble_reported_series(
+        series_files, report_by_accession, listing, config, modalities, workers, scan
+    )
     images: dict[str, np.ndarray] = {}
     for accession, candidates in by_accession.items():
         row = report_by_accession.get(accession)
@@ -289,12 +456,41 @@ def scan_site(
             for cand in candidates:
                 scan.skipped.append(Skipped(cand.rel_path, no_report_reason))
             continue
-        chosen = _pick_image(candidates)
-        for cand in candidates:
-            if cand is not chosen:
-                scan.skipped.append(
-                    Skipped(cand.rel_path, "additional image of a study (one frontal view is used)")
-                )
+        chosen_series = _pick_series(accession, volumes, series_files)
+        volume_files = {c.rel_path for c in candidates if c.frames}
+        if chosen_series is not None:
+            series = volumes[chosen_series]
+            used = {r.rel_path for r in series_files[chosen_series]}
+            aside = dict(series.set_aside)
+            for cand in candidates:
+                if cand.rel_path in aside:
+                    scan.skipped.append(Skipped(cand.rel_path, aside[cand.rel_path]))
+                elif cand.rel_path not in used and _series_failed(cand, volumes):
+                    scan.skipped.append(Skipped(cand.rel_path, _series_reason(cand, volumes)))
+                elif cand.rel_path not in used:
+                    scan.skipped.append(
+                        Skipped(cand.rel_path, "another image or series of a study (one is used)")
+                    )
+            chosen_path = min(used - set(aside)) if used - set(aside) else min(used)
+            view, modality, slices = "", series.modality, series.slices
+            image = series.volume
+        else:
+            radiographs = [c for c in candidates if c.rel_path not in volume_files]
+            for cand in candidates:
+                if cand.rel_path in volume_files:
+                    scan.skipped.append(Skipped(cand.rel_path, _series_reason(cand, volumes)))
+            if not radiographs:
+                continue
+            chosen = _pick_image(radiographs)
+            for cand in radiographs:
+                if cand is not chosen:
+                    scan.skipped.append(
+                        Skipped(
+                            cand.rel_path, "additional image of a study (one frontal view is used)"
+                        )
+                    )
+            chosen_path, view, modality, slices = chosen.rel_path, chosen.view, RADIOGRAPH, 0
+            image = chosen.image
         phi = PhiValues.empty()
         for cand in candidates:
             phi = phi.merge(cand.phi)
@@ -303,17 +499,19 @@ def scan_site(
         scan.studies.append(
             Study(
                 accession=accession,
-                image_path=chosen.rel_path,
+                image_path=chosen_path,
                 report=report,
                 indication=scrub_text(row.indication, phi),
                 labels=dict(labels.labels),
                 sides=dict(labels.sides),
                 nodule_size_mm=labels.nodule_size_mm,
-                view=chosen.view,
+                view=view,
+                modality=modality,
+                slices=slices,
             )
         )
-        if chosen.image is not None:
-            images[chosen.rel_path] = chosen.image
+        if image is not None:
+            images[chosen_path] = image
     scan.studies.sort(key=lambda s: s.image_path)
     logger.info(
         "site scan: %d files, %d decoded, %d usable studies, %d skipped",
@@ -341,6 +539,7 @@ class CachedStudy:
     sides: dict[str, str | None]
     nodule_size_mm: float | None
     view: str
+    modality: str = RADIOGRAPH  # manifests written before volumes hold radiographs only
 
 
 def default_cache_dir(data_dir: Path) -> Path:
@@ -393,7 +592,7 @@ def prepare_site(
     cache_dir: Path,
     *,
     config: PreprocessConfig,
-    modalities: frozenset[str] = RADIOGRAPH_MODALITIES,
+    modalities: frozenset[str] = ACCEPTED_MODALITIES,
     workers: int = 0,
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
@@ -429,6 +628,7 @@ def prepare_site(
                 sides=study.sides,
                 nodule_size_mm=study.nodule_size_mm,
                 view=study.view,
+                modality=study.modality,
             )
         )
     manifest = {

@@ -1,7 +1,9 @@
 """One scan in, a report, finding probabilities and an answer out: the site's inference path.
 
 The scan goes through exactly the steps training data went through: decode, header checks,
-keep-list de-identification, display conversion, MONAI preprocessing at the model's size.
+keep-list de-identification, display conversion, MONAI preprocessing at the model's size. A
+scan is a radiograph (one file) or a volume: a CT or MR series (a directory of files, or one
+multi-frame file), assembled and checked as ingestion does (`client/ingest/series.py`).
 """
 
 from __future__ import annotations
@@ -18,17 +20,28 @@ from fedrad.client.ingest.decode_pool import WORKER_ENDED, map_isolated
 from fedrad.client.ingest.deid import PseudonymKey, deidentify_dataset
 from fedrad.client.ingest.dicom_io import (
     RADIOGRAPH_MODALITIES,
+    DicomFile,
     UnusableError,
     decode_pixels,
     decode_radiograph,
     read_dicom,
+    read_dicom_handle,
     to_display,
 )
+from fedrad.client.ingest.series import (
+    Frame,
+    assemble_series,
+    group_series,
+    is_volume_candidate,
+    read_frames,
+)
+from fedrad.client.ingest.site_files import RefusedFileError, open_site_file, walk_site
 from fedrad.client.reading.consistency import answer_notes, report_notes
 from fedrad.common.findings import FINDINGS
 from fedrad.common.grounding import CANDIDATES, ground_answer, ground_report, needs_language_model
 from fedrad.common.labeling.labeler import label_report
-from fedrad.common.model.preprocess import PreprocessConfig, preprocess
+from fedrad.common.model.config import ModelConfig
+from fedrad.common.model.preprocess import PreprocessConfig, preprocess, preprocess_volume
 from fedrad.common.model.radiology_model import RadiologyModel
 from fedrad.common.tasks import (
     Thresholds,
@@ -83,6 +96,118 @@ def _scan_pixels(job: tuple[Path, int, frozenset[str]]) -> np.ndarray | str:
 
 
 def _scan_crashed(job: tuple[Path, int, frozenset[str]]) -> str:
+    return WORKER_ENDED
+
+
+VOLUME_CPU_SECONDS = 600  # one series read, assembled and resampled in a worker
+
+
+@dataclass(frozen=True)
+class VolumeScan:
+    """The model input from a series, and what was read to make it (no header values)."""
+
+    tensor: torch.Tensor  # (1, 1, D, H, W)
+    modality: str
+    slices: int
+    series_found: int  # series in the directory (the one with most slices is read)
+    set_aside: int  # files or frames left out of the volume (localizers), with reasons logged
+
+
+def is_volume_path(path: Path) -> bool:
+    """A directory (a series or a study), or one file whose header says CT or MR."""
+    if path.is_dir():
+        return True
+    try:
+        return is_volume_candidate(read_dicom(path).dataset)
+    except UnusableError:
+        return False
+
+
+def volume_scan(path: Path, config: ModelConfig, *, modalities: frozenset[str]) -> VolumeScan:
+    """The (1, 1, D, H, W) input from a series directory or a multi-frame file, read in a
+    worker under the ingestion limits; UnusableError with the reason when no series in it is
+    one clean volume of a modality the model reads."""
+    [result] = map_isolated(
+        _volume_job,
+        [(path, config.volume_shape, modalities)],
+        workers=1,
+        on_crash=_volume_crashed,
+        cpu_seconds=VOLUME_CPU_SECONDS,
+    )
+    if isinstance(result, str):
+        raise UnusableError(result)
+    array, modality, slices, found, aside = result
+    readable = set(config.volume_modalities)
+    if modality not in readable:
+        raise UnusableError(
+            f"a {modality} volume: this model was not trained on {modality} (it reads "
+            f"radiographs and {', '.join(sorted(readable))} volumes)"
+        )
+    return VolumeScan(torch.from_numpy(array).unsqueeze(0), modality, slices, found, aside)
+
+
+def _volume_job(
+    job: tuple[Path, tuple[int, int, int], frozenset[str]],
+) -> tuple[np.ndarray, str, int, int, int] | str:
+    """Runs in the worker: every CT/MR file under `path` read from its de-identified header
+    (an ephemeral key: nothing the keep-list drops reaches the model), grouped into series;
+    the series with the most slices that assembles cleanly is resampled."""
+    path, shape, modalities = job
+    try:
+        key = PseudonymKey(secrets.token_bytes(32))
+        frames: list[Frame] = []
+        refused: list[str] = []
+        entries = walk_site(path, skip_names=frozenset()).files if path.is_dir() else None
+        sources = [(e.rel_path, e) for e in entries] if entries is not None else [(path.name, None)]
+        for rel, entry in sources:
+            try:
+                if entry is None:
+                    dicom = read_dicom(path)
+                else:
+                    with open_site_file(entry) as handle:
+                        dicom = read_dicom_handle(handle, entry.size)
+                if not is_volume_candidate(dicom.dataset):
+                    refused.append("not a CT or MR image")
+                    continue
+                clean = deidentify_dataset(dicom.dataset, key)
+                clean_file = DicomFile(clean, dicom.transfer_syntax)
+                frames.extend(read_frames(clean_file, rel_path=rel, modalities=modalities))
+            except (UnusableError, RefusedFileError) as exc:
+                refused.append(str(exc))
+        if not frames:
+            why = f" ({refused[0]})" if refused else ""
+            return f"no CT or MR image to read{why}"
+        groups = group_series(frames)
+        reasons = []
+        for _, series in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            try:
+                volume = assemble_series(series)
+            except UnusableError as exc:
+                reasons.append(str(exc))
+                continue
+            try:
+                tensor = preprocess_volume(
+                    volume.voxels,
+                    volume.orientation,
+                    volume.modality,
+                    PreprocessConfig(volume_shape=shape),
+                )
+            except ValueError as exc:
+                reasons.append(str(exc))
+                continue
+            return (
+                tensor.numpy(),
+                volume.modality,
+                int(volume.voxels.shape[0]),
+                len(groups),
+                len(volume.set_aside),
+            )
+        return "no series is one clean volume: " + "; ".join(dict.fromkeys(reasons))
+    except UnusableError as exc:
+        return str(exc)
+
+
+def _volume_crashed(job: tuple[Path, tuple[int, int, int], frozenset[str]]) -> str:
     return WORKER_ENDED
 
 

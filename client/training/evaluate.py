@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -59,8 +61,23 @@ class EvalConfig:
     max_new_tokens: int | None = None  # default: the model's max_target_tokens
 
 
-def _images(studies: SiteStudies, idx: list[int]) -> torch.Tensor:
-    return torch.from_numpy(np.stack([studies.images[i] for i in idx]).astype(np.float32))
+T = TypeVar("T")
+
+
+def by_scan_kind(
+    studies: SiteStudies, idx: list[int], run: Callable[[torch.Tensor, list[int]], list[T]]
+) -> list[T]:
+    """`run(scans, positions)` over the rows of `idx` one kind of scan at a time (radiographs
+    and volumes do not stack), its per-row results put back in `idx` order."""
+    out: list[T | None] = [None] * len(idx)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, i in enumerate(idx):
+        groups.setdefault(studies.images[i].shape, []).append(k)
+    for positions in groups.values():
+        scans = np.stack([studies.images[idx[k]] for k in positions]).astype(np.float32)
+        for k, value in zip(positions, run(torch.from_numpy(scans), positions), strict=True):
+            out[k] = value
+    return out  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -102,9 +119,15 @@ def study_outputs(model: RadiologyModel, studies: SiteStudies, config: EvalConfi
     for lo in range(0, n, config.batch_size):
         idx = list(range(lo, min(n, lo + config.batch_size)))
         contexts = [encode_context(tok, studies.studies[i].indication, limit) for i in idx]
-        presence, by_side = model.diagnose(_images(studies, idx), contexts)
-        probs.append(presence.numpy())
-        side_probs.append(by_side.numpy())
+        rows = by_scan_kind(
+            studies,
+            idx,
+            lambda scans, pos, contexts=contexts: list(
+                zip(*model.diagnose(scans, [contexts[k] for k in pos]), strict=True)
+            ),
+        )
+        probs.append(np.stack([p.numpy() for p, _ in rows]))
+        side_probs.append(np.stack([s.numpy() for _, s in rows]))
     probabilities = np.concatenate(probs)
     labels = np.array([[s.labels[f] for f in FINDINGS] for s in studies.studies])
     per_study = [dict(zip(FINDINGS, map(float, row), strict=True)) for row in probabilities]
@@ -126,12 +149,16 @@ def study_outputs(model: RadiologyModel, studies: SiteStudies, config: EvalConfi
             )[0]
             for i in idx
         ]
-        rows = model.generate_candidates(
-            _images(studies, idx),
-            prompts,
-            max_new_tokens=max_new,
-            candidates=config.candidates,
-            num_beams=config.num_beams,
+        rows = by_scan_kind(
+            studies,
+            idx,
+            lambda scans, pos, prompts=prompts: model.generate_candidates(
+                scans,
+                [prompts[k] for k in pos],
+                max_new_tokens=max_new,
+                candidates=config.candidates,
+                num_beams=config.num_beams,
+            ),
         )
         for i, candidates in zip(idx, rows, strict=True):
             grounded.append(ground_report(candidates, decided[i], sides[i]))
@@ -164,8 +191,12 @@ def study_outputs(model: RadiologyModel, studies: SiteStudies, config: EvalConfi
             )[0]
             for i, qa in chunk
         ]
-        said = model.generate(
-            _images(studies, [i for i, _ in chunk]), prompts, max_new_tokens=8, num_beams=1
+        said = by_scan_kind(
+            studies,
+            [i for i, _ in chunk],
+            lambda scans, pos, prompts=prompts: model.generate(
+                scans, [prompts[k] for k in pos], max_new_tokens=8, num_beams=1
+            ),
         )
         model_answers.update({(i, qa.question): a for (i, qa), a in zip(chunk, said, strict=True)})
     answers = [

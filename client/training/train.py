@@ -12,6 +12,7 @@ carried as an opaque number.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader
 from fedrad.client.ingest.dataset import TrainingExamples
 from fedrad.client.training.private_sgd import SiteNoiseDPOptimizer, poisson_loader
 from fedrad.common.devices import Precision, autocast, select_device
+from fedrad.common.model.parts import parts_reached, training_only
 from fedrad.common.model.radiology_model import RadiologyModel
 from fedrad.common.privacy.accounting import (
     AccountantName,
@@ -106,13 +108,22 @@ class TrainResult:
     seconds: float
     losses: list[float] = field(default_factory=list)
     accountant: str | None = None
+    parts: frozenset[str] = frozenset()  # the modality parts trained (`common/model/parts.py`)
 
 
 def _trim(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Drops padding columns beyond the longest example (right-padded): same loss, less work."""
-    images, ids, attention, target_mask, *rest = batch
+    images, volumes, modality, ids, attention, target_mask, *rest = batch
     length = max(int(attention.sum(dim=1).max()), 1)
-    return (images, ids[:, :length], attention[:, :length], target_mask[:, :length], *rest)
+    return (
+        images,
+        volumes,
+        modality,
+        ids[:, :length],
+        attention[:, :length],
+        target_mask[:, :length],
+        *rest,
+    )
 
 
 def train_local(
@@ -126,10 +137,26 @@ def train_local(
 ) -> TrainResult:
     """Trains the model's trainable parameters in place and returns what was spent.
 
+    Only the shared part and the projectors of the modalities in `examples` train: another
+    modality's projector gets neither gradient nor noise and comes back unchanged.
     `randomness` draws the DP sampling and noise; None means a fresh CSPRNG-keyed one.
     """
     if len(examples) == 0:
         raise ValueError("no training examples")
+    reached = parts_reached(examples.studies.modalities)
+    with training_only(model, reached):
+        result = _train_parts(model, examples, train, dp, randomness, progress)
+    return dataclasses.replace(result, parts=reached)
+
+
+def _train_parts(
+    model: RadiologyModel,
+    examples: TrainingExamples,
+    train: TrainConfig,
+    dp: DPConfig,
+    randomness: MechanismRandomness | None,
+    progress: Callable[[int, float], None] | None,
+) -> TrainResult:
     if train.threads:
         torch.set_num_threads(train.threads)
     torch.manual_seed(train.seed)  # dropout and task prompts: public, reproducible

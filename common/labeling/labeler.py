@@ -267,12 +267,20 @@ def label_report(text: str) -> ReportLabels:
         label = _aggregate(m.status for m in chosen)
         labels[finding] = label
         kept = [m for m in chosen if m.status != ABSENT] if label != ABSENT else []
+        # an impression that repeats a finding in short ("Right upper lobe nodule.") keeps
+        # the body's detail (size, side) where it states none of its own
+        body = [m for m in by_kind["findings"].get(finding, []) if m.status != ABSENT]
         side_words: set[str] = set()
         for m in kept:
             side_words |= m.sides
+        if not side_words and kept:
+            for m in body:
+                side_words |= m.sides
         sides[finding] = _side_of(side_words) if finding in LATERAL_FINDINGS else None
         if finding == "nodule":
             all_sizes = [mm for m in kept for mm in m.sizes_mm]
+            if not all_sizes and kept:
+                all_sizes = [mm for m in body for mm in m.sizes_mm]
             nodule_size = max(all_sizes) if all_sizes else None
     return ReportLabels(labels=labels, sides=sides, nodule_size_mm=nodule_size)
 

@@ -7,6 +7,7 @@ directory's `config.json` rebuilds exactly the same modules.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,11 @@ class ModelConfig:
     norm_groups: int = 8  # GroupNorm groups (Opacus forbids BatchNorm)
     freeze_encoder: bool = False  # True once pretrained on public images: DP trains the rest
     prefix_grid: int = 4  # the feature map is pooled to grid x grid visual prefix tokens
+    # Volumes (CT, and MR where listed) go through a 3-D encoder of the same widths and
+    # strides, frozen after public pretraining, and their own projector to the same number of
+    # prefix tokens: (slices, rows, columns) of the resampled volume.
+    volume_shape: tuple[int, int, int] = (32, 64, 64)
+    volume_modalities: tuple[str, ...] = ("CT",)  # volume modalities this model was built for
     # Where the causal LM comes from: "config" = GPT-2 built from the lm_* fields below and
     # trained on public text (foundation); "package" = pretrained weights shipped inside an
     # installed Python package (never imported); "path" = a local Hugging Face causal-LM
@@ -63,6 +69,13 @@ class ModelConfig:
                 f"prefix + prompt + target = {budget} tokens exceeds max_positions "
                 f"{self.max_positions}"
             )
+        if self.num_prefix_tokens % 4 or len(self.volume_shape) != 3:
+            raise ValueError("volume prefix tokens need prefix_grid even and a 3-D volume_shape")
+        steps = math.prod(self.encoder_strides)
+        if any(side < steps for side in self.volume_shape):
+            raise ValueError(f"every volume_shape side must be >= {steps} (the encoder's stride)")
+        if not set(self.volume_modalities) <= {"CT", "MR"}:
+            raise ValueError("volume_modalities may name CT and MR")
         for value in (self.image_size, self.lora_rank, self.vocab_size):
             if value <= 0:
                 raise ValueError("sizes must be positive")

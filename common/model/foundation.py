@@ -33,6 +33,7 @@ from fedrad.common.model.checkpoint import build_model
 from fedrad.common.model.config import ModelConfig
 from fedrad.common.model.language_model import add_lora, build_from_config, load_pretrained
 from fedrad.common.model.public_images import PUBLIC_SEED_NAMESPACE, EncoderRecipe, pretrain_encoder
+from fedrad.common.model.public_volumes import VolumeRecipe, pretrain_volume_encoder
 from fedrad.common.model.radiology_model import RadiologyModel
 from fedrad.common.model.tokenizer import load_tokenizer, train_tokenizer
 from fedrad.common.stage_progress import stage_reporter
@@ -64,6 +65,10 @@ class FoundationRecipe:
     base_lm_steps: int = 120  # 0 = LoRA starts at zero (the base LM as shipped)
     base_lm_batch_size: int = 16
     base_lm_lr: float = 5e-3
+    # The volume (CT) encoder, pretrained on public chest CTs drawn from the real anatomy the
+    # generator ships with (`public_volumes.py`); 0 steps = a random volume encoder, frozen.
+    public_volumes: int = 480
+    volume_steps: int = 400
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.encoder_steps < 0 or self.public_images < 20:
@@ -73,6 +78,9 @@ class FoundationRecipe:
 
     def encoder_recipe(self) -> EncoderRecipe:
         return EncoderRecipe(images=self.public_images, steps=self.encoder_steps, seed=self.seed)
+
+    def volume_recipe(self) -> VolumeRecipe:
+        return VolumeRecipe(volumes=self.public_volumes, steps=self.volume_steps, seed=self.seed)
 
 
 def public_reports(n: int, seed: int) -> list[tuple[str, str]]:
@@ -218,7 +226,8 @@ def _lm_recipe(recipe: FoundationRecipe) -> dict[str, object]:
     return {
         k: v
         for k, v in fields.items()
-        if k not in ("public_images", "encoder_steps") and not k.startswith("base_lm_")
+        if k not in ("public_images", "encoder_steps", "public_volumes", "volume_steps")
+        and not k.startswith("base_lm_")
     }
 
 
@@ -413,15 +422,56 @@ def build_foundation_encoder(
         drawing=stage_reporter("public images drawn (once, cached)", recipe.images),
         progress=stage_reporter("public image encoder (once, cached)", recipe.steps),
     )
+    _publish_encoder(directory, encoder, recipe, ENCODER_VERSION, measured)
+    return directory
+
+
+def _publish_encoder(
+    directory: Path, encoder: nn.Module, recipe: object, version: int, measured: dict[str, object]
+) -> None:
+    """A pretrained public encoder's cache entry: its weights and what it measured."""
     with publish_once(directory) as tmp:
         state = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
         save_file(state, str(tmp / "encoder.safetensors"))
-        (tmp / "fedrad_encoder.json").write_text(
-            json.dumps(
-                {"recipe": dataclasses.asdict(recipe), "version": ENCODER_VERSION, **measured},
-                indent=1,
-            )
-        )
+        info = {"recipe": dataclasses.asdict(recipe), "version": version, **measured}  # type: ignore[call-overload]
+        (tmp / "fedrad_encoder.json").write_text(json.dumps(info, indent=1))
+
+
+VOLUME_ENCODER_VERSION = 1  # bump when the public volume set or its pretraining changes
+
+
+def volume_encoder_key(config: ModelConfig, recipe: VolumeRecipe) -> str:
+    fields = {name: getattr(config, name) for name in ENCODER_FIELDS if name != "image_size"}
+    fields["volume_shape"] = list(config.volume_shape)
+    fields["norm_groups"] = config.norm_groups
+    fields["tokens"] = config.num_prefix_tokens
+    blob = json.dumps(
+        {
+            "encoder": fields,
+            "recipe": dataclasses.asdict(recipe),
+            "v": VOLUME_ENCODER_VERSION,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_foundation_volume_encoder(
+    config: ModelConfig, recipe: VolumeRecipe, *, cache_root: Path | None = None
+) -> Path:
+    """A directory with the public volume encoder's weights and what it measured (cached)."""
+    key = volume_encoder_key(config, recipe)
+    directory = (cache_root or default_cache_root()) / f"volume-encoder-{key}"
+    if (directory / "fedrad_encoder.json").is_file():
+        return directory
+    logger.info("pretraining the volume encoder on %d public chest CTs (once)", recipe.volumes)
+    encoder, measured = pretrain_volume_encoder(
+        config,
+        recipe,
+        drawing=stage_reporter("public CT volumes drawn (once, cached)", recipe.volumes),
+        progress=stage_reporter("public volume encoder (once, cached)", recipe.steps),
+    )
+    _publish_encoder(directory, encoder, recipe, VOLUME_ENCODER_VERSION, measured)
     return directory
 
 
@@ -451,6 +501,17 @@ def build_foundation(
             "public_encoder_held_out_auroc": measured.get("held_out_macro_auroc"),
         }
         config = dataclasses.replace(config, freeze_encoder=True, extra={**config.extra, **note})
+    volume_dir = None
+    if recipe.volume_steps:
+        volume_dir = build_foundation_volume_encoder(
+            config, recipe.volume_recipe(), cache_root=cache_root
+        )
+        measured = json.loads((volume_dir / "fedrad_encoder.json").read_text())
+        note = {
+            "public_volume_encoder": volume_dir.name,
+            "public_volume_encoder_held_out_auroc": measured.get("held_out_macro_auroc"),
+        }
+        config = dataclasses.replace(config, extra={**config.extra, **note})
     if config.pretrained_lm:
         torch.manual_seed(seed)
         model = build_model(config)
@@ -463,4 +524,6 @@ def build_foundation(
         model = RadiologyModel(config, add_lora(lm, config), tokenizer)
     if encoder_dir is not None:
         model.encoder.load_state_dict(load_file(str(encoder_dir / "encoder.safetensors")))
+    if volume_dir is not None:
+        model.volume_encoder.load_state_dict(load_file(str(volume_dir / "encoder.safetensors")))
     return model, directory

@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,24 +113,36 @@ def draw_public_images(
         (i, recipe.seed, recipe.render_size, recipe.finding_rate, image_size)
         for i in range(recipe.images)
     ]
+    return draw_labelled(_draw, tasks, workers=workers, progress=progress, chunksize=32)
+
+
+def draw_labelled(
+    draw: Callable[[Any], tuple[np.ndarray, np.ndarray]],
+    tasks: list[Any],
+    *,
+    workers: int | None,
+    progress: Callable[[int], None] | None,
+    chunksize: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draw` over `tasks` in worker processes, in task order: the stacked scans and labels."""
     workers = max(1, workers or (os.cpu_count() or 1))
     drawn: list[tuple[np.ndarray, np.ndarray]] = []
     with contextlib.ExitStack() as stack:
         if workers == 1:
-            results: Iterator[tuple[np.ndarray, np.ndarray]] = map(_draw, tasks)
+            results: Iterator[tuple[np.ndarray, np.ndarray]] = map(draw, tasks)
         else:
             # spawn, not fork: the parent already holds torch's OpenMP threads (fork deadlocks)
             pool = stack.enter_context(
                 ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
             )
-            results = pool.map(_draw, tasks, chunksize=32)
+            results = pool.map(draw, tasks, chunksize=chunksize)
         for item in results:
             drawn.append(item)
             if progress is not None:
                 progress(len(drawn))
-    images = torch.from_numpy(np.stack([d[0] for d in drawn]))
+    scans = torch.from_numpy(np.stack([d[0] for d in drawn]))
     labels = torch.from_numpy(np.stack([d[1] for d in drawn]))
-    return images, labels
+    return scans, labels
 
 
 def pretrain_encoder(
@@ -145,27 +158,56 @@ def pretrain_encoder(
         recipe, config.image_size, workers=workers, progress=drawing
     )
     n_held = max(1, int(len(images) * recipe.held_out_fraction))
-    train_x, train_y = images[n_held:], labels[n_held:]
-    held_x, held_y = images[:n_held], labels[:n_held]
     torch.manual_seed(recipe.seed)
     encoder = ImageEncoder(config)
-    probe = nn.Linear(encoder.pooled_channels, len(FINDINGS))
+    measured = train_with_probe(
+        encoder,
+        (images[n_held:], labels[n_held:]),
+        (images[:n_held], labels[:n_held]),
+        steps=recipe.steps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        seed=recipe.seed,
+        progress=progress,
+    )
+    logger.info("public encoder: held-out macro AUROC %s", measured["held_out_macro_auroc"])
+    return encoder, {"held_out_images": n_held, **measured}
+
+
+def train_with_probe(
+    encoder: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    held: tuple[torch.Tensor, torch.Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: Callable[[int], None] | None = None,
+    eval_batch: int = 32,
+) -> dict[str, object]:
+    """Supervised pretraining of an encoder (2-D or 3-D) through a linear probe on its pooled
+    features (BCE on the six findings, warm-up then cosine decay); returns the loss and the
+    probe's per-finding AUROC on the held-out part. Leaves the encoder in eval mode."""
+    train_x, train_y = train
+    held_x, held_y = held
+    probe = nn.Linear(encoder.pooled_channels, len(FINDINGS))  # type: ignore[arg-type]
     params = list(encoder.parameters()) + list(probe.parameters())
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-4)
-    warmup = max(1, recipe.steps // 20)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    warmup = max(1, steps // 20)
 
     def factor(step: int) -> float:  # linear warm-up, then cosine decay to 2%
         if step < warmup:
             return (step + 1) / warmup
-        frac = (step - warmup) / max(1, recipe.steps - warmup)
+        frac = (step - warmup) / max(1, steps - warmup)
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    order = torch.Generator().manual_seed(recipe.seed)
+    order = torch.Generator().manual_seed(seed)
     encoder.train()
     losses = []
-    for step in range(recipe.steps):
-        idx = torch.randint(0, len(train_x), (recipe.batch_size,), generator=order)
+    for step in range(steps):
+        idx = torch.randint(0, len(train_x), (batch_size,), generator=order)
         _, pooled = encoder(train_x[idx].float())
         loss = F.binary_cross_entropy_with_logits(probe(pooled), train_y[idx])
         optimizer.zero_grad(set_to_none=True)
@@ -177,14 +219,11 @@ def pretrain_encoder(
             progress(step + 1)
     encoder.eval()
     with torch.no_grad():
-        chunks = [held_x[i : i + 64].float() for i in range(0, n_held, 64)]
+        chunks = [held_x[i : i + eval_batch].float() for i in range(0, len(held_x), eval_batch)]
         scores = torch.cat([torch.sigmoid(probe(encoder(x)[1])) for x in chunks])
     per_finding = finding_auroc(scores.numpy(), held_y.numpy())
-    measured = {
+    return {
         "pretrain_loss": {"first": losses[0], "last": float(np.mean(losses[-20:]))},
-        "held_out_images": n_held,
         "held_out_auroc": per_finding,
         "held_out_macro_auroc": macro(per_finding),
     }
-    logger.info("public encoder: held-out macro AUROC %s", measured["held_out_macro_auroc"])
-    return encoder, measured

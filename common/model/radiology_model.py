@@ -6,6 +6,11 @@ bilateral per lateral finding) read the pooled image features together with the 
 state at the last context token (image + indication, before any task text), so findings use the
 same cross-modal context as the report while staying independent of which task a training
 example asked for, and never see the findings line that training fills from the labels.
+
+Radiographs and volumes (CT) each have an encoder and a projector to the same number of prefix
+tokens; a batch may mix them (`modality` per row) and every row takes its own modality's
+prefix and pooled features. The volume encoder is always frozen (pretrained on public volumes):
+it runs on the volume rows only, so a DP step's per-sample gradients stay exact.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedrad.common.findings import FINDINGS, LATERAL_ORDER, SIDES
+from fedrad.common.modality import MODALITIES, RADIOGRAPH
 from fedrad.common.model.config import ModelConfig
-from fedrad.common.model.encoder import ImageEncoder
+from fedrad.common.model.encoder import ImageEncoder, VolumeEncoder
 
 _LAST_ONLY = 1  # logits_to_keep: the diagnosis head needs hidden states, not a vocabulary
 NO_REPEAT_NGRAM = 4
@@ -54,12 +60,48 @@ class RadiologyModel(nn.Module):
         features = self.encoder.pooled_channels + hidden
         self.head = nn.Linear(features, len(FINDINGS))
         self.side_head = nn.Linear(features, len(LATERAL_ORDER) * len(SIDES))
+        # last, so a seed initialises the radiograph side as it did before volumes existed
+        self.volume_encoder = VolumeEncoder(config)
+        self.volume_encoder.requires_grad_(False)
+        self.volume_projector = nn.Sequential(
+            nn.Linear(self.volume_encoder.out_channels, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+        )
 
     # -- shared pieces -------------------------------------------------------------------------
 
-    def visual_prefix(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, pooled = self.encoder(images.to(self.device))
-        return self.projector(tokens), pooled
+    def visual_prefix(
+        self,
+        images: torch.Tensor,
+        volumes: torch.Tensor | None = None,
+        modality: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K, hidden) prefix and (B, pooled) features. `images` alone: (B, 1, S, S)
+        radiographs, or (B, 1, D, H, W) volumes; a mixed batch passes both, with `modality`
+        (B,) codes (index into MODALITIES) saying which one each row is."""
+        k = self.config.num_prefix_tokens
+        if volumes is None and images.dim() == 5:  # volumes alone: the 2-D side has no input
+            tokens, pooled = self.volume_encoder(images.to(self.device))
+            return self.volume_projector(tokens), pooled
+        rows = images.shape[0]
+        if modality is None:
+            modality = torch.full((rows,), MODALITIES.index(RADIOGRAPH))
+        is_volume = modality.to(self.device) != MODALITIES.index(RADIOGRAPH)
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if bool((~is_volume).any()) or _trains(self.projector):
+            tokens, pooled = _encode(self.encoder, images, ~is_volume, self.device, k)
+            parts.append((~is_volume, self.projector(tokens), pooled))
+        if bool(is_volume.any()) or _trains(self.volume_projector):
+            if volumes is None:
+                raise ValueError("a volume row needs the volumes tensor")
+            tokens, pooled = _encode(self.volume_encoder, volumes, is_volume, self.device, k)
+            parts.append((is_volume, self.volume_projector(tokens), pooled))
+        (_, prefix, pooled), *others = parts
+        for chosen, other_prefix, other_pooled in others:
+            prefix = torch.where(chosen[:, None, None], other_prefix, prefix)
+            pooled = torch.where(chosen[:, None], other_pooled, pooled)
+        return prefix, pooled
 
     @property
     def device(self) -> torch.device:
@@ -89,6 +131,8 @@ class RadiologyModel(nn.Module):
     def forward(
         self,
         images: torch.Tensor,
+        volumes: torch.Tensor,
+        modality: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         target_mask: torch.Tensor,
@@ -99,11 +143,11 @@ class RadiologyModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-example LM loss, per-example finding loss (presence BCE plus side cross-entropy
         where the report states a side) and finding logits."""
-        prefix, pooled = self.visual_prefix(images)
+        prefix, pooled = self.visual_prefix(images, volumes, modality)
         k = prefix.shape[1]
         text = self.lm.get_input_embeddings()(input_ids)
         embeds = torch.cat([prefix, text], dim=1)
-        ones = torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=images.device)
+        ones = torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=prefix.device)
         mask = torch.cat([ones, attention_mask], dim=1)
         # position k-1+t predicts text token t: logits only where t is a target token
         targets = target_mask.bool()
@@ -228,3 +272,35 @@ class RadiologyModel(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Exactly the parameters with requires_grad: encoder, projector, heads, LoRA."""
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+
+def _trains(module: nn.Module) -> bool:
+    """Whether a backward pass will need this module's per-row outputs (inference never)."""
+    return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+
+
+def _encode(
+    encoder: ImageEncoder | VolumeEncoder,
+    scans: torch.Tensor,
+    rows: torch.Tensor,
+    device: torch.device,
+    tokens_per_row: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's (tokens, pooled) for every row of the batch. A frozen encoder runs on
+    `rows` only (the others get zeros, which their projector's output never reaches, and may
+    hold a placeholder of any shape); one that trains runs on the whole batch, as per-sample
+    gradients need."""
+    if _trains(encoder):
+        return encoder(scans.to(device))
+    count = rows.shape[0]
+    full_tokens = torch.zeros(count, tokens_per_row, encoder.out_channels, device=device)
+    full_pooled = torch.zeros(count, encoder.pooled_channels, device=device)
+    with torch.no_grad():
+        if bool(rows.all()):
+            return encoder(scans.to(device))
+        picked = rows.nonzero()[:, 0]
+        if picked.numel():
+            tokens, pooled = encoder(scans[picked.cpu()].to(device))
+            full_tokens[picked] = tokens.to(full_tokens.dtype)
+            full_pooled[picked] = pooled.to(full_pooled.dtype)
+    return full_tokens, full_pooled

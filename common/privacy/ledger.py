@@ -20,8 +20,9 @@ import json
 import logging
 import math
 import os
+import re
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -61,6 +62,9 @@ logger = logging.getLogger(__name__)
 MECHANISM: Final[str] = "subsampled_gaussian"
 GENESIS_HASH: Final[str] = "0" * 64
 ACCOUNTANTS: Final[frozenset[str]] = frozenset({"rdp", "prv"})
+PART_NAME: Final[re.Pattern[str]] = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
+"""A privacy entry may also hold `trained`: the sorted names of the model parts the round
+trained (entries written before parts existed have none)."""
 REQUIRED_FIELDS: Final[tuple[str, ...]] = (
     "site_id",
     "run_id",
@@ -554,9 +558,15 @@ class Ledger:
         max_grad_norm: float | None,
         delta: float,
         accountant: AccountantName,
+        trained: Iterable[str] | None = None,
     ) -> dict[str, Any]:
         """Appends one round's spend and returns the entry written (with cumulative epsilon
-        over every earlier privacy entry)."""
+        over every earlier privacy entry). `trained` names the model parts the round trained
+        (the modality parts, `common/model/parts.py`): recorded, signed, never accounted (one
+        DP-SGD mechanism covers every part it trained)."""
+        parts = None if trained is None else sorted({str(p) for p in trained})
+        if parts is not None and not all(PART_NAME.fullmatch(p) for p in parts):
+            raise LedgerError("trained parts must be short names")
         if accountant not in ACCOUNTANTS:
             raise LedgerError(f"unknown accountant {accountant!r}")
         if not 0 < delta < 1:
@@ -577,6 +587,7 @@ class Ledger:
                 "delta": float(delta),
                 "accountant": accountant,
                 "epsilon": None if math.isinf(epsilon) else epsilon,
+                **({} if parts is None else {"trained": parts}),
             }
 
         entry = self._append_signed(site_id, build)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Final
 
 from fedrad.common.findings import FINDINGS
+from fedrad.common.model.parts import PART_METRIC_KEYS
 from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
 from fedrad.common.privacy.ledger_head import head_is_valid
 
@@ -34,8 +35,10 @@ DEFAULT_LR: Final[float] = 5e-3
 # A training reply's metrics: the example count (the weight FedAvg needs; a site's training
 # split size is declared public) and the mechanism's public parameters. Nothing computed on
 # records: the training loss stays at the site.
+# Beside them, which modality parts the site trained (`common/model/parts.py`): public as the
+# split's size is (a coordinator plans which sites hold CT), and needed to average each part.
 TRAIN_METRIC_KEYS: Final[frozenset[str]] = frozenset(
-    {WEIGHT_KEY, "epsilon", "steps", "noise_multiplier", "sample_rate"}
+    {WEIGHT_KEY, "epsilon", "steps", "noise_multiplier", "sample_rate", *PART_METRIC_KEYS}
 )
 # What an evaluation may release, by family: each figure is computed from counts that carry
 # Gaussian noise charged to the site's ledger (client/training/private_evaluation.py). A round

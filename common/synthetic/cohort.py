@@ -8,6 +8,9 @@ truth lives beside it in ``ground_truth.csv``, read only by evaluation.
 Determinism: the plan (patients, dates, identifiers, UIDs, paths) comes from per-site seed
 sequences, and every study draws from its own ``SeedSequence(seed, spawn_key=(1, site, study))``,
 so the output is byte-identical for a seed whatever ``workers`` is.
+
+Radiographs are drawn (`cxr_image.py`) or, with ``radiographs="drr"``, projected from the same
+warped real chest CT the CT studies use (`drr.py`), so radiographs and CTs share one anatomy.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -41,10 +44,21 @@ from pydicom.uid import (
 )
 
 from fedrad.common.findings import FINDINGS, LATERAL_FINDINGS
+from fedrad.common.labeling.labeler import label_report
 
-from .cxr_image import render_chest, sample_anatomy, sample_devices, sample_finding, to_stored
+from .cxr_image import (
+    Finding,
+    render_chest,
+    sample_anatomy,
+    sample_devices,
+    sample_finding,
+    to_stored,
+)
 from .report_text import HeaderPHI, write_indication, write_report
 from .site_profiles import SiteProfile, profile_for_site, studies_for_site
+
+if TYPE_CHECKING:  # chest_ct is imported when a CT or DRR study is made
+    from .chest_ct import CTFinding
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +141,9 @@ class StudyTask:
     operator: tuple[str, str]
     station: str
     device_serial: str
+    kind: str = "radiograph"  # or "CT": a chest CT series on real anatomy (`chest_ct.py`)
+    ct_thickness_mm: float | None = None  # the site's reconstruction; None = the working grid
+    radiographs: str = "drawn"  # "drawn" (`cxr_image.py`) or "drr" (projected real CT, `drr.py`)
 
 
 @dataclass(frozen=True)
@@ -173,6 +190,34 @@ def _site_shape(profile: SiteProfile, image_size: int | None) -> tuple[int, int,
     return rows, cols, round(profile.pixel_spacing_mm * profile.rows / rows, 4)
 
 
+CT_GRID: Final[tuple[int, int, int]] = (64, 128, 128)
+"""The working grid chest CTs are drawn on (5.2 x 2.8 x 2.8 mm over the real scan's field)."""
+CT_THICKNESS_MM: Final[tuple[float | None, ...]] = (None, 2.5, 3.0)
+"""Per site (by index): the working grid's 5.2 mm, or a thinner reconstruction."""
+CT_NOISE_HU: Final[tuple[float, ...]] = (12.0, 25.0, 18.0)
+"""Per site: quantum noise (dose and kernel differ between scanners)."""
+CT_NODULE_RATE: Final[float] = 0.3
+"""Chest CT finds nodules far more often than a radiograph does (most are incidental): a CT
+study without one in its site's draw gets one at this rate."""
+RADIOGRAPH_SOURCES: Final[tuple[str, ...]] = ("drawn", "drr")
+"""How radiographs are made: drawn by `cxr_image.py`, or DRRs of the real CT (`drr.py`)."""
+DRR_DISPLAY: Final[tuple[float, float]] = (0.04, 0.72)
+"""(offset, gain) taking `render_drr` output (1.0 = 300 mm of water) to `render_chest`'s display
+range (air 0.04, lung ~0.25, mediastinum ~0.6): a fixed map, so a denser patient or a
+finding shows as denser, not renormalised away."""
+_CARDIAC_CTR: Final[dict[str, float]] = {"mild": 0.57, "moderate": 0.62, "marked": 0.67}
+"""Cardiomegaly severity -> the cardiothoracic ratio `write_report` words it by."""
+
+
+def _ct_plan(seed: int, site_index: int, n: int, fraction: float) -> list[bool]:
+    """Which studies of a site are chest CTs: drawn from their own stream, so a cohort
+    without CT is byte-identical to one generated before CT existed."""
+    if fraction <= 0:
+        return [False] * n
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(3, site_index)))
+    return [bool(v) for v in rng.random(n) < fraction]
+
+
 def _plan_site(
     out_dir: Path,
     site_index: int,
@@ -181,9 +226,12 @@ def _plan_site(
     *,
     seed: int,
     image_size: int | None,
+    ct_fraction: float = 0.0,
+    radiographs: str = "drawn",
 ) -> list[StudyTask]:
     """Patients, visits, identifiers and paths for one site, from the site's own seed."""
     prof = profile_for_site(site_index)
+    is_ct = _ct_plan(seed, site_index, n, ct_fraction)
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0, site_index)))
     rows, cols, spacing = _site_shape(prof, image_size)
     physicians = [_person(rng)[:2] for _ in range(8)]
@@ -259,6 +307,9 @@ def _plan_site(
                 operator=operators[int(rng.integers(len(operators)))],
                 station=station,
                 device_serial=serial,
+                kind="CT" if is_ct[j] else "radiograph",
+                ct_thickness_mm=CT_THICKNESS_MM[site_index % len(CT_THICKNESS_MM)],
+                radiographs=radiographs,
             )
         )
     return tasks
@@ -358,6 +409,8 @@ def _encode(ds: Dataset, pixels: np.ndarray, syntax: str) -> None:
 
 def _make_study(t: StudyTask) -> StudyResult:
     """Draw, report and write one study. Pure in its task: same task, same bytes."""
+    if t.kind == "CT":
+        return _make_ct_study(t)
     prof = t.profile
     rng = np.random.default_rng(
         np.random.SeedSequence(t.seed, spawn_key=(1, t.site_index, t.study_index))
@@ -365,19 +418,23 @@ def _make_study(t: StudyTask) -> StudyResult:
     t0 = time.perf_counter()
     names = prof.draw_findings(rng)
     view = "AP" if rng.random() < prof.ap_fraction else "PA"
-    findings = tuple(sample_finding(n, rng) for n in names)
-    devices = sample_devices(rng, rate=prof.device_rate) if view == "AP" else ()
-    anatomy = sample_anatomy(rng, sex=t.sex, view=view)
-    img = render_chest(
-        anatomy,
-        findings,
-        rows=t.rows,
-        cols=t.cols,
-        spacing_mm=t.spacing_mm,
-        view=view,
-        rng=rng,
-        devices=devices,
-    )
+    devices: tuple[str, ...] = ()
+    if t.radiographs == "drr":
+        findings, img = _drr_image(t, names, view, rng)
+    else:
+        findings = tuple(sample_finding(n, rng) for n in names)
+        devices = sample_devices(rng, rate=prof.device_rate) if view == "AP" else ()
+        anatomy = sample_anatomy(rng, sex=t.sex, view=view)
+        img = render_chest(
+            anatomy,
+            findings,
+            rows=t.rows,
+            cols=t.cols,
+            spacing_mm=t.spacing_mm,
+            view=view,
+            rng=rng,
+            devices=devices,
+        )
     pixels = to_stored(img, prof.detector, spacing_mm=t.spacing_mm, rng=rng)
     phi = HeaderPHI(
         given_name=t.given_name,
@@ -423,6 +480,119 @@ def _make_study(t: StudyTask) -> StudyResult:
         render_s=t1 - t0,
         encode_s=t2 - t1,
         nbytes=path.stat().st_size,
+    )
+
+
+def _as_drawn(f: CTFinding) -> Finding:
+    """A CT finding in the terms `write_report` words a radiograph by (side, zone, size)."""
+    zone = f.lobe.split()[1] if f.lobe else None  # "right middle lobe" -> "middle"
+    if f.name in ("pleural_effusion", "pneumothorax"):
+        return Finding(f.name, side=f.side, size=f.severity or "small")
+    if f.name == "cardiomegaly":
+        return Finding(f.name, ctr=_CARDIAC_CTR[f.severity or "mild"])
+    if f.name == "fracture":  # the CT inserts an acute break
+        return Finding(f.name, side=f.side, rib=f.rib, chronic=False)
+    return Finding(f.name, side=f.side, size_mm=f.size_mm, zone=zone)
+
+
+def _drr_image(
+    t: StudyTask, names: tuple[str, ...], view: str, rng: np.random.Generator
+) -> tuple[tuple[Finding, ...], np.ndarray]:
+    """A radiograph projected from this patient's chest CT: the findings drawn as CT findings,
+    inserted into the warped real anatomy, then projected (`drr.py`); display range as
+    `render_chest`'s. CT quantum noise is left out (``noise_hu=0``): the detector adds the
+    radiograph's own in `to_stored`, and summing 128 voxels would average CT noise away."""
+    from .chest_ct import reference_ct, render_ct_with_truth, sample_ct_finding
+    from .drr import render_drr
+
+    ct_findings = tuple(sample_ct_finding(n, rng) for n in names)
+    case = render_ct_with_truth(reference_ct(CT_GRID), ct_findings, rng, noise_hu=0.0)
+    drr = render_drr(case.hu, case.spacing_mm, view=view, rows=t.rows, cols=t.cols)
+    offset, gain = DRR_DISPLAY
+    img = drr * np.float32(gain) + np.float32(offset)
+    return tuple(_as_drawn(f) for f in case.findings), img
+
+
+def _make_ct_study(t: StudyTask) -> StudyResult:
+    """One chest CT: the real anatomy warped for this patient, the findings inserted where
+    they belong, written as a multi-file CT series with PHI in every header."""
+    from .chest_ct import reference_ct, render_ct_with_truth, sample_ct_finding
+    from .ct_report import write_ct_indication, write_ct_report
+    from .ct_series import resample_slices, resampled_origin, write_ct_series
+
+    prof = t.profile
+    rng = np.random.default_rng(
+        np.random.SeedSequence(t.seed, spawn_key=(1, t.site_index, t.study_index))
+    )
+    t0 = time.perf_counter()
+    names = prof.draw_findings(rng)
+    if "nodule" not in names and rng.random() < CT_NODULE_RATE:
+        names = tuple(f for f in FINDINGS if f in {*names, "nodule"})
+    findings = tuple(sample_ct_finding(n, rng) for n in names)
+    noise = CT_NOISE_HU[t.site_index % len(CT_NOISE_HU)]
+    case = render_ct_with_truth(reference_ct(CT_GRID), findings, rng, noise_hu=noise)
+    hu, spacing, origin = case.hu, case.spacing_mm, case.origin_lps_mm
+    if t.ct_thickness_mm is not None:
+        hu, spacing = resample_slices(case.hu, case.spacing_mm, t.ct_thickness_mm)
+        origin = resampled_origin(
+            origin, case.hu.shape[0], case.spacing_mm[0], hu.shape[0], t.ct_thickness_mm
+        )
+    report = write_ct_report(case.findings, rng, slice_thickness_mm=spacing[0])
+    age = _age(t.birth_date, t.study_date)
+    indication = write_ct_indication(case.findings, rng, age, t.sex)
+    t1 = time.perf_counter()
+    phi = {
+        "PatientName": t.patient_name,
+        "PatientID": t.patient_id,
+        "PatientBirthDate": t.birth_date.strftime("%Y%m%d"),
+        "PatientSex": t.sex,
+        "StudyDate": t.study_date.strftime("%Y%m%d"),
+        "StudyTime": t.study_time,
+        "StudyID": t.study_id,
+        "ReferringPhysicianName": f"{t.referring[0]}^{t.referring[1]}",
+        "OperatorsName": f"{t.operator[0]}^{t.operator[1]}",
+        "StationName": t.station,
+        "DeviceSerialNumber": t.device_serial,
+    }
+    files = write_ct_series(
+        hu,
+        spacing,
+        Path(t.path).parent / "CT",
+        phi=phi,
+        study_uid=t.study_uid,
+        series_uid=t.series_uid,
+        accession=t.accession,
+        rng=rng,
+        manufacturer=prof.manufacturer,
+        institution=prof.institution,
+        origin_lps_mm=origin,
+    )
+    t2 = time.perf_counter()
+    by_name = {f.name: f for f in case.findings}
+    truth: dict[str, str] = {"accession_number": t.accession}
+    truth.update({f: str(int(f in by_name)) for f in FINDINGS})
+    written = label_report(report).labels  # what the report says, as the radiograph path records
+    truth.update({f"report_{f}": str(written[f]) for f in FINDINGS})
+    for f in FINDINGS:
+        if f in LATERAL_FINDINGS:
+            truth[f"{f}_side"] = (by_name[f].side or "") if f in by_name else ""
+    nod = by_name.get("nodule")
+    truth["nodule_size_mm"] = f"{nod.size_mm:.1f}" if nod is not None and nod.size_mm else ""
+    truth["view"] = "CT"
+    return StudyResult(
+        site_index=t.site_index,
+        report_row={
+            "accession_number": t.accession,
+            "report": report,
+            "study_date": t.study_date.isoformat(),
+            "indication": indication,
+        },
+        truth_row=truth,
+        findings=names,
+        view="CT",
+        render_s=t1 - t0,
+        encode_s=t2 - t1,
+        nbytes=sum(p.stat().st_size for p in files),
     )
 
 
@@ -477,19 +647,30 @@ def generate_cohort(
     workers: int = 0,
     progress: Callable[[int], None] | None = None,
     image_size: int | None = None,
+    ct_fractions: Sequence[float] = (),
+    radiographs: str = "drawn",
 ) -> dict[str, Any]:
     """Write ``out_dir/site_<i>/`` for each site plus ``out_dir/cohort.json``; return the summary.
 
     ``studies_per_site`` is the mean: site sizes follow ``site_profiles.SIZE_MULTIPLIERS``.
     ``progress`` is called with the number of studies just finished (an increment, as
     ``tqdm.update`` takes). ``image_size`` (tests, quick demos) rescales every site's matrix so
-    its longest side has that many pixels, keeping the field of view. The returned summary is
-    the content of cohort.json plus ``timing`` (which is not written: it is not reproducible).
+    its longest side has that many pixels, keeping the field of view. ``ct_fractions`` gives,
+    per site in order, the share of its studies that are chest CT series (1.0: a CT-only site;
+    sites beyond the list have none). ``radiographs`` is "drawn" (`cxr_image.py`) or "drr":
+    each radiograph projected from its own warped copy of the real chest CT, findings inserted
+    there (`drr.py`); same detector, header and report path. The returned summary is the
+    content of cohort.json plus ``timing`` (which is not written: it is not reproducible).
     """
     out_dir = Path(out_dir)
     _validate(out_dir, sites, studies_per_site, seed, workers)
     if image_size is not None and image_size < 64:
         raise ValueError(f"image_size must be >= 64, got {image_size}")
+    if len(ct_fractions) > sites or not all(0.0 <= f <= 1.0 for f in ct_fractions):
+        raise ValueError("ct_fractions: at most one value per site, each in [0, 1]")
+    if radiographs not in RADIOGRAPH_SOURCES:
+        raise ValueError(f"radiographs must be one of {RADIOGRAPH_SOURCES}, got {radiographs!r}")
+    fractions = [*ct_fractions, *[0.0] * (sites - len(ct_fractions))]
     workers = workers or os.cpu_count() or 1
     counts = [studies_for_site(i, studies_per_site) for i in range(sites)]
     acc_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,)))
@@ -500,7 +681,16 @@ def generate_cohort(
     for i, n in enumerate(counts):
         accessions = [f"A{x}" for x in numbers[offset : offset + n]]
         offset += n
-        tasks += _plan_site(out_dir, i, n, accessions, seed=seed, image_size=image_size)
+        tasks += _plan_site(
+            out_dir,
+            i,
+            n,
+            accessions,
+            seed=seed,
+            image_size=image_size,
+            ct_fraction=fractions[i],
+            radiographs=radiographs,
+        )
     logger.info("generating %d studies at %d sites with %d workers", len(tasks), sites, workers)
 
     started = time.perf_counter()
@@ -535,6 +725,8 @@ def generate_cohort(
         "studies_per_site": studies_per_site,
         "seed": seed,
         "image_size": image_size,
+        **({"ct_fractions": [float(f) for f in fractions]} if any(fractions) else {}),
+        **({"radiographs": radiographs} if radiographs != "drawn" else {}),
     }
     cohort = {
         "format": COHORT_FORMAT,
@@ -573,6 +765,7 @@ def _site_summary(prof: SiteProfile, task: StudyTask, res: list[StudyResult]) ->
         "prevalence": {f: round(sum(f in r.findings for r in res) / n, 4) for f in FINDINGS},
         "no_finding": round(sum(not r.findings for r in res) / n, 4),
         "ap_fraction": round(sum(r.view == "AP" for r in res) / n, 4),
+        **({"ct_studies": k} if (k := sum(r.view == "CT" for r in res)) else {}),
         "modality": prof.modality,
         "transfer_syntax": UID(prof.transfer_syntax).name,
         "photometric": prof.photometric,

@@ -71,11 +71,15 @@ _ZONES = {
     "middle": ("mid zone", "mid lung"),
     "lower": ("lower zone", "base", "lung base"),
 }
-_ORD = {4: "4th", 5: "5th", 6: "6th", 7: "7th", 8: "8th", 9: "9th"}
+_ORD = {
+    1: "1st", 2: "2nd", 3: "3rd", 4: "4th", 5: "5th", 6: "6th",
+    7: "7th", 8: "8th", 9: "9th", 10: "10th", 11: "11th", 12: "12th",
+}  # fmt: skip
+"""Drawn fractures use ribs 4-9; DRR studies carry CT fractures (ribs 3-10)."""
 
 
-class _Writer:
-    """Small helper holding the rng so template picks read naturally."""
+class Writer:
+    """Small helper holding the rng so template picks read naturally (CT reports too)."""
 
     def __init__(self, rng: np.random.Generator) -> None:
         self.rng = rng
@@ -87,11 +91,12 @@ class _Writer:
         return bool(self.rng.random() < p)
 
 
-def _cap(s: str) -> str:
+def cap(s: str) -> str:
+    """The sentence with its first letter in upper case."""
     return s[:1].upper() + s[1:]
 
 
-def _where(w: _Writer, f: Finding, side: str) -> str:
+def _where(w: Writer, f: Finding, side: str) -> str:
     """A lobe or a zone, as radiologists alternate between them."""
     zone = f.zone or "lower"
     if w.chance(0.55):
@@ -99,7 +104,7 @@ def _where(w: _Writer, f: Finding, side: str) -> str:
     return f"{side} {w.pick(_ZONES[zone])}"
 
 
-def _size_text(w: _Writer, mm: float) -> str:
+def _size_text(w: Writer, mm: float) -> str:
     if mm >= 10 and w.chance(0.5):
         return f"{mm / 10:.1f} cm"
     return f"{round(mm)} mm"
@@ -109,7 +114,7 @@ def _side(f: Finding) -> str:
     return f.side or "right"
 
 
-def _positive(w: _Writer, f: Finding, view: str) -> tuple[str, str]:
+def _positive(w: Writer, f: Finding, view: str) -> tuple[str, str]:
     """(FINDINGS sentence, IMPRESSION item) stating ``f`` as present."""
     side = _side(f)
     if f.name == "nodule":
@@ -121,16 +126,15 @@ def _positive(w: _Writer, f: Finding, view: str) -> tuple[str, str]:
             [
                 f"There is a {size} nodule in the {where}.",
                 f"A {size} rounded opacity in the {where} is compatible with a pulmonary nodule.",
-                f"{_cap(size)} pulmonary nodule projecting over the {where}.",
+                f"{cap(size)} pulmonary nodule projecting over the {where}.",
                 f"Well-circumscribed {size} nodule in the {where}.",
             ]
         )
         imp = w.pick(
             [
-                f"{_cap(size)} {where} pulmonary nodule. Recommend CT chest for further "
-                "evaluation.",
+                f"{cap(size)} {where} pulmonary nodule. Recommend CT chest for further evaluation.",
                 f"Pulmonary nodule in the {where}, {size}.",
-                f"{_cap(size)} nodule, {where}; CT recommended.",
+                f"{cap(size)} nodule, {where}; CT recommended.",
             ]
         )
         return s, imp
@@ -140,16 +144,16 @@ def _positive(w: _Writer, f: Finding, view: str) -> tuple[str, str]:
             s = w.pick(
                 [
                     f"Bilateral {size} pleural effusions.",
-                    f"{_cap(size)} bilateral pleural effusions.",
+                    f"{cap(size)} bilateral pleural effusions.",
                     f"There are {size} pleural effusions bilaterally.",
                     f"Bilateral pleural fluid, {size} in volume.",
                 ]
             )
-            return s, w.pick([f"{_cap(size)} bilateral pleural effusions.", "Bilateral effusions."])
+            return s, w.pick([f"{cap(size)} bilateral pleural effusions.", "Bilateral effusions."])
         opts = [
-            f"{_cap(size)} {side} pleural effusion.",
+            f"{cap(size)} {side} pleural effusion.",
             f"There is a {size} {side}-sided pleural effusion.",
-            f"{_cap(size)} amount of {side} pleural fluid.",
+            f"{cap(size)} amount of {side} pleural fluid.",
         ]
         if size == "small":
             opts.append(
@@ -158,7 +162,7 @@ def _positive(w: _Writer, f: Finding, view: str) -> tuple[str, str]:
         if size == "large":
             opts.append(f"Large {side} pleural effusion with adjacent compressive atelectasis.")
         return w.pick(opts), w.pick(
-            [f"{_cap(size)} {side} pleural effusion.", f"{_cap(side)} effusion."]
+            [f"{cap(size)} {side} pleural effusion.", f"{cap(side)} effusion."]
         )
     if f.name == "cardiomegaly":
         ctr = f.ctr or 0.6
@@ -167,13 +171,13 @@ def _positive(w: _Writer, f: Finding, view: str) -> tuple[str, str]:
             [
                 "The cardiac silhouette is enlarged.",
                 "Cardiomegaly.",
-                f"{_cap(sev)} cardiomegaly.",
+                f"{cap(sev)} cardiomegaly.",
                 "The heart is enlarged.",
                 f"Heart size is {sev}ly enlarged.",
             ]
         )
         return s, w.pick(
-            ["Cardiomegaly.", f"{_cap(sev)} cardiomegaly.", "Enlarged cardiac silhouette."]
+            ["Cardiomegaly.", f"{cap(sev)} cardiomegaly.", "Enlarged cardiac silhouette."]
         )
     if f.name == "pneumothorax":
         size = f.size or "small"
@@ -183,14 +187,14 @@ def _positive(w: _Writer, f: Finding, view: str) -> tuple[str, str]:
         opts = [
             f"There is a {size} {side} pneumothorax.",
             f"A {side} pneumothorax is present, measuring approximately {cm:.1f} cm at the apex.",
-            f"{_cap(side)} pneumothorax with a visible visceral pleural line.",
+            f"{cap(side)} pneumothorax with a visible visceral pleural line.",
         ]
         if size == "small":
             opts.append(f"Small {side} apical pneumothorax.")
         if size == "large":
             opts.append(f"Large {side} pneumothorax without mediastinal shift.")
         return w.pick(opts), w.pick(
-            [f"{_cap(size)} {side} pneumothorax.", f"{_cap(side)} pneumothorax."]
+            [f"{cap(size)} {side} pneumothorax.", f"{cap(side)} pneumothorax."]
         )
     if f.name == "consolidation":
         if side == "bilateral":
@@ -218,9 +222,9 @@ def _positive(w: _Writer, f: Finding, view: str) -> tuple[str, str]:
         )
         imp = w.pick(
             [
-                f"{_cap(where)} consolidation, compatible with pneumonia in the appropriate "
+                f"{cap(where)} consolidation, compatible with pneumonia in the appropriate "
                 "clinical setting.",
-                f"{_cap(where)} consolidation.",
+                f"{cap(where)} consolidation.",
                 f"Consolidation in the {where}.",
             ]
         )
@@ -241,13 +245,13 @@ def _positive(w: _Writer, f: Finding, view: str) -> tuple[str, str]:
         [
             f"Acute {disp} fracture of the {side} {rib} rib.",
             f"There is a fracture of the {side} lateral {rib} rib.",
-            f"{_cap(side)} {rib} rib fracture with cortical step-off.",
+            f"{cap(side)} {rib} rib fracture with cortical step-off.",
         ]
     )
-    return s, w.pick([f"Acute {side} {rib} rib fracture.", f"{_cap(side)} {rib} rib fracture."])
+    return s, w.pick([f"Acute {side} {rib} rib fracture.", f"{cap(side)} {rib} rib fracture."])
 
 
-def _hedged(w: _Writer, f: Finding, view: str) -> tuple[str, str]:
+def _hedged(w: Writer, f: Finding, view: str) -> tuple[str, str]:
     """(FINDINGS sentence, IMPRESSION item) stating ``f`` with uncertainty."""
     side = _side(f)
     one = "right" if side == "bilateral" else side
@@ -376,13 +380,13 @@ _NORMAL_IMP = (
 )
 
 
-def _fmt_date(w: _Writer, d: dt.date) -> str:
+def _fmt_date(w: Writer, d: dt.date) -> str:
     return w.pick(
         [d.strftime("%m/%d/%Y"), d.isoformat(), d.strftime("%B %d, %Y").replace(" 0", " ")]
     )
 
 
-def _negations(w: _Writer, names: list[str], *, lungs_clear_ok: bool) -> list[str]:
+def _negations(w: Writer, names: list[str], *, lungs_clear_ok: bool) -> list[str]:
     """Negative sentences for ``names``, combining some the way radiologists do."""
     out: list[str] = []
     todo = list(names)
@@ -429,7 +433,7 @@ def write_report(
     rng: np.random.Generator,
 ) -> Report:
     """Write FINDINGS/IMPRESSION prose for the image's findings and return the asserted labels."""
-    w = _Writer(rng)
+    w = Writer(rng)
     present = {f.name: f for f in findings}
     labels = dict.fromkeys(FINDINGS, ABSENT)
     sentences: list[str] = []
@@ -614,7 +618,7 @@ def write_indication(
     findings: Sequence[Finding], *, kind: str, age: int, sex: str, rng: np.random.Generator
 ) -> str:
     """A clinical question correlated with the findings, with noise (never a copy of the label)."""
-    w = _Writer(rng)
+    w = Writer(rng)
     names = [f.name for f in findings]
     if names and w.chance(0.55):
         text = w.pick(_FINDING_INDICATIONS[w.pick(names)])
@@ -624,4 +628,4 @@ def write_indication(
         text = w.pick(_SITE_INDICATIONS.get(kind, _SITE_INDICATIONS["community"]))
     if w.chance(0.25):
         text = f"{age} y/o {sex}, {text}"
-    return _cap(text)
+    return cap(text)

@@ -24,19 +24,35 @@ import torch
 logger = logging.getLogger(__name__)
 
 MODES = ("hooks", "functorch")
+BATCH_KINDS = ("radiograph", "CT", "mixed")
+"""What a measured batch holds: radiographs, CT volumes, or half of each (a mixed site)."""
 
 
-def _batch(config: Any, vocab: int, batch_size: int, seed: int) -> tuple[torch.Tensor, ...]:
+def _batch(
+    config: Any, vocab: int, batch_size: int, seed: int, kind: str = "radiograph"
+) -> tuple[torch.Tensor, ...]:
+    """One training batch as `TrainingExamples` gives it (both scan slots, modality codes)."""
     gen = torch.Generator().manual_seed(seed)
     length = 24 + 72  # a typical prompt + report length in tokens
     images = torch.randn(batch_size, 1, config.image_size, config.image_size, generator=gen)
+    volumes = torch.randn(batch_size, 1, *config.volume_shape, generator=gen)
+    if kind == "radiograph":
+        modality, volumes = torch.zeros(batch_size, dtype=torch.long), volumes[:, :, :1, :1, :1]
+    elif kind == "CT":
+        modality = torch.ones(batch_size, dtype=torch.long)
+    else:
+        modality = (torch.arange(batch_size) % 2).long()
     ids = torch.randint(2, vocab, (batch_size, length), generator=gen)
     attention = torch.ones(batch_size, length, dtype=torch.long)
     target = torch.zeros(batch_size, length, dtype=torch.bool)
     target[:, 24:] = True
     ctx = torch.full((batch_size,), 10, dtype=torch.long)
     findings = torch.randint(0, 2, (batch_size, 6), generator=gen).float()
-    return images, ids, attention, target, ctx, findings, torch.ones(batch_size, 6)
+    sides = torch.full((batch_size, 5), -1, dtype=torch.long)
+    return (
+        images, volumes, modality, ids, attention, target, ctx, findings,
+        torch.ones(batch_size, 6), sides,
+    )  # fmt: skip
 
 
 def _time_steps(
@@ -62,7 +78,13 @@ def _time_steps(
 
 
 def bench_preset(
-    preset_name: str, *, steps: int, batch_size: int, threads: int, lm: str | None = None
+    preset_name: str,
+    *,
+    steps: int,
+    batch_size: int,
+    threads: int,
+    lm: str | None = None,
+    kind: str = "radiograph",
 ) -> dict[str, Any]:
     """Runs in its own process: builds the preset and times non-DP and DP steps."""
     from opacus import GradSampleModule
@@ -73,6 +95,7 @@ def bench_preset(
     from fedrad.common.model.checkpoint import build_model
     from fedrad.common.model.config import model_config_for
     from fedrad.common.model.foundation import public_reports
+    from fedrad.common.model.parts import part_of, parts_reached
     from fedrad.common.model.tokenizer import train_tokenizer
     from fedrad.common.privacy.randomness import MechanismRandomness
 
@@ -90,7 +113,14 @@ def bench_preset(
     load_s = time.perf_counter() - started
     device = select_device("auto")
     model.to(device)
-    batch = tuple(t.to(device) for t in _batch(model.config, len(model.tokenizer), batch_size, 0))
+    batch = tuple(
+        t.to(device) for t in _batch(model.config, len(model.tokenizer), batch_size, 0, kind)
+    )
+    # what a site holding these modalities trains (`common/model/parts.py`)
+    reached = parts_reached({"radiograph", "CT"} if kind == "mixed" else {kind})
+    for name, p in model.named_parameters():
+        if part_of(name) not in ("shared", *reached):
+            p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     amp = autocast(device, "auto")
     no_dp = _time_steps(model, torch.optim.AdamW(params, lr=1e-4), batch, steps, amp)
@@ -121,6 +151,7 @@ def bench_preset(
     no_dp_median = statistics.median(no_dp)
     return {
         "preset": preset_name,
+        "batch": kind,
         "lm": model.config.lm_path or model.config.lm_package or "from config",
         "params_total": total,
         "params_trainable": trainable,
@@ -128,7 +159,7 @@ def bench_preset(
         "bytes_full_model": total * 4,
         "update_reduction": total / trainable,
         "batch_size": batch_size,
-        "tokens_per_example": batch[1].shape[1] + model.config.num_prefix_tokens,
+        "tokens_per_example": batch[3].shape[1] + model.config.num_prefix_tokens,
         "step_s": {"no_dp": no_dp_median, "dp": dp_times[best_mode]},
         "dp_mode": best_mode,
         "dp_step_s_by_mode": dp_times,
@@ -149,13 +180,26 @@ def bench_preset(
 
 
 def _child(
-    queue: Any, preset_name: str, steps: int, batch_size: int, threads: int, lm: str | None
+    queue: Any,
+    preset_name: str,
+    steps: int,
+    batch_size: int,
+    threads: int,
+    lm: str | None,
+    kind: str,
 ) -> None:
     from fedrad.common.model.base_lm import BaseLMError
 
     try:
         queue.put(
-            bench_preset(preset_name, steps=steps, batch_size=batch_size, threads=threads, lm=lm)
+            bench_preset(
+                preset_name,
+                steps=steps,
+                batch_size=batch_size,
+                threads=threads,
+                lm=lm,
+                kind=kind,
+            )
         )
     except (BaseLMError, ValueError) as exc:
         queue.put({"preset": preset_name, "error": str(exc)})
@@ -172,12 +216,15 @@ def run_bench(
     batch_size: int = 16,
     threads: int = 0,
     lm: str | None = None,
+    kind: str = "radiograph",
 ) -> dict[str, Any]:
+    if kind not in BATCH_KINDS:
+        raise BenchError(f"unknown batch kind {kind!r} (choose from {', '.join(BATCH_KINDS)})")
     ctx = mp.get_context("spawn")
     results = []
     for name in presets:
         queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(queue, name, steps, batch_size, threads, lm))
+        proc = ctx.Process(target=_child, args=(queue, name, steps, batch_size, threads, lm, kind))
         proc.start()
         try:
             result = queue.get(timeout=3600)

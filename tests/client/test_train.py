@@ -215,3 +215,55 @@ def test_a_bf16_dp_step_matches_the_float32_plain_step() -> None:
         updates.append(torch.cat([p.detach().flatten() for p in model.parameters()]) - before)
     cosine = torch.nn.functional.cosine_similarity(updates[0], updates[1], dim=0)
     assert cosine > 0.9, float(cosine)
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _moved(before: dict[str, torch.Tensor], module: torch.nn.Module) -> bool:
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_a_radiograph_only_site_leaves_the_ct_part_untouched_under_dp() -> None:
+    """No noise lands on a part the site's data never reach, and the result says so."""
+    model = micro_model(freeze_encoder=True)
+    ct_before, xr_before = _snapshot(model.volume_projector), _snapshot(model.projector)
+    result = train_local(
+        model,
+        micro_examples(model, 12),
+        TrainConfig(steps=2, batch_size=6, lr=1e-2),
+        DPConfig(noise_multiplier=1.0),
+    )
+    assert result.parts == frozenset({"radiograph"})
+    assert not _moved(ct_before, model.volume_projector)
+    assert _moved(xr_before, model.projector)
+    assert all(p.requires_grad for p in model.volume_projector.parameters())  # restored
+
+
+def test_a_mixed_site_trains_both_projectors_and_never_the_volume_encoder() -> None:
+    model = micro_model(freeze_encoder=True)
+    ct_before, xr_before = _snapshot(model.volume_projector), _snapshot(model.projector)
+    encoder_before = _snapshot(model.volume_encoder)
+    result = train_local(
+        model,
+        micro_examples(model, 12, ct_every=2),
+        TrainConfig(steps=2, batch_size=6, lr=1e-2),
+        DPConfig(noise_multiplier=1.0),
+    )
+    assert result.parts == frozenset({"radiograph", "CT"})
+    assert _moved(ct_before, model.volume_projector) and _moved(xr_before, model.projector)
+    assert not _moved(encoder_before, model.volume_encoder)
+
+
+def test_a_ct_only_site_leaves_the_radiograph_part_untouched() -> None:
+    model = micro_model(freeze_encoder=True)
+    xr_before = _snapshot(model.projector)
+    result = train_local(
+        model,
+        micro_examples(model, 8, ct_every=1),
+        TrainConfig(steps=2, batch_size=4, lr=1e-2),
+        DPConfig(noise_multiplier=1.0),
+    )
+    assert result.parts == frozenset({"CT"})
+    assert not _moved(xr_before, model.projector)

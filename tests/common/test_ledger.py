@@ -302,3 +302,26 @@ def test_an_edited_or_dropped_refusal_is_caught(tmp_path: Path, key_path: Path) 
     assert any("line 2: signature" in p for p in verify_ledger(path, key.public_key()))
     path.write_bytes(lines[0] + lines[2])
     assert any("line 2: prev_hash" in p for p in verify_ledger(path, key.public_key()))
+
+
+def test_the_parts_a_round_trained_are_signed_into_its_entry(
+    tmp_path: Path, key_path: Path
+) -> None:
+    """What a site trained (its modality parts) is on the record, covered by the signature,
+    and changes nothing in the accounting; a forged list breaks the signature."""
+    from fedrad.common.audit.ledger_audit import audit_ledger
+
+    key = load_or_create_signing_key(key_path)
+    path = tmp_path / "ledger.jsonl"
+    entry = _append(Ledger(path, key), "run-1", 1, trained={"radiograph", "CT"})
+    plain = _append(Ledger(tmp_path / "other.jsonl", key), "run-1", 1)
+    assert entry["trained"] == ["CT", "radiograph"] and "trained" not in plain
+    assert entry["epsilon"] == plain["epsilon"]
+    assert verify_ledger(path, key.public_key()) == []
+    assert audit_ledger(path, {key_id(key.public_key()): key.public_key()}).status == "ok"
+    forged = json.loads(path.read_bytes())
+    forged["trained"] = ["radiograph"]
+    path.write_bytes(canonical_json(forged) + b"\n")
+    assert any("signature" in p for p in verify_ledger(path, key.public_key()))
+    with pytest.raises(LedgerError, match="short names"):
+        _append(Ledger(tmp_path / "x.jsonl", key), "run-1", 1, trained=["CT\nextra"])

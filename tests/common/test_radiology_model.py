@@ -32,7 +32,8 @@ def test_only_encoder_projector_heads_and_lora_train() -> None:
     model = micro_model()
     names = list(model.trainable_state())
     assert names and all(
-        n.startswith(("encoder.", "projector.", "head.", "side_head.")) or "lora_" in n
+        n.startswith(("encoder.", "projector.", "volume_projector.", "head.", "side_head."))
+        or "lora_" in n
         for n in names
     )
     assert "side_head.weight" in names
@@ -140,3 +141,37 @@ def test_the_side_loss_counts_only_stated_sides() -> None:
     presence, sides = model.diagnose(batch[0], [[1, 2, 3]] * 4)
     assert presence.shape == (4, 6) and sides.shape == (4, 5, 3)
     assert torch.allclose(sides.sum(dim=-1), torch.ones(4, 5))
+
+
+def test_a_mixed_batch_routes_each_row_to_its_own_projector_per_sample() -> None:
+    """Per-sample gradients stay exact in a batch of radiographs and volumes: a radiograph
+    row gives the CT projector exactly zero gradient and the other way round."""
+    from opacus import GradSampleModule
+
+    from tests.model_fixtures import micro_examples
+
+    model = micro_model(freeze_encoder=True)
+    examples = micro_examples(model, 4, ct_every=2)  # rows 0 and 2 are CT
+    batch = tuple(torch.stack(col) for col in zip(*(examples[i] for i in range(4)), strict=True))
+    module = GradSampleModule(model)
+    lm, finding, _ = module(*batch)
+    (lm + finding).sum().backward()
+    ct_rows, xr_rows = [0, 2], [1, 3]
+    for name, p in model.named_parameters():
+        if not name.startswith(("projector.", "volume_projector.")):
+            continue
+        per_row = p.grad_sample.flatten(1).abs().sum(dim=1)
+        zero, nonzero = (xr_rows, ct_rows) if name.startswith("volume_") else (ct_rows, xr_rows)
+        assert torch.all(per_row[zero] == 0), name
+        assert torch.all(per_row[nonzero] > 0), name
+    module._close()
+
+
+def test_volumes_alone_are_read_by_the_volume_encoder() -> None:
+    model = micro_model()
+    volumes = torch.randn(2, 1, *model.config.volume_shape)
+    presence, sides = model.diagnose(volumes, [[1, 2], [3]])
+    assert presence.shape == (2, 6) and sides.shape[0] == 2
+    assert not any(p.requires_grad for p in model.volume_encoder.parameters())
+    prefix, _ = model.visual_prefix(volumes)
+    assert prefix.shape[1] == model.config.num_prefix_tokens

@@ -74,7 +74,7 @@ def test_the_checkpoint_holds_only_what_trained_and_names_its_base(
     stored = load_file(str(trained_checkpoint / "model.safetensors"))
     assert not [k for k in stored if k.startswith("lm.") and "lora_" not in k]
     size = (trained_checkpoint / "model.safetensors").stat().st_size
-    assert size < 10 * 2**20  # the base itself is 540 MB in float32
+    assert size < 16 * 2**20  # both frozen encoders and the adapters; the base is 540 MB
     meta = json.loads((trained_checkpoint / "metadata.json").read_text())
     assert meta["base_lm"] == {
         "source": "package",

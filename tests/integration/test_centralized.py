@@ -20,7 +20,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # A few steps and public images: the default encoder recipe (4,000 images) costs minutes, and
 # each case builds its own foundation in a fresh cache.
 SMALL_FOUNDATION = FoundationRecipe(
-    corpus_reports=200, steps=10, batch_size=8, public_images=40, encoder_steps=3
+    corpus_reports=200,
+    steps=10,
+    batch_size=8,
+    public_images=40,
+    encoder_steps=3,
+    public_volumes=20,
+    volume_steps=3,
 )
 
 

@@ -138,3 +138,41 @@ def test_two_secagg_rounds_on_three_virtual_sites(tmp_path: Path) -> None:
         assert entries[2]["epsilon"] == pytest.approx(records[-1]["epsilon"][site])
         public = load_public_key(public_key_path(key_path))
         assert verify_ledger(folder / "ledger.jsonl", public) == []
+
+
+def test_a_mixed_modality_federation_records_what_each_site_trained(tmp_path: Path) -> None:
+    """Radiographs only, both, CT only: each site trains its parts, says so in its reply and
+    its ledger, and the CT projector moves only by what the CT sites sent."""
+    from safetensors.numpy import load_file
+
+    pytest.importorskip("nibabel")
+    cohort = tmp_path / "cohort"
+    generate_cohort(
+        cohort, sites=3, studies_per_site=10, seed=4, workers=1, image_size=128,
+        ct_fractions=(0.0, 0.5, 1.0),
+    )  # fmt: skip
+    config = FederatedConfig(
+        rounds=1,
+        local_steps=2,
+        batch_size=4,
+        epsilon=5.0,
+        eval_reports=2,
+        eval_questions=4,
+        initial_checkpoint=str(micro_foundation(tmp_path)),
+    )
+    run_dir = run_federated(cohort, tmp_path / "runs", config)
+    trained = {}
+    for site in ("site_1", "site_2", "site_3"):
+        folder = run_dir / "sites" / site
+        key = load_or_create_signing_key(folder / "ledger_key.pem")
+        [spend, _] = Ledger(folder / "ledger.jsonl", key).entries()
+        trained[site] = spend["trained"]
+    assert trained == {
+        "site_1": ["radiograph"],
+        "site_2": ["CT", "radiograph"],
+        "site_3": ["CT"],
+    }
+    start = load_file(str(run_dir / "checkpoints" / "round_000" / "model.safetensors"))
+    after = load_file(str(run_dir / "checkpoints" / "round_001" / "model.safetensors"))
+    for name in ("projector.0.weight", "volume_projector.0.weight", "head.weight"):
+        assert not (start[name] == after[name]).all(), name

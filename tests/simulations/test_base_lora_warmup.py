@@ -14,7 +14,12 @@ from fedrad.common.model.foundation import FoundationRecipe, build_foundation
 from tests.common.test_base_lm import llama_dir, path_config
 
 RECIPE = FoundationRecipe(
-    corpus_reports=40, encoder_steps=0, base_lm_steps=12, base_lm_batch_size=4, base_lm_lr=1e-2
+    corpus_reports=40,
+    encoder_steps=0,
+    volume_steps=0,
+    base_lm_steps=12,
+    base_lm_batch_size=4,
+    base_lm_lr=1e-2,
 )
 
 
@@ -40,7 +45,7 @@ def test_base_lora_warms_up_on_public_text_once(tmp_path: Path) -> None:
 
 def test_warm_up_can_be_turned_off_and_bad_recipes_are_refused(tmp_path: Path) -> None:
     config = path_config(llama_dir(tmp_path / "llama", vocab=300))
-    off = FoundationRecipe(encoder_steps=0, base_lm_steps=0)
+    off = FoundationRecipe(encoder_steps=0, volume_steps=0, base_lm_steps=0)
     model, _ = build_foundation(config, recipe=off, cache_root=tmp_path / "cache")
     assert all(
         not p.any() for n, p in model.lm.named_parameters() if "lora_B" in n

@@ -50,7 +50,7 @@ def test_pretraining_reports_held_out_auroc_per_finding() -> None:
 @pytest.mark.slow
 def test_foundation_installs_the_cached_public_encoder_frozen(tmp_path: Path) -> None:
     recipe = FoundationRecipe(
-        corpus_reports=40, steps=2, batch_size=4, public_images=24, encoder_steps=3
+        corpus_reports=40, steps=2, batch_size=4, public_images=24, encoder_steps=3, volume_steps=0
     )
     model, _ = build_foundation(CONFIG, recipe=recipe, cache_root=tmp_path)
     assert model.config.freeze_encoder and model.config.extra["public_encoder"]
