@@ -12,13 +12,10 @@ from pathlib import Path
 
 from fedrad.client.ingest.dataset import SiteStudies, split_held_out
 from fedrad.client.ingest.site_data import SiteDataError, prepared_manifest
-from fedrad.common.model.preprocess import VOLUME_SHAPE, PreprocessConfig
+from fedrad.common.model.config import VOLUME_MODALITIES, VOLUME_SHAPE
+from fedrad.common.model.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)
-
-
-READ_VOLUMES: tuple[str, ...] = ("CT",)
-"""The volume modalities the presets read; a cohort's MR studies are left out of runs."""
 
 
 class CohortError(Exception):
@@ -56,7 +53,7 @@ def load_cohort(
     for site in site_dirs(cohort):
         try:
             manifest = prepared_manifest(site, config=config, workers=workers)
-            studies = SiteStudies.from_manifest(manifest).of_modalities(READ_VOLUMES)
+            studies = SiteStudies.from_manifest(manifest).of_modalities(VOLUME_MODALITIES)
         except SiteDataError as exc:
             dropped[site.name] = str(exc)
             continue

@@ -39,8 +39,9 @@ from fedrad.client.training.evaluate import EvalConfig, study_outputs
 from fedrad.client.training.private_evaluation import release
 from fedrad.client.training.train import DPConfig, TrainConfig, train_local
 from fedrad.common.model.checkpoint import load_checkpoint, read_metadata
+from fedrad.common.model.config import VOLUME_MODALITIES, VOLUME_SHAPE
 from fedrad.common.model.parts import part_metrics
-from fedrad.common.model.preprocess import VOLUME_SHAPE, PreprocessConfig
+from fedrad.common.model.preprocess import PreprocessConfig
 from fedrad.common.model.radiology_model import RadiologyModel
 from fedrad.common.privacy.accounting import (
     MechanismStep,
@@ -227,7 +228,7 @@ def site_studies(
     spec: SiteSpec,
     image_size: int,
     volume_shape: tuple[int, int, int] = VOLUME_SHAPE,
-    modalities: tuple[str, ...] = ("CT",),
+    modalities: tuple[str, ...] = VOLUME_MODALITIES,
 ) -> tuple[SiteStudies, SiteStudies]:
     """(train, held-out) of the modalities the model reads (radiographs and `modalities`),
     cached per process for the last few sites served."""

@@ -319,16 +319,12 @@ def _assemble_reported_series(
 
 
 def _pick_series(
-    accession: str,
-    volumes: dict[tuple[str, str], SeriesResult],
-    series_files: dict[tuple[str, str], list[FileResult]],
+    candidates: list[FileResult], volumes: dict[tuple[str, str], SeriesResult]
 ) -> tuple[str, str] | None:
-    """The study's usable series with the most slices (the thinnest reconstruction)."""
-    usable = [
-        key
-        for key, result in volumes.items()
-        if result.reason is None and any(f.accession == accession for f in series_files[key])
-    ]
+    """The study's usable series (those its own files belong to) with the most slices (the
+    thinnest reconstruction)."""
+    keys = {(f.study_uid, f.series_uid) for c in candidates for f in c.frames or ()}
+    usable = [k for k in keys if k in volumes and volumes[k].reason is None]
     return max(usable, key=lambda k: (volumes[k].slices, k), default=None)
 
 
@@ -456,7 +452,7 @@ def scan_site(
             for cand in candidates:
                 scan.skipped.append(Skipped(cand.rel_path, no_report_reason))
             continue
-        chosen_series = _pick_series(accession, volumes, series_files)
+        chosen_series = _pick_series(candidates, volumes)
         volume_files = {c.rel_path for c in candidates if c.frames}
         if chosen_series is not None:
             series = volumes[chosen_series]

@@ -20,6 +20,12 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
+VOLUME_SHAPE: tuple[int, int, int] = (32, 64, 64)
+"""The volume grid of the tiny and small presets: (slices, rows, columns)."""
+VOLUME_MODALITIES: tuple[str, ...] = ("CT",)
+"""The volume modalities the presets read (a site's MR studies wait for a model that does)."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str = "tiny"  # name recorded in checkpoints; presets below fill the rest
@@ -33,8 +39,8 @@ class ModelConfig:
     # Volumes (CT, and MR where listed) go through a 3-D encoder of the same widths and
     # strides, frozen after public pretraining, and their own projector to the same number of
     # prefix tokens: (slices, rows, columns) of the resampled volume.
-    volume_shape: tuple[int, int, int] = (32, 64, 64)
-    volume_modalities: tuple[str, ...] = ("CT",)  # volume modalities this model was built for
+    volume_shape: tuple[int, int, int] = VOLUME_SHAPE
+    volume_modalities: tuple[str, ...] = VOLUME_MODALITIES  # the volumes this model reads
     # Where the causal LM comes from: "config" = GPT-2 built from the lm_* fields below and
     # trained on public text (foundation); "package" = pretrained weights shipped inside an
     # installed Python package (never imported); "path" = a local Hugging Face causal-LM

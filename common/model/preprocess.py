@@ -26,8 +26,7 @@ from monai.transforms import (
     SpatialPad,
 )
 
-VOLUME_SHAPE: tuple[int, int, int] = (32, 64, 64)
-"""The volume grid of the tiny and small presets (`ModelConfig.volume_shape`)."""
+from fedrad.common.model.config import VOLUME_SHAPE
 
 
 @dataclass(frozen=True)

@@ -292,12 +292,12 @@ def _encode(
     gradients need."""
     if _trains(encoder):
         return encoder(scans.to(device))
-    count = rows.shape[0]
-    full_tokens = torch.zeros(count, tokens_per_row, encoder.out_channels, device=device)
-    full_pooled = torch.zeros(count, encoder.pooled_channels, device=device)
     with torch.no_grad():
         if bool(rows.all()):
             return encoder(scans.to(device))
+        count = rows.shape[0]
+        full_tokens = torch.zeros(count, tokens_per_row, encoder.out_channels, device=device)
+        full_pooled = torch.zeros(count, encoder.pooled_channels, device=device)
         picked = rows.nonzero()[:, 0]
         if picked.numel():
             tokens, pooled = encoder(scans[picked.cpu()].to(device))
