@@ -9,7 +9,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_TELEMETRY_ENABLED=0
 
-.PHONY: install test test-fast demo lint format clean proxy docs
+.PHONY: install test test-fast demo lint format clean proxy browser docs
 
 install: $(STAMP) proxy
 
@@ -23,6 +23,19 @@ proxy:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx-light >/dev/null; \
 	  else \
 	    echo "note: the coordinator's Fleet proxy needs nginx: sudo apt-get install nginx-light"; \
+	  fi; }
+
+# Chromium, in which the reading page's tests open it (tests/browser.py drives it with
+# Playwright): from the OS packages, as root; anyone else is told the one command to run.
+browser:
+	@command -v chromium >/dev/null 2>&1 || test -x /usr/lib/chromium/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (the reading page's browser tests)"; \
+	    apt-get update -q >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null; \
+	  else \
+	    echo "note: the reading page's browser tests need Chromium:" \
+	      "sudo apt-get install --no-install-recommends chromium"; \
 	  fi; }
 
 $(STAMP): pyproject.toml constraints.txt Makefile
@@ -40,7 +53,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 # the docs site first: a broken link, a missing page or anchor fails `make test` (and CI)
-test: $(STAMP) proxy docs
+test: $(STAMP) proxy browser docs
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

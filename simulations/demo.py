@@ -3,7 +3,9 @@
 Each step calls the same CLI a user would, so the demo shows the product, not a private path:
 synthesise -> check each site -> federated DP training on Flower's simulation engine -> each
 round's model on the held-out studies per modality -> verify every site's signed ledger and
-recompute its epsilon -> a report from the final model on a radiograph and on a CT series.
+recompute its epsilon -> a report from the final model on a radiograph and on a CT series, and
+a followed patient's latest radiograph compared with its prior, written as the page a
+clinician opens.
 The federation mixes modalities: site_1 holds radiographs only, site_2 both, site_3 chest CT
 only; each trains the parts its data reach and each part is averaged over those sites.
 """
@@ -27,6 +29,7 @@ from fedrad.simulations.cli import app as sim_app
 DEMO_DIR = Path("runs/demo")
 SITES, STUDIES, SEED = 3, 150, 7
 CT_FRACTIONS = "0,0.3,1"  # radiographs only, mixed, CT only
+HISTORY = 0.5  # the share of patients followed over 2-4 visits (the interval head's data)
 ROUNDS, LOCAL_STEPS, EPSILON = 4, 40, 8.0
 FOUNDATION_STEPS = 300  # a quicker public LM than the default 600: the demo must fit 10 minutes
 
@@ -55,7 +58,7 @@ def main() -> None:
         [
             "synth", "--out", str(cohort), "--sites", str(SITES),
             "--studies-per-site", str(STUDIES), "--seed", str(SEED),
-            "--ct-fractions", CT_FRACTIONS,
+            "--ct-fractions", CT_FRACTIONS, "--history", str(HISTORY),
         ],
     )  # fmt: skip
     for site in sorted(p for p in cohort.iterdir() if p.is_dir()):
@@ -140,13 +143,43 @@ def main() -> None:
             )
             + "\n"
         )
+    _step(
+        "7. a followed patient's latest radiograph (site_1) beside its prior: the change per "
+        "finding, and the page a clinician opens (an explanation map per suggested finding)"
+    )
+    current, prior = _followed_patient(cohort / "site_1")
+    page = DEMO_DIR / "reading.html"
+    change = "Is the effusion new, larger, smaller, stable or resolved since the prior?"
+    reading = [
+        "report", str(current), "--model", str(checkpoint), "--prior", str(prior),
+        "--ask", change, "--html", str(page),
+    ]  # fmt: skip
+    sys.stdout.write(_invoke(site_app, reading) + "\n")
     sys.stdout.write(
         f"\ndemo finished in {time.perf_counter() - start:.0f} s\n"
+        f"reading:     {page} (open it in a browser; it loads nothing from the network)\n"
         f"plots:       {run_dir / 'plots'}\n"
         f"metrics:     {run_dir / 'metrics.jsonl'}, per modality: {per_round}\n"
         f"checkpoints: {run_dir / 'checkpoints'}\n"
         f"report again: .venv/bin/fedrad-site report {scan} --model {checkpoint}\n"
     )
+
+
+def _followed_patient(site: Path) -> tuple[Path, Path]:
+    """The latest and the one-before-latest radiograph of the site's first patient with two
+    or more studies, by the dates in their headers (the cohort keeps a patient's studies in
+    one folder)."""
+    import pydicom
+
+    for folder in sorted(p for p in (site / "dicom").iterdir() if p.is_dir()):
+        files = sorted(f for f in folder.rglob("*") if f.is_file())
+        if len({f.parent for f in files}) < 2:
+            continue
+        dated = sorted(
+            (str(pydicom.dcmread(f, stop_before_pixels=True).StudyDate), f) for f in files
+        )
+        return dated[-1][1], dated[-2][1]
+    raise SystemExit(f"demo: no followed patient in {site}")
 
 
 def _num(value: object) -> str:

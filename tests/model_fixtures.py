@@ -56,8 +56,11 @@ def micro_studies(
     *,
     ct_every: int = 0,
     volume_shape: tuple[int, int, int] = (8, 16, 16),
+    patients: int = 0,
 ) -> SiteStudies:
-    """`n` studies of random pixels; with `ct_every` k, every k-th one is a CT volume."""
+    """`n` studies of random pixels; with `ct_every` k, every k-th one is a CT volume; with
+    `patients` p, study i belongs to patient i % p and is taken on day i (so each patient's
+    studies of one kind follow each other), and its report grades the effusion."""
     rng = np.random.default_rng(seed)
     studies, images = [], []
     for i in range(n):
@@ -74,6 +77,9 @@ def micro_studies(
                 nodule_size_mm=8.0 if labels["nodule"] else None,
                 view="PA",
                 modality="CT" if ct_every and i % ct_every == 0 else "radiograph",
+                patient=f"p{i % patients}" if patients else "",
+                day=i if patients else None,
+                sizes={"pleural_effusion": float(1 + i % 3)} if labels["pleural_effusion"] else {},
             )
         )
         shape = (1, *volume_shape) if studies[-1].modality == "CT" else (1, size, size)
@@ -82,7 +88,7 @@ def micro_studies(
 
 
 def micro_examples(
-    model: RadiologyModel, n: int = 12, seed: int = 0, *, ct_every: int = 0
+    model: RadiologyModel, n: int = 12, seed: int = 0, *, ct_every: int = 0, patients: int = 0
 ) -> TrainingExamples:
     studies = micro_studies(
         n,
@@ -90,5 +96,6 @@ def micro_examples(
         seed,
         ct_every=ct_every,
         volume_shape=model.config.volume_shape,
+        patients=patients,
     )
     return TrainingExamples(studies, model.tokenizer, model.config, seed=seed)

@@ -8,6 +8,7 @@ are fixed-size tuples because Opacus' Poisson loader rebuilds empty batches from
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from fedrad.client.ingest.site_data import CachedStudy, load_cached_image, load_manifest
 from fedrad.common.findings import FINDINGS, LATERAL_ORDER, SIDES
 from fedrad.common.grounding import report_target
+from fedrad.common.interval import CHANGES, report_changes
 from fedrad.common.modality import RADIOGRAPH, modality_code
 from fedrad.common.model.config import ModelConfig
 from fedrad.common.tasks import (
@@ -69,18 +71,37 @@ class SiteStudies:
     def subset(self, indices: list[int]) -> SiteStudies:
         return SiteStudies([self.studies[i] for i in indices], [self.images[i] for i in indices])
 
+    def priors(self) -> list[int | None]:
+        """Per study, the row of the same patient's most recent earlier study of the same
+        modality, or None. Patients are linked by the keyed pseudonym only; a study with no
+        pseudonym or date has no prior and is nobody's prior."""
+        by_patient: dict[tuple[str, str], list[int]] = {}
+        for i, study in enumerate(self.studies):
+            if study.patient and study.day is not None:
+                by_patient.setdefault((study.patient, study.modality), []).append(i)
+        out: list[int | None] = [None] * len(self.studies)
+        for rows in by_patient.values():
+            rows.sort(key=lambda i: (self.studies[i].day, self.studies[i].study_id))
+            for before, row in itertools.pairwise(rows):
+                if self.studies[before].day != self.studies[row].day:  # same day: no order
+                    out[row] = before
+        return out
+
 
 def split_held_out(
     studies: SiteStudies, *, fraction: float = 0.2
 ) -> tuple[SiteStudies, SiteStudies]:
-    """A deterministic split by hashed study id: the same study is held out in every run.
+    """A deterministic split by hashed patient pseudonym (the study id where the patient is
+    unknown): the same studies are held out in every run, and a patient's studies all fall on
+    one side, so a held-out study's prior was never trained on as a study of its own.
 
-    Study ids are keyed pseudonyms, so a small site could draw no held-out study at all by
-    chance; with two or more studies each side keeps at least one, so a site can always be
-    evaluated and still train.
+    Pseudonyms are keyed, so a small site could draw no held-out study at all by chance; with
+    two or more studies each side keeps at least one, so a site can always be evaluated and
+    still train.
     """
     buckets = [
-        int(hashlib.sha256(study.study_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        int(hashlib.sha256((study.patient or study.study_id).encode()).hexdigest()[:8], 16)
+        / 0xFFFFFFFF
         for study in studies.studies
     ]
     order = sorted(range(len(buckets)), key=lambda i: (buckets[i], studies.studies[i].study_id))
@@ -125,13 +146,28 @@ def side_targets(labels: dict[str, int], sides: dict[str, str | None]) -> torch.
     )
 
 
+def interval_targets(prior: CachedStudy | None, current: CachedStudy) -> torch.Tensor:
+    """Per finding, the index in CHANGES of the change the two reports state (-1: unknown,
+    or no prior)."""
+    if prior is None:
+        return torch.full((len(FINDINGS),), -1, dtype=torch.long)
+    changes = report_changes(prior.labels, prior.sizes, current.labels, current.sizes)
+    return torch.tensor(
+        [CHANGES.index(c) if (c := changes[f]) is not None else -1 for f in FINDINGS],
+        dtype=torch.long,
+    )
+
+
 class TrainingExamples(Dataset):
     """Tuples (image, volume, modality, input_ids, attention_mask, target_mask, ctx_index,
-    findings, mask, side targets).
+    findings, mask, side targets, prior image, prior volume, interval targets).
 
     Every row carries both scan slots so a batch can mix radiographs and volumes: the slot of
     the other kind holds zeros (the model never reads it); a site without volumes carries a
-    1-voxel placeholder rather than a full empty volume."""
+    1-voxel placeholder rather than a full empty volume. The prior slots hold the same
+    patient's previous study of the same modality (zeros without one); the interval targets
+    are the change its two reports state per finding (index in CHANGES; -1 unknown or no
+    prior)."""
 
     def __init__(
         self,
@@ -159,6 +195,11 @@ class TrainingExamples(Dataset):
                 f"volumes were prepared at {sorted(shapes)[0][1:]} but the model reads "
                 f"{config.volume_shape}: prepare the site again for this model"
             )
+        self.prior_rows = studies.priors()
+        self.interval = [
+            interval_targets(studies.studies[p] if p is not None else None, study)
+            for p, study in zip(self.prior_rows, studies.studies, strict=True)
+        ]
 
     def __len__(self) -> int:
         return len(self.studies)
@@ -188,11 +229,13 @@ class TrainingExamples(Dataset):
         target_mask = torch.tensor(
             [False] * len(prompt) + [True] * len(target_ids) + [False] * pad, dtype=torch.bool
         )
-        scan = torch.from_numpy(self.studies.images[index].astype(np.float32))
-        if study.modality == RADIOGRAPH:
-            image, volume = scan, torch.zeros(self.volume_shape)
+        image, volume = self._slots(index)
+        prior = self.prior_rows[index]
+        if prior is None:
+            prior_image = torch.zeros(self.image_shape)
+            prior_volume = torch.zeros(self.volume_shape)
         else:
-            image, volume = torch.zeros(self.image_shape), scan
+            prior_image, prior_volume = self._slots(prior)
         findings, mask = finding_targets(study.labels)
         return (
             image,
@@ -205,4 +248,15 @@ class TrainingExamples(Dataset):
             findings,
             mask,
             side_targets(study.labels, study.sides),
+            prior_image,
+            prior_volume,
+            self.interval[index],
         )
+
+    def _slots(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image slot, volume slot) of a study: its scan in its kind's slot, zeros in the
+        other."""
+        scan = torch.from_numpy(self.studies.images[row].astype(np.float32))
+        if self.studies.studies[row].modality == RADIOGRAPH:
+            return scan, torch.zeros(self.volume_shape)
+        return torch.zeros(self.image_shape), scan

@@ -9,6 +9,7 @@ raw files again. Nothing here logs a path, a header value or report text.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import logging
 import os
@@ -19,10 +20,12 @@ from pathlib import Path
 from typing import Final
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from fedrad.client.ingest.decode_pool import WORKER_ENDED, map_isolated
 from fedrad.client.ingest.deid import (
     PhiValues,
+    PseudonymKey,
     collect_phi,
     load_or_create_key,
     scrub_text,
@@ -57,6 +60,7 @@ from fedrad.client.ingest.site_files import (
     walk_site,
 )
 from fedrad.common.findings import FINDINGS
+from fedrad.common.interval import stated_sizes
 from fedrad.common.labeling.labeler import label_report
 from fedrad.common.modality import RADIOGRAPH, VOLUME_MODALITIES
 from fedrad.common.model.preprocess import PreprocessConfig, preprocess, preprocess_volume
@@ -96,6 +100,8 @@ class FileResult:
     phi: PhiValues = field(default_factory=PhiValues.empty)
     image: np.ndarray | None = None
     frames: list[Frame] | None = None  # a CT/MR file: its frames' geometry (pixels dropped)
+    patient: str = ""  # PatientID, in memory only: links a patient's studies at the site
+    study_date: dt.date | None = None
 
 
 @dataclass
@@ -124,6 +130,9 @@ class Study:
     view: str
     modality: str = RADIOGRAPH
     slices: int = 0  # a volume's slice count (0 for a radiograph)
+    patient: str = ""  # PatientID as the header states it (memory only; the cache keys it)
+    study_date: dt.date | None = None
+    sizes: dict[str, float] = field(default_factory=dict)  # what the report grades
 
 
 @dataclass
@@ -185,6 +194,7 @@ def _inspect_file(
             result.view = str(ds.get("ViewPosition", "") or "").strip().upper()
             result.sop_uid = str(ds.get("SOPInstanceUID", "") or "")
             result.phi = collect_phi(ds)
+            result.patient, result.study_date = patient_and_date(ds)
         except READ_ERRORS as exc:
             raise UnusableError(f"malformed header ({type(exc).__name__})") from exc
         if not result.accession:
@@ -204,6 +214,18 @@ def _inspect_file(
     return result
 
 
+def patient_and_date(ds: Dataset) -> tuple[str, dt.date | None]:
+    """PatientID and StudyDate as the header states them (None for a missing or malformed
+    date): what links a patient's studies in order at the site."""
+    patient = str(ds.get("PatientID", "") or "").strip()
+    value = str(ds.get("StudyDate", "") or "").strip()
+    try:
+        day = dt.date(int(value[:4]), int(value[4:6]), int(value[6:8])) if len(value) == 8 else None
+    except ValueError:
+        day = None
+    return patient, day
+
+
 def _inspect_series_file(
     result: FileResult, dicom: DicomFile, modalities: frozenset[str]
 ) -> FileResult:
@@ -216,6 +238,7 @@ def _inspect_series_file(
         result.accession = str(ds.get("AccessionNumber", "") or "").strip()
         result.sop_uid = str(ds.get("SOPInstanceUID", "") or "")
         result.phi = collect_phi(ds)
+        result.patient, result.study_date = patient_and_date(ds)
     except READ_ERRORS as exc:
         raise UnusableError(f"malformed header ({type(exc).__name__})") from exc
     if not result.accession:
@@ -277,6 +300,16 @@ def _crashed(args: tuple[SiteFile, frozenset[str], PreprocessConfig | None]) -> 
         rel_path=args[0].rel_path,
         reason=WORKER_ENDED,
     )
+
+
+def _study_patient(candidates: list[FileResult]) -> tuple[str, dt.date | None]:
+    """The study's patient and date when its files agree on them; a study whose files name
+    two patients (or two dates) links to no one: a comparison is never made across patients."""
+    patients = {c.patient for c in candidates}
+    dates = {c.study_date for c in candidates}
+    patient = patients.pop() if len(patients) == 1 else ""
+    day = dates.pop() if len(dates) == 1 else None
+    return patient, day
 
 
 def _pick_image(candidates: list[FileResult]) -> FileResult:
@@ -492,6 +525,7 @@ def scan_site(
             phi = phi.merge(cand.phi)
         report = scrub_text(row.report, phi)
         labels = label_report(report)
+        patient, study_date = _study_patient(candidates)
         scan.studies.append(
             Study(
                 accession=accession,
@@ -504,6 +538,9 @@ def scan_site(
                 view=view,
                 modality=modality,
                 slices=slices,
+                patient=patient,
+                study_date=study_date,
+                sizes=stated_sizes(report, labels),
             )
         )
         if image is not None:
@@ -536,6 +573,9 @@ class CachedStudy:
     nodule_size_mm: float | None
     view: str
     modality: str = RADIOGRAPH  # manifests written before volumes hold radiographs only
+    patient: str = ""  # keyed pseudonym of PatientID ("" unknown): links a patient's studies
+    day: int | None = None  # study date as a day number, shifted by a keyed per-patient offset
+    sizes: dict[str, float] = field(default_factory=dict)  # `interval.stated_sizes`
 
 
 def default_cache_dir(data_dir: Path) -> Path:
@@ -625,6 +665,9 @@ def prepare_site(
                 nodule_size_mm=study.nodule_size_mm,
                 view=study.view,
                 modality=study.modality,
+                patient=key.token(study.patient, namespace="patient") if study.patient else "",
+                day=_shifted_day(key, study.patient, study.study_date),
+                sizes=study.sizes,
             )
         )
     manifest = {
@@ -635,6 +678,18 @@ def prepare_site(
     _atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
     logger.info("cache written: %d studies", len(entries))
     return scan, manifest_path
+
+
+DATE_SHIFT_DAYS: Final[int] = 3650
+
+
+def _shifted_day(key: PseudonymKey, patient: str, day: dt.date | None) -> int | None:
+    """A study's date as a day number moved by an offset keyed on the patient: a patient's
+    studies keep their order and spacing, and the cache holds no calendar date."""
+    if day is None or not patient:
+        return None
+    offset = int(key.token(patient, namespace="date-shift", length=8), 16) % DATE_SHIFT_DAYS
+    return day.toordinal() - offset
 
 
 def cache_is_fresh(manifest: Path, data_dir: Path) -> bool:

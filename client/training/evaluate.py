@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fedrad.client.ingest.dataset import SiteStudies, encode_context, encode_prompt
+from fedrad.client.training.interval_evaluation import interval_evaluation
 from fedrad.common.findings import FINDINGS
 from fedrad.common.grounding import (
     CANDIDATES,
@@ -268,6 +269,7 @@ def evaluate(model: RadiologyModel, studies: SiteStudies, config: EvalConfig) ->
         "qa_presence_accuracy": by_kind["presence"],
         "qa_side_accuracy": by_kind["side"],
         "qa_size_accuracy": by_kind["size"],
+        "interval": interval_evaluation(model, studies),
         "eval_seconds": out.seconds,
     }
     logger.info(

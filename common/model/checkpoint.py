@@ -33,14 +33,16 @@ from fedrad.common.model.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION: Final[int] = 4
+FORMAT_VERSION: Final[int] = 5
 """2: checkpoints over a pretrained base omit its weights; 3: the language model was trained
 on the findings prompt (`tasks.PROMPT_FORMAT` 2), which inference builds from the head; 4: a
-volume encoder and projector (CT) beside the radiograph ones."""
+volume encoder and projector (CT) beside the radiograph ones; 5: an interval head (the change
+since the patient's prior study)."""
 READABLE_FORMATS: Final[frozenset[int]] = frozenset({FORMAT_VERSION})
 RETRAIN_HINT: Final[str] = (
-    "it predates the volume (CT) encoder and projector this fedrad serves, so it cannot "
-    "read CT and its trainable set differs from a current federation's: train it again "
+    "it predates the parts this fedrad serves (the CT encoder and projector, the interval "
+    "head that compares a study with the patient's prior), so its trainable set differs "
+    "from a current federation's: train it again "
     "(fedrad-sim run, fedrad-sim centralized, or a federation with fedrad-coordinator)"
 )
 REQUIRED_FILES: Final[tuple[str, ...]] = (

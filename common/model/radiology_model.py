@@ -7,6 +7,9 @@ state at the last context token (image + indication, before any task text), so f
 same cross-modal context as the report while staying independent of which task a training
 example asked for, and never see the findings line that training fills from the labels.
 
+The interval head reads the pooled features of the current study and of the same patient's
+prior (encoded without gradient) and gives, per finding, the change between them (CHANGES).
+
 Radiographs and volumes (CT) each have an encoder and a projector to the same number of prefix
 tokens; a batch may mix them (`modality` per row) and every row takes its own modality's
 prefix and pooled features. The volume encoder is always frozen (pretrained on public volumes):
@@ -24,6 +27,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedrad.common.findings import FINDINGS, LATERAL_ORDER, SIDES
+from fedrad.common.interval import CHANGES
 from fedrad.common.modality import MODALITIES, RADIOGRAPH
 from fedrad.common.model.config import ModelConfig
 from fedrad.common.model.encoder import ImageEncoder, VolumeEncoder
@@ -68,6 +72,10 @@ class RadiologyModel(nn.Module):
             nn.GELU(),
             nn.Linear(hidden, hidden),
         )
+        # after the volume side, for the same reason: [current ; prior ; current - prior]
+        self.interval_head = nn.Linear(
+            3 * self.encoder.pooled_channels, len(FINDINGS) * len(CHANGES)
+        )
 
     # -- shared pieces -------------------------------------------------------------------------
 
@@ -102,6 +110,56 @@ class RadiologyModel(nn.Module):
             prefix = torch.where(chosen[:, None, None], other_prefix, prefix)
             pooled = torch.where(chosen[:, None], other_pooled, pooled)
         return prefix, pooled
+
+    def pooled_features(
+        self,
+        images: torch.Tensor,
+        volumes: torch.Tensor | None = None,
+        modality: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, pooled) encoder features, without gradient: what the interval head reads of a
+        prior study (a constant input, so per-sample gradients stay exact). `rows` (B,) bool
+        picks the rows to encode; the others are zeros."""
+        count = images.shape[0]
+        if rows is None:
+            rows = torch.ones(count, dtype=torch.bool)
+        rows = rows.cpu()
+        if modality is None:
+            code = MODALITIES.index(RADIOGRAPH) if images.dim() == 4 else 1
+            modality = torch.full((count,), code)
+        is_volume = modality.cpu() != MODALITIES.index(RADIOGRAPH)
+        out = torch.zeros(count, self.encoder.pooled_channels, device=self.device)
+        k = self.config.num_prefix_tokens
+        with torch.no_grad():
+            flat = rows & ~is_volume
+            if bool(flat.any()):
+                source = images if images.dim() == 4 else None
+                if source is None:
+                    raise ValueError("a radiograph row needs the images tensor")
+                out = out + _encode(self.encoder, source, flat, self.device, k)[1].float()
+            deep = rows & is_volume
+            if bool(deep.any()):
+                source = volumes if volumes is not None else images
+                if source.dim() != 5:
+                    raise ValueError("a volume row needs the volumes tensor")
+                out = out + _encode(self.volume_encoder, source, deep, self.device, k)[1].float()
+        return out
+
+    def interval_logits(self, current: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """(B, findings, changes) logits of the change from the prior to the current study,
+        from their pooled features."""
+        features = torch.cat([current, prior, current - prior], dim=1)
+        return self.interval_head(features).view(-1, len(FINDINGS), len(CHANGES))
+
+    @torch.no_grad()
+    def interval_change(self, current: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """(B, findings, changes) probabilities of each change between two scans of one
+        kind (both (B, 1, S, S) radiographs or both (B, 1, D, H, W) volumes)."""
+        if current.dim() != prior.dim() or current.shape[1:] != prior.shape[1:]:
+            raise ValueError("the prior must be the same kind of scan as the current study")
+        logits = self.interval_logits(self.pooled_features(current), self.pooled_features(prior))
+        return torch.softmax(logits.float(), dim=-1).cpu()
 
     @property
     def device(self) -> torch.device:
@@ -140,9 +198,13 @@ class RadiologyModel(nn.Module):
         findings: torch.Tensor,
         findings_mask: torch.Tensor,
         side_targets: torch.Tensor,
+        prior_images: torch.Tensor | None = None,
+        prior_volumes: torch.Tensor | None = None,
+        interval_targets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-example LM loss, per-example finding loss (presence BCE plus side cross-entropy
-        where the report states a side) and finding logits."""
+        """Per-example LM loss, per-example finding loss (presence BCE, plus side cross-entropy
+        where the report states a side, plus interval cross-entropy where the two reports
+        state a change) and finding logits."""
         prefix, pooled = self.visual_prefix(images, volumes, modality)
         k = prefix.shape[1]
         text = self.lm.get_input_embeddings()(input_ids)
@@ -171,7 +233,21 @@ class RadiologyModel(nn.Module):
         ).view(side_targets.shape)
         smask = (side_targets >= 0).to(side_ce.dtype)
         side_loss = (side_ce * smask).sum(dim=1) / smask.sum(dim=1).clamp(min=1.0)
-        return lm_loss, finding_loss + side_loss.to(finding_loss.dtype), finding_logits
+        finding_loss = finding_loss + side_loss.to(finding_loss.dtype)
+        if interval_targets is not None and prior_images is not None:
+            known = interval_targets >= 0
+            has_prior = known.any(dim=1)
+            prior = self.pooled_features(prior_images, prior_volumes, modality, has_prior.cpu())
+            logits = self.interval_logits(pooled.float(), prior).float()
+            ce_change = F.cross_entropy(
+                logits.reshape(-1, len(CHANGES)),
+                interval_targets.reshape(-1).clamp(min=0),
+                reduction="none",
+            ).view(interval_targets.shape)
+            cmask = known.to(ce_change.dtype)
+            change_loss = (ce_change * cmask).sum(dim=1) / cmask.sum(dim=1).clamp(min=1.0)
+            finding_loss = finding_loss + change_loss.to(finding_loss.dtype)
+        return lm_loss, finding_loss, finding_logits
 
     def loss(self, *batch: torch.Tensor) -> LossParts:
         lm_loss, finding_loss, _ = self(*batch)

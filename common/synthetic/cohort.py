@@ -11,6 +11,11 @@ so the output is byte-identical for a seed whatever ``workers`` is.
 
 Radiographs are drawn (`cxr_image.py`) or, with ``radiographs="drr"``, projected from the same
 warped real chest CT the CT studies use (`drr.py`), so radiographs and CTs share one anatomy.
+
+Case history (``history`` > 0): that share of each site's patients is followed over 2-4 visits
+whose findings evolve (`patient_course.py`). Their plan, course, anatomy and finding placement
+come from new streams (``spawn_key`` (4, site) and (5, site, patient, ...)), so a cohort without
+history is byte-identical to one generated before history existed.
 """
 
 from __future__ import annotations
@@ -47,13 +52,17 @@ from fedrad.common.findings import FINDINGS, LATERAL_FINDINGS
 from fedrad.common.labeling.labeler import label_report
 
 from .cxr_image import (
+    Anatomy,
     Finding,
+    anchor_finding,
     render_chest,
+    reposition,
     sample_anatomy,
     sample_devices,
     sample_finding,
     to_stored,
 )
+from .patient_course import CHANGES, changes, draw_course, draw_gaps, largest_nodule_mm, sizes
 from .report_text import HeaderPHI, write_indication, write_report
 from .site_profiles import SiteProfile, profile_for_site, studies_for_site
 
@@ -74,6 +83,19 @@ GROUND_TRUTH_COLUMNS: Final[tuple[str, ...]] = (
     "nodule_size_mm",
     "view",
 )
+HISTORY_COLUMNS: Final[tuple[str, ...]] = (
+    "patient_course",
+    "visit",
+    "prior_accession",
+    *(f"{f}_change" for f in FINDINGS),
+    *(f"{f}_size" for f in FINDINGS),
+)
+"""Appended to GROUND_TRUTH_COLUMNS when ``history`` > 0, filled for followed patients' visits
+(empty for patients seen once): the course id ("c<site>-<n>"), the visit number (1-based), the
+prior visit's accession, and per finding its change since the prior visit (a
+`patient_course.CHANGES` entry; empty on a first visit) and its size on its own scale (mm for a
+nodule, small/moderate/large, mild/moderate/marked, acute/healed for a fracture; empty if
+absent)."""
 
 _ENCODER_PLUGIN: Final[dict[str, str]] = {
     JPEG2000Lossless: "pylibjpeg",
@@ -112,6 +134,20 @@ _INITIALS = "ABCDEFGHJKLMNPRSTW"
 
 
 @dataclass(frozen=True)
+class CourseVisit:
+    """One visit of a followed patient, fixed when the site is planned: its findings come from
+    the patient's course, not from the study's stream."""
+
+    course_id: str  # "c<site>-<n>", for evaluation only
+    patient: int  # the patient's index in the site plan: keys its anatomy and placement streams
+    number: int  # 1-based
+    prior_accession: str  # "" on the first visit
+    findings: tuple[Any, ...]  # Finding (drawn radiographs) or CTFinding (CT, DRR radiographs)
+    changes: tuple[tuple[str, str], ...]  # (finding, change) since the prior visit; () on the first
+    fit_mm: float  # the largest nodule of the course: where a nodule is placed must hold it
+
+
+@dataclass(frozen=True)
 class StudyTask:
     """Everything one worker needs to write one study (picklable; no randomness left open)."""
 
@@ -144,6 +180,7 @@ class StudyTask:
     kind: str = "radiograph"  # or "CT": a chest CT series on real anatomy (`chest_ct.py`)
     ct_thickness_mm: float | None = None  # the site's reconstruction; None = the working grid
     radiographs: str = "drawn"  # "drawn" (`cxr_image.py`) or "drr" (projected real CT, `drr.py`)
+    visit: CourseVisit | None = None  # a followed patient's visit; None: seen once
 
 
 @dataclass(frozen=True)
@@ -155,6 +192,8 @@ class StudyResult:
     truth_row: dict[str, str]
     findings: tuple[str, ...]
     view: str
+    changes: tuple[tuple[str, str], ...]  # a followed patient's later visit: change per finding
+    course: bool  # the study is a followed patient's visit
     render_s: float
     encode_s: float
     nbytes: int
@@ -218,6 +257,60 @@ def _ct_plan(seed: int, site_index: int, n: int, fraction: float) -> list[bool]:
     return [bool(v) for v in rng.random(n) < fraction]
 
 
+def _patient_rng(seed: int, site_index: int, patient: int, *key: int) -> np.random.Generator:
+    """A followed patient's own stream: () its course, (1,) anatomy, (2,) lung texture,
+    (3, finding index) where that finding sits. Never drawn from a study's stream, so the
+    visits (made in any order, by any worker) agree."""
+    spawn_key = (5, site_index, patient, *key)
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=spawn_key))
+
+
+def _patient_plan(
+    rng: np.random.Generator, n: int, history: float, ct_fraction: float
+) -> list[tuple[int, bool]]:
+    """(visits, is CT) per patient of a site with ``n`` studies: each patient is followed over
+    2-4 visits with chance ``history``, else seen once (never one study left over for a last
+    followed patient); one modality per patient, CT with chance ``ct_fraction``."""
+    plan = []
+    left = n
+    while left > 0:
+        followed, ct = rng.random() < history, rng.random() < ct_fraction
+        k = int(rng.integers(2, 5)) if followed and left >= 2 else 1
+        k = min(k, left)
+        if k > 1 and left - k == 1:
+            k = k + 1 if k < 4 else k - 1
+        plan.append((k, bool(ct)))
+        left -= k
+    return plan
+
+
+def _prevalence(prof: SiteProfile) -> dict[str, float]:
+    """The site's approximate share of studies with each finding."""
+    rates = zip(FINDINGS, prof.finding_rates, strict=True)
+    return {f: (1.0 - prof.normal_fraction) * r for f, r in rates}
+
+
+def _course(
+    prof: SiteProfile, seed: int, site_index: int, patient: int, visits: int, kind: str, drr: bool
+) -> tuple[tuple[int, ...], tuple[tuple[Any, ...], ...]]:
+    """(days between visits, findings at each visit) of one followed patient: the first visit's
+    drawn as any study's of the site (CT nodules included), then evolved (`patient_course.py`).
+    CTs and DRR radiographs follow CT findings, drawn radiographs drawn ones."""
+    rng = _patient_rng(seed, site_index, patient)
+    gaps = draw_gaps(visits, rng)
+    names = prof.draw_findings(rng)
+    if kind == "CT" and "nodule" not in names and rng.random() < CT_NODULE_RATE:
+        names = tuple(f for f in FINDINGS if f in {*names, "nodule"})
+    sample: Callable[[str, np.random.Generator], Any] = sample_finding
+    if kind == "CT" or drr:
+        from .chest_ct import sample_ct_finding
+
+        sample = sample_ct_finding
+    first = [sample(name, rng) for name in names]
+    course = draw_course(first, gaps, rng, sample=sample, prevalence=_prevalence(prof))
+    return gaps, course
+
+
 def _plan_site(
     out_dir: Path,
     site_index: int,
@@ -228,16 +321,22 @@ def _plan_site(
     image_size: int | None,
     ct_fraction: float = 0.0,
     radiographs: str = "drawn",
+    history: float = 0.0,
 ) -> list[StudyTask]:
-    """Patients, visits, identifiers and paths for one site, from the site's own seed."""
+    """Patients, visits, identifiers and paths for one site, from the site's own seed.
+
+    Without history a fifth of the studies are repeat visits of random patients; with it the
+    repeats are the followed patients' courses, planned from the site's history stream."""
     prof = profile_for_site(site_index)
-    is_ct = _ct_plan(seed, site_index, n, ct_fraction)
+    history_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(4, site_index)))
+    plan = _patient_plan(history_rng, n, history, ct_fraction) if history > 0 else None
+    is_ct = _ct_plan(seed, site_index, n, ct_fraction) if plan is None else []
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0, site_index)))
     rows, cols, spacing = _site_shape(prof, image_size)
     physicians = [_person(rng)[:2] for _ in range(8)]
     operators = [_person(rng)[:2] for _ in range(5)]
     stations = [(f"{prof.station_prefix}{i + 1:02d}", f"SN{_hex(rng, 8)}") for i in range(3)]
-    n_patients = max(1, math.ceil(n * 0.8))
+    n_patients = max(1, math.ceil(n * 0.8)) if plan is None else len(plan)
     start = dt.date(prof.first_year, 1, 1)
     span = (dt.date(prof.last_year, 12, 31) - start).days
     mid = start + dt.timedelta(days=span // 2)
@@ -259,8 +358,25 @@ def _plan_site(
         folders.add(folder)
         pn = f"{family}^{given}" + (f"^{middle}" if middle else "")
         patients.append((pn, given, family, mrn, sex, birth, folder))
-    owner = list(range(n_patients)) + [int(rng.integers(n_patients)) for _ in range(n - n_patients)]
-    rng.shuffle(owner)
+    visits: list[CourseVisit | None] = [None] * n
+    dates: dict[tuple[int, int], dt.date] = {}
+    if plan is None:
+        owner = list(range(n_patients))
+        owner += [int(rng.integers(n_patients)) for _ in range(n - n_patients)]
+        rng.shuffle(owner)
+    else:
+        owner, visits, dates = _schedule(
+            history_rng,
+            plan,
+            patients,
+            accessions,
+            prof,
+            seed,
+            site_index,
+            (start, span),
+            radiographs,
+        )
+        is_ct = [plan[p][1] for p in owner]
     tasks = []
     for j in range(n):
         pn, given, family, mrn, sex, birth, folder = patients[owner[j]]
@@ -272,6 +388,11 @@ def _plan_site(
         hhmmss = f"{hour:02d}{int(rng.integers(60)):02d}{int(rng.integers(60)):02d}"
         station, serial = stations[int(rng.integers(len(stations)))]
         study_folder = f"S{_hex(rng, 8)}"
+        before = int(rng.integers(30, 1500))  # an outside prior the report may cite
+        visit = visits[j]
+        if visit is not None:
+            day = dates[owner[j], visit.number - 1]
+        prior = dates.get((owner[j], visit.number - 2)) if visit and visit.number > 1 else None
         tasks.append(
             StudyTask(
                 seed=seed,
@@ -297,7 +418,7 @@ def _plan_site(
                 birth_date=birth,
                 study_date=day,
                 study_time=hhmmss,
-                prior_date=day - dt.timedelta(days=int(rng.integers(30, 1500))),
+                prior_date=prior or day - dt.timedelta(days=before),
                 accession=accessions[j],
                 study_id=str(int(rng.integers(1, 100_000))),
                 study_uid=_uid(rng, seed, site_index, j, "study"),
@@ -310,9 +431,59 @@ def _plan_site(
                 kind="CT" if is_ct[j] else "radiograph",
                 ct_thickness_mm=CT_THICKNESS_MM[site_index % len(CT_THICKNESS_MM)],
                 radiographs=radiographs,
+                visit=visit,
             )
         )
     return tasks
+
+
+def _schedule(
+    rng: np.random.Generator,
+    plan: list[tuple[int, bool]],
+    patients: list[tuple[str, str, str, str, str, dt.date, str]],
+    accessions: list[str],
+    prof: SiteProfile,
+    seed: int,
+    site_index: int,
+    years: tuple[dt.date, int],
+    radiographs: str,
+) -> tuple[list[int], list[CourseVisit | None], dict[tuple[int, int], dt.date]]:
+    """(patient of each study, its course visit or None, date of each (patient, visit)) for a
+    site with history: the studies in a shuffled order, each followed patient's visits dated
+    in order within the site's years, the first when the patient is an adult. ``rng`` is the
+    site's history stream, which planned ``plan``; ``years`` the site's first day and span."""
+    start, span = years
+    slots = [(p, v) for p, (k, _) in enumerate(plan) for v in range(k)]
+    order = rng.permutation(len(slots))
+    owner = [slots[i][0] for i in order]
+    index_of = {slots[i]: j for j, i in enumerate(order)}
+    visits: list[CourseVisit | None] = [None] * len(slots)
+    dates: dict[tuple[int, int], dt.date] = {}
+    n_courses = 0
+    for p, (k, ct) in enumerate(plan):
+        if k == 1:
+            continue
+        n_courses += 1
+        kind = "CT" if ct else "radiograph"
+        gaps, course = _course(prof, seed, site_index, p, k, kind, radiographs == "drr")
+        first = start + dt.timedelta(days=int(rng.integers(0, max(0, span - sum(gaps)) + 1)))
+        day = max(first, patients[p][5] + dt.timedelta(days=18 * 366))
+        fit = largest_nodule_mm(course)
+        for v in range(k):
+            day += dt.timedelta(days=gaps[v - 1] if v else 0)
+            dates[p, v] = day
+            prior = accessions[index_of[p, v - 1]] if v else ""
+            change = tuple(changes(course[v - 1], course[v]).items()) if v else ()
+            visits[index_of[p, v]] = CourseVisit(
+                course_id=f"c{site_index + 1}-{n_courses}",
+                patient=p,
+                number=v + 1,
+                prior_accession=prior,
+                findings=course[v],
+                changes=change,
+                fit_mm=fit,
+            )
+    return owner, visits, dates
 
 
 def _dataset(t: StudyTask, pixels: np.ndarray, view: str) -> Dataset:
@@ -416,15 +587,20 @@ def _make_study(t: StudyTask) -> StudyResult:
         np.random.SeedSequence(t.seed, spawn_key=(1, t.site_index, t.study_index))
     )
     t0 = time.perf_counter()
-    names = prof.draw_findings(rng)
+    visit = t.visit
+    names = prof.draw_findings(rng) if visit is None else tuple(f.name for f in visit.findings)
     view = "AP" if rng.random() < prof.ap_fraction else "PA"
     devices: tuple[str, ...] = ()
     if t.radiographs == "drr":
         findings, img = _drr_image(t, names, view, rng)
     else:
-        findings = tuple(sample_finding(n, rng) for n in names)
+        findings = tuple(sample_finding(n, rng) for n in names) if visit is None else ()
         devices = sample_devices(rng, rate=prof.device_rate) if view == "AP" else ()
-        anatomy = sample_anatomy(rng, sex=t.sex, view=view)
+        texture = None
+        if visit is None:
+            anatomy = sample_anatomy(rng, sex=t.sex, view=view)
+        else:
+            anatomy, findings, texture = _followed_chest(t, visit, view, rng)
         img = render_chest(
             anatomy,
             findings,
@@ -434,6 +610,7 @@ def _make_study(t: StudyTask) -> StudyResult:
             view=view,
             rng=rng,
             devices=devices,
+            texture_rng=texture,
         )
     pixels = to_stored(img, prof.detector, spacing_mm=t.spacing_mm, rng=rng)
     phi = HeaderPHI(
@@ -445,7 +622,16 @@ def _make_study(t: StudyTask) -> StudyResult:
         study_time=t.study_time[:4],
         prior_date=t.prior_date,
     )
-    report = write_report(findings, view=view, devices=devices, style=prof.style, phi=phi, rng=rng)
+    report = write_report(
+        findings,
+        view=view,
+        devices=devices,
+        style=prof.style,
+        phi=phi,
+        rng=rng,
+        followed=visit is not None,
+        has_prior=visit is not None and visit.number > 1,
+    )
     age = _age(t.birth_date, t.study_date)
     indication = write_indication(findings, kind=prof.kind, age=age, sex=t.sex, rng=rng)
     t1 = time.perf_counter()
@@ -466,6 +652,7 @@ def _make_study(t: StudyTask) -> StudyResult:
     nod = by_name.get("nodule")
     truth["nodule_size_mm"] = f"{nod.size_mm:.1f}" if nod is not None and nod.size_mm else ""
     truth["view"] = view
+    truth.update(_course_truth(visit))
     return StudyResult(
         site_index=t.site_index,
         report_row={
@@ -477,10 +664,68 @@ def _make_study(t: StudyTask) -> StudyResult:
         truth_row=truth,
         findings=names,
         view=view,
+        changes=visit.changes if visit is not None else (),
+        course=visit is not None,
         render_s=t1 - t0,
         encode_s=t2 - t1,
         nbytes=path.stat().st_size,
     )
+
+
+def _course_truth(visit: CourseVisit | None) -> dict[str, str]:
+    """The `HISTORY_COLUMNS` of a followed patient's visit (none for a patient seen once)."""
+    if visit is None:
+        return {}
+    change = dict(visit.changes)
+    size = sizes(visit.findings)
+    return {
+        "patient_course": visit.course_id,
+        "visit": str(visit.number),
+        "prior_accession": visit.prior_accession,
+        **{f"{f}_change": change.get(f, "") for f in FINDINGS},
+        **{f"{f}_size": size[f] for f in FINDINGS},
+    }
+
+
+def _followed_chest(
+    t: StudyTask, visit: CourseVisit, view: str, rng: np.random.Generator
+) -> tuple[Anatomy, tuple[Finding, ...], np.random.Generator]:
+    """(anatomy, placed findings, lung texture stream) of a followed patient's radiograph: the
+    patient's own anatomy and lung markings (drawn from the patient's streams, the same at every
+    visit) positioned afresh for this visit, and each finding where it sits in those lungs."""
+    own = sample_anatomy(_patient_rng(t.seed, t.site_index, visit.patient, 1), sex=t.sex, view="PA")
+    findings = tuple(
+        anchor_finding(f, own, _placement_rng(t, visit, f.name), fit_mm=visit.fit_mm)
+        for f in visit.findings
+    )
+    anatomy = reposition(own, view="AP" if view == "AP" else "PA", rng=rng)
+    return anatomy, findings, _patient_rng(t.seed, t.site_index, visit.patient, 2)
+
+
+def _placement_rng(t: StudyTask, visit: CourseVisit, finding: str) -> np.random.Generator:
+    return _patient_rng(t.seed, t.site_index, visit.patient, 3, FINDINGS.index(finding))
+
+
+def _followed_ct(
+    t: StudyTask, visit: CourseVisit, rng: np.random.Generator, noise_hu: float
+) -> tuple[tuple[CTFinding, ...], np.ndarray]:
+    """(findings as inserted, HU volume) of a followed patient's chest CT: the patient's own
+    warped anatomy (the same at every visit), each finding where it sits in it, and the body
+    shifted by a few voxels as the patient lies a little differently on the table each time."""
+    from scipy import ndimage
+
+    from .chest_ct import anchor_ct_finding, patient_anatomy, reference_ct, render_ct_with_truth
+
+    ref = reference_ct(CT_GRID)
+    anatomy = patient_anatomy(ref, _patient_rng(t.seed, t.site_index, visit.patient, 1))
+    placed = tuple(
+        anchor_ct_finding(f, ref, anatomy[1], _placement_rng(t, visit, f.name), fit_mm=visit.fit_mm)
+        for f in visit.findings
+    )
+    case = render_ct_with_truth(ref, placed, rng, noise_hu=noise_hu, anatomy=anatomy)
+    shift = (int(rng.integers(-1, 2)), int(rng.integers(-3, 4)), int(rng.integers(-3, 4)))
+    hu = ndimage.shift(case.hu, shift, order=0, mode="nearest", prefilter=False)
+    return case.findings, hu
 
 
 def _as_drawn(f: CTFinding) -> Finding:
@@ -490,27 +735,35 @@ def _as_drawn(f: CTFinding) -> Finding:
         return Finding(f.name, side=f.side, size=f.severity or "small")
     if f.name == "cardiomegaly":
         return Finding(f.name, ctr=_CARDIAC_CTR[f.severity or "mild"])
-    if f.name == "fracture":  # the CT inserts an acute break
-        return Finding(f.name, side=f.side, rib=f.rib, chronic=False)
+    if f.name == "fracture":  # the CT inserts an acute break unless it is a healed one
+        return Finding(f.name, side=f.side, rib=f.rib, chronic=f.chronic)
+    if f.name == "consolidation":
+        return Finding(f.name, side=f.side, zone=zone, extent=f.extent)
     return Finding(f.name, side=f.side, size_mm=f.size_mm, zone=zone)
 
 
 def _drr_image(
     t: StudyTask, names: tuple[str, ...], view: str, rng: np.random.Generator
 ) -> tuple[tuple[Finding, ...], np.ndarray]:
-    """A radiograph projected from this patient's chest CT: the findings drawn as CT findings,
-    inserted into the warped real anatomy, then projected (`drr.py`); display range as
-    `render_chest`'s. CT quantum noise is left out (``noise_hu=0``): the detector adds the
-    radiograph's own in `to_stored`, and summing 128 voxels would average CT noise away."""
+    """A radiograph projected from this patient's chest CT: the findings drawn as CT findings
+    (a followed patient's: its course's, in its own anatomy), inserted into the warped real
+    anatomy, then projected (`drr.py`); display range as `render_chest`'s. CT quantum noise is
+    left out (``noise_hu=0``): the detector adds the radiograph's own in `to_stored`, and
+    summing 128 voxels would average CT noise away."""
     from .chest_ct import reference_ct, render_ct_with_truth, sample_ct_finding
     from .drr import render_drr
 
-    ct_findings = tuple(sample_ct_finding(n, rng) for n in names)
-    case = render_ct_with_truth(reference_ct(CT_GRID), ct_findings, rng, noise_hu=0.0)
-    drr = render_drr(case.hu, case.spacing_mm, view=view, rows=t.rows, cols=t.cols)
+    ref = reference_ct(CT_GRID)
+    if t.visit is None:
+        ct_findings = tuple(sample_ct_finding(n, rng) for n in names)
+        case = render_ct_with_truth(ref, ct_findings, rng, noise_hu=0.0)
+        found, hu = case.findings, case.hu
+    else:
+        found, hu = _followed_ct(t, t.visit, rng, noise_hu=0.0)
+    drr = render_drr(hu, ref.spacing_mm, view=view, rows=t.rows, cols=t.cols)
     offset, gain = DRR_DISPLAY
     img = drr * np.float32(gain) + np.float32(offset)
-    return tuple(_as_drawn(f) for f in case.findings), img
+    return tuple(_as_drawn(f) for f in found), img
 
 
 def _make_ct_study(t: StudyTask) -> StudyResult:
@@ -525,21 +778,34 @@ def _make_ct_study(t: StudyTask) -> StudyResult:
         np.random.SeedSequence(t.seed, spawn_key=(1, t.site_index, t.study_index))
     )
     t0 = time.perf_counter()
-    names = prof.draw_findings(rng)
-    if "nodule" not in names and rng.random() < CT_NODULE_RATE:
-        names = tuple(f for f in FINDINGS if f in {*names, "nodule"})
-    findings = tuple(sample_ct_finding(n, rng) for n in names)
+    visit = t.visit
     noise = CT_NOISE_HU[t.site_index % len(CT_NOISE_HU)]
-    case = render_ct_with_truth(reference_ct(CT_GRID), findings, rng, noise_hu=noise)
-    hu, spacing, origin = case.hu, case.spacing_mm, case.origin_lps_mm
+    ref = reference_ct(CT_GRID)
+    if visit is None:
+        names = prof.draw_findings(rng)
+        if "nodule" not in names and rng.random() < CT_NODULE_RATE:
+            names = tuple(f for f in FINDINGS if f in {*names, "nodule"})
+        findings = tuple(sample_ct_finding(n, rng) for n in names)
+        case = render_ct_with_truth(ref, findings, rng, noise_hu=noise)
+        found, hu0 = case.findings, case.hu
+    else:
+        names = tuple(f.name for f in visit.findings)
+        found, hu0 = _followed_ct(t, visit, rng, noise_hu=noise)
+    hu, spacing, origin = hu0, ref.spacing_mm, ref.origin_lps_mm
     if t.ct_thickness_mm is not None:
-        hu, spacing = resample_slices(case.hu, case.spacing_mm, t.ct_thickness_mm)
+        hu, spacing = resample_slices(hu0, ref.spacing_mm, t.ct_thickness_mm)
         origin = resampled_origin(
-            origin, case.hu.shape[0], case.spacing_mm[0], hu.shape[0], t.ct_thickness_mm
+            origin, hu0.shape[0], ref.spacing_mm[0], hu.shape[0], t.ct_thickness_mm
         )
-    report = write_ct_report(case.findings, rng, slice_thickness_mm=spacing[0])
+    report = write_ct_report(
+        found,
+        rng,
+        slice_thickness_mm=spacing[0],
+        followed=visit is not None,
+        has_prior=visit is not None and visit.number > 1,
+    )
     age = _age(t.birth_date, t.study_date)
-    indication = write_ct_indication(case.findings, rng, age, t.sex)
+    indication = write_ct_indication(found, rng, age, t.sex)
     t1 = time.perf_counter()
     phi = {
         "PatientName": t.patient_name,
@@ -568,7 +834,7 @@ def _make_ct_study(t: StudyTask) -> StudyResult:
         origin_lps_mm=origin,
     )
     t2 = time.perf_counter()
-    by_name = {f.name: f for f in case.findings}
+    by_name = {f.name: f for f in found}
     truth: dict[str, str] = {"accession_number": t.accession}
     truth.update({f: str(int(f in by_name)) for f in FINDINGS})
     written = label_report(report).labels  # what the report says, as the radiograph path records
@@ -579,6 +845,7 @@ def _make_ct_study(t: StudyTask) -> StudyResult:
     nod = by_name.get("nodule")
     truth["nodule_size_mm"] = f"{nod.size_mm:.1f}" if nod is not None and nod.size_mm else ""
     truth["view"] = "CT"
+    truth.update(_course_truth(visit))
     return StudyResult(
         site_index=t.site_index,
         report_row={
@@ -590,6 +857,8 @@ def _make_ct_study(t: StudyTask) -> StudyResult:
         truth_row=truth,
         findings=names,
         view="CT",
+        changes=visit.changes if visit is not None else (),
+        course=visit is not None,
         render_s=t1 - t0,
         encode_s=t2 - t1,
         nbytes=sum(p.stat().st_size for p in files),
@@ -649,6 +918,7 @@ def generate_cohort(
     image_size: int | None = None,
     ct_fractions: Sequence[float] = (),
     radiographs: str = "drawn",
+    history: float = 0.0,
 ) -> dict[str, Any]:
     """Write ``out_dir/site_<i>/`` for each site plus ``out_dir/cohort.json``; return the summary.
 
@@ -659,8 +929,11 @@ def generate_cohort(
     per site in order, the share of its studies that are chest CT series (1.0: a CT-only site;
     sites beyond the list have none). ``radiographs`` is "drawn" (`cxr_image.py`) or "drr":
     each radiograph projected from its own warped copy of the real chest CT, findings inserted
-    there (`drr.py`); same detector, header and report path. The returned summary is the
-    content of cohort.json plus ``timing`` (which is not written: it is not reproducible).
+    there (`drr.py`); same detector, header and report path. ``history`` is the share of each
+    site's patients followed over 2-4 visits (14-400 days apart, one modality each) whose
+    findings appear, grow, shrink or resolve (`patient_course.py`); their reports state every
+    size the site compares, and ground_truth.csv gains `HISTORY_COLUMNS`. The returned summary
+    is the content of cohort.json plus ``timing`` (which is not written: it is not reproducible).
     """
     out_dir = Path(out_dir)
     _validate(out_dir, sites, studies_per_site, seed, workers)
@@ -670,6 +943,8 @@ def generate_cohort(
         raise ValueError("ct_fractions: at most one value per site, each in [0, 1]")
     if radiographs not in RADIOGRAPH_SOURCES:
         raise ValueError(f"radiographs must be one of {RADIOGRAPH_SOURCES}, got {radiographs!r}")
+    if not 0.0 <= history <= 1.0:
+        raise ValueError(f"history must be in [0, 1], got {history}")
     fractions = [*ct_fractions, *[0.0] * (sites - len(ct_fractions))]
     workers = workers or os.cpu_count() or 1
     counts = [studies_for_site(i, studies_per_site) for i in range(sites)]
@@ -690,6 +965,7 @@ def generate_cohort(
             image_size=image_size,
             ct_fraction=fractions[i],
             radiographs=radiographs,
+            history=history,
         )
     logger.info("generating %d studies at %d sites with %d workers", len(tasks), sites, workers)
 
@@ -707,11 +983,12 @@ def generate_cohort(
         site_id = f"site_{i + 1}"
         site_dir = out_dir / site_id
         _write_csv(site_dir / "reports.csv", REPORT_COLUMNS, [r.report_row for r in res_list])
-        _write_csv(
-            site_dir / "ground_truth.csv", GROUND_TRUTH_COLUMNS, [r.truth_row for r in res_list]
-        )
+        columns = GROUND_TRUTH_COLUMNS + (HISTORY_COLUMNS if history > 0 else ())
+        _write_csv(site_dir / "ground_truth.csv", columns, [r.truth_row for r in res_list])
         prof = tasks[sum(counts[:i])].profile
         summary_sites[site_id] = _site_summary(prof, tasks[sum(counts[:i])], res_list)
+        if history > 0:
+            summary_sites[site_id].update(_history_summary(res_list))
         n = len(res_list)
         timing["per_site"][site_id] = {
             "transfer_syntax": UID(prof.transfer_syntax).name,
@@ -727,6 +1004,7 @@ def generate_cohort(
         "image_size": image_size,
         **({"ct_fractions": [float(f) for f in fractions]} if any(fractions) else {}),
         **({"radiographs": radiographs} if radiographs != "drawn" else {}),
+        **({"history": float(history)} if history > 0 else {}),
     }
     cohort = {
         "format": COHORT_FORMAT,
@@ -756,6 +1034,19 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, str]])
         writer.writerows(rows)
 
 
+def _history_summary(res: list[StudyResult]) -> dict[str, Any]:
+    """Followed patients and studies, and per finding how often each change occurred over
+    their later visits."""
+    later = [dict(r.changes) for r in res if r.changes]
+    return {
+        "followed_patients": len({r.truth_row["patient_course"] for r in res if r.course}),
+        "followed_studies": sum(r.course for r in res),
+        "interval_changes": {
+            f: {c: k for c in CHANGES if (k := sum(v[f] == c for v in later))} for f in FINDINGS
+        },
+    }
+
+
 def _site_summary(prof: SiteProfile, task: StudyTask, res: list[StudyResult]) -> dict[str, Any]:
     n = len(res)
     return {
@@ -777,4 +1068,4 @@ def _site_summary(prof: SiteProfile, task: StudyTask, res: list[StudyResult]) ->
     }
 
 
-__all__ = ["GROUND_TRUTH_COLUMNS", "REPORT_COLUMNS", "generate_cohort"]
+__all__ = ["GROUND_TRUTH_COLUMNS", "HISTORY_COLUMNS", "REPORT_COLUMNS", "generate_cohort"]

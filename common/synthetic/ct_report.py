@@ -251,6 +251,17 @@ def _consolidation(w: Writer, f: CTFinding) -> tuple[str, str]:
 def _fracture(w: Writer, f: CTFinding) -> tuple[str, str]:
     side = "left" if f.side == "left" else "right"
     rib = _rib(w, f.rib or 6)
+    if f.chronic:
+        s = w.pick(
+            [
+                f"Healed fracture of the {side} {rib} rib.",
+                f"Old healed {side} {rib} rib fracture with callus formation.",
+                f"Healed {side} {rib} rib fracture.",
+            ]
+        )
+        return s, w.pick(
+            [f"Healed {side} {rib} rib fracture.", f"Old healed fracture of the {side} {rib} rib."]
+        )
     s = w.pick(
         [
             f"Acute fracture of the {side} {rib} rib.",
@@ -264,19 +275,17 @@ def _fracture(w: Writer, f: CTFinding) -> tuple[str, str]:
     )
 
 
-def _cardiomegaly(w: Writer, f: CTFinding) -> tuple[str, str]:
+def _cardiomegaly(w: Writer, f: CTFinding, *, sized: bool = False) -> tuple[str, str]:
+    """``sized``: only wordings that grade it with the adjective the site reads a degree from."""
     sev = f.severity or "mild"
-    s = w.pick(
-        [
-            "Cardiomegaly.",
-            f"{cap(sev)} cardiomegaly.",
-            "The heart is enlarged.",
-            f"{cap(sev)} cardiomegaly. No pericardial effusion.",
-            f"The heart is {sev}ly enlarged."
-            if sev != "marked"
-            else "The heart is markedly enlarged.",
-        ]
-    )
+    opts = [
+        "Cardiomegaly.",
+        f"{cap(sev)} cardiomegaly.",
+        "The heart is enlarged.",
+        f"{cap(sev)} cardiomegaly. No pericardial effusion.",
+        f"The heart is {sev}ly enlarged." if sev != "marked" else "The heart is markedly enlarged.",
+    ]
+    s = w.pick([opts[1], opts[3]] if sized else opts)
     return s, w.pick(["Cardiomegaly.", f"{cap(sev)} cardiomegaly."])
 
 
@@ -413,12 +422,17 @@ def write_ct_report(
     *,
     screening: bool | None = None,
     slice_thickness_mm: float | None = None,
+    followed: bool = False,
+    has_prior: bool = False,
 ) -> str:
     """A CT chest report stating every finding in ``findings`` as present and, most of the
     time, the absent ones as absent.
 
     ``screening`` (default: drawn, 25 %) makes it a lung cancer screening report with a
-    Lung-RADS category; otherwise nodules get Fleischner Society advice.
+    Lung-RADS category; otherwise nodules get Fleischner Society advice. ``followed``: the
+    patient is followed over visits, so the degree of cardiomegaly is always stated (sizes of
+    nodules, effusions and pneumothoraces always are). ``has_prior``: an earlier CT of this
+    patient is on file, so the COMPARISON line names it rather than saying none.
     """
     w = Writer(rng)
     if screening is None:
@@ -429,7 +443,10 @@ def write_ct_report(
     order = ("pneumothorax", "consolidation", "pleural_effusion", "fracture", "nodule")
     ranked = sorted(findings, key=lambda f: order.index(f.name) if f.name in order else 2.5)
     for f in ranked:
-        sentence, item = _POSITIVE[f.name](w, f)
+        if f.name == "cardiomegaly":
+            sentence, item = _cardiomegaly(w, f, sized=followed)
+        else:
+            sentence, item = _POSITIVE[f.name](w, f)
         body[_SYSTEM[f.name]].append(sentence)
         impression.append(item)
         if f.name == "nodule" and not screening:
@@ -462,7 +479,11 @@ def write_ct_report(
     elif "pneumothorax" not in present and "fracture" in present and w.chance(0.5):
         impression.append("No pneumothorax.")
 
-    comparison = w.pick(["None.", "None available.", "No prior chest CT is available."])
+    comparison = w.pick(
+        ["Prior chest CT.", "CT of the chest from a prior visit."]
+        if has_prior
+        else ["None.", "None available.", "No prior chest CT is available."]
+    )
     lines = [_technique(w, screening, slice_thickness_mm), f"COMPARISON: {comparison}", ""]
     if w.chance(0.65):
         lines.append("FINDINGS:")

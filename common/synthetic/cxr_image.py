@@ -13,6 +13,7 @@ horizontally in augmentation.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -29,6 +30,21 @@ MAX_CANVAS: Final[int] = 512
 
 ZONES: Final[tuple[str, ...]] = ("upper", "middle", "lower")
 SIZES: Final[tuple[str, ...]] = ("small", "moderate", "large")
+CARDIAC_DEGREES: Final[tuple[str, ...]] = ("mild", "moderate", "marked")
+CTR_BANDS: Final[dict[str, tuple[float, float]]] = {
+    "mild": (0.56, 0.595),
+    "moderate": (0.60, 0.645),
+    "marked": (0.65, 0.68),
+}
+"""Cardiothoracic ratios drawn for each degree of cardiomegaly (`cardiac_degree` inverts them);
+a margin below each cut-off, so a ratio rounded to 3 decimals keeps its degree."""
+CONSOLIDATION_RADII_MM: Final[dict[str, tuple[float, float]]] = {
+    "small": (26.0, 22.0),
+    "moderate": (37.0, 32.0),
+    "large": (50.0, 43.0),
+}
+"""(horizontal, vertical) radius of a consolidation of each extent; without an extent the radii
+are drawn in 28-46 x 24-40 mm, a moderate one on average."""
 DEVICES: Final[tuple[str, ...]] = (
     "ecg_leads",
     "central_line",
@@ -37,6 +53,14 @@ DEVICES: Final[tuple[str, ...]] = (
 )
 
 View = Literal["PA", "AP"]
+_ZONE_BANDS: Final[dict[str, tuple[float, float]]] = {
+    "upper": (0.14, 0.36),
+    "middle": (0.38, 0.6),
+    "lower": (0.6, 0.78),
+}
+"""Craniocaudal lung fractions a nodule of each zone is placed in."""
+_ZONE_CENTRES: Final[dict[str, float]] = {"upper": 0.28, "middle": 0.52, "lower": 0.78}
+"""Craniocaudal lung fraction a consolidation of each zone is centred on."""
 _SIGN: Final[dict[str, float]] = {"right": -1.0, "left": 1.0}
 _F32 = np.float32
 _RIB_WARP: Final[float] = 0.012
@@ -54,12 +78,20 @@ class Finding:
     rib: int | None = None  # fracture: rib number (4..9) counted from the apex
     chronic: bool = False  # fracture: old and healed (callus, little step-off)
     ctr: float | None = None  # cardiomegaly: cardiothoracic ratio on a PA view
+    extent: str | None = None  # consolidation: "small"/"moderate"/"large"; None: drawn
+    centre: tuple[float, float] | None = None
+    """Where a nodule or consolidation sits, as (lateral, craniocaudal) fractions of its lung:
+    0 at the medial edge / apex, 1 at the lateral edge / dome. A fracture uses the lateral one
+    (its rib fixes the height). Relative to the lung, so it stays put when a later visit's
+    positioning or inspiration differs; None: drawn afresh at each rendering."""
 
     def __post_init__(self) -> None:
         if self.name not in FINDINGS:
             raise ValueError(f"unknown finding {self.name!r}")
         if self.name in LATERAL_FINDINGS and self.side not in ("left", "right", "bilateral"):
             raise ValueError(f"{self.name} needs a side, got {self.side!r}")
+        if self.extent is not None and self.extent not in SIZES:
+            raise ValueError(f"extent must be one of {SIZES}, got {self.extent!r}")
 
     @property
     def sides(self) -> tuple[str, ...]:
@@ -119,6 +151,26 @@ def sample_anatomy(rng: np.random.Generator, *, sex: str, view: View) -> Anatomy
     )
 
 
+def reposition(anatomy: Anatomy, *, view: View, rng: np.random.Generator) -> Anatomy:
+    """The same patient on another day: positioning (shift, rotation) drawn afresh and the
+    inspiration a little different, an AP (portable, often supine) film inspiring less as in
+    `sample_anatomy`. ``anatomy`` is the patient's own, drawn once for a PA view."""
+    depth = float(rng.normal(0.0, 4.0)) - (20.0 if view == "AP" else 0.0)
+    return dataclasses.replace(
+        anatomy,
+        shift_x=float(rng.normal(0.0, 6.0)),
+        shift_y=float(rng.normal(0.0, 8.0)),
+        rotation_deg=float(rng.normal(0.0, 1.5)),
+        dome_right_y=anatomy.dome_right_y + depth,
+        dome_left_y=anatomy.dome_left_y + depth,
+    )
+
+
+def cardiac_degree(ctr: float) -> str:
+    """The degree of cardiomegaly a cardiothoracic ratio is reported as."""
+    return "mild" if ctr < 0.6 else ("moderate" if ctr < 0.65 else "marked")
+
+
 def _pick(rng: np.random.Generator, options: tuple[str, ...], p: tuple[float, ...]) -> str:
     return options[int(rng.choice(len(options), p=np.asarray(p) / sum(p)))]
 
@@ -148,6 +200,37 @@ def sample_finding(name: str, rng: np.random.Generator) -> Finding:
             chronic=bool(rng.random() < 0.3),
         )
     raise ValueError(f"unknown finding {name!r}")
+
+
+def anchor_finding(
+    finding: Finding,
+    anatomy: Anatomy,
+    rng: np.random.Generator,
+    *,
+    fit_mm: float | None = None,
+) -> Finding:
+    """The finding with its place in this patient's lungs fixed (``centre``), so that every
+    visit of a followed patient draws it in the same place: a nodule where a ``fit_mm`` nodule
+    (the largest it will grow to) lies inside the lung and clear of a moderately enlarged heart,
+    a consolidation in its zone, a fracture on the lateral arc of its rib. Other findings, and
+    ones already placed, come back unchanged."""
+    if finding.centre is not None:
+        return finding
+    if finding.name == "nodule":
+        sg = _SIGN[finding.side or "right"]
+        r = 0.5 * (fit_mm or finding.size_mm or 10.0)
+        hx, hy, ha, _, _ = _heart_ellipse(anatomy, 0.62)
+        zone = finding.zone or "upper"
+        placed = _place_fractions(anatomy, sg, zone, r, hx, hy, ha, rng)
+        lo, hi = _ZONE_BANDS[zone]
+        return dataclasses.replace(finding, centre=placed or (0.6, 0.5 * (lo + hi)))
+    if finding.name == "consolidation":
+        zf = _ZONE_CENTRES[finding.zone or "lower"]
+        vertical = zf + float(rng.normal(0.0, 0.03))
+        return dataclasses.replace(finding, centre=(float(rng.uniform(0.35, 0.65)), vertical))
+    if finding.name == "fracture":
+        return dataclasses.replace(finding, centre=(float(rng.uniform(0.55, 0.85)), 0.5))
+    return finding
 
 
 def sample_devices(rng: np.random.Generator, *, rate: float) -> tuple[str, ...]:
@@ -311,13 +394,18 @@ def render_chest(
     view: View,
     rng: np.random.Generator,
     devices: tuple[str, ...] = (),
+    texture_rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """Draw one frontal chest radiograph, display brightness in about [0, 1] (float32).
 
     The anatomy's texture is drawn from one child stream and the findings from another, so the
     same ``rng`` state with and without a finding gives images that differ only by the finding.
+    ``texture_rng`` replaces the texture's stream: a followed patient's visits pass the same
+    one, so the lung markings are the patient's own rather than new at every visit.
     """
     tex_rng, find_rng = rng.spawn(2)
+    if texture_rng is not None:
+        tex_rng = texture_rng
     f = max(1, math.ceil(max(rows, cols) / MAX_CANVAS))
     crow, ccol = math.ceil(rows / f), math.ceil(cols / f)
     fr = _Frame(crow, ccol, spacing_mm * f, anatomy)
@@ -335,13 +423,7 @@ def render_chest(
     # heart: a tilted ellipse sitting on the left hemidiaphragm, 2/3 of it left of the midline
     cm = found.get("cardiomegaly")
     ctr = (cm.ctr if cm is not None and cm.ctr else a.ctr) * (1.07 if ap else 1.0)
-    width = ctr * 2.0 * tw
-    th = math.radians(a.heart_tilt_deg)
-    ha, hb = 1.0, 0.64 - 0.4 * (ctr - 0.45)
-    hw = math.hypot(ha * math.cos(th), hb * math.sin(th))
-    ha, hb = ha * width / 2 / hw, hb * width / 2 / hw
-    hv = math.hypot(ha * math.sin(th), hb * math.cos(th))
-    hx, hy = width / 5.0, a.dome_left_y - 0.5 * hv
+    hx, hy, ha, hb, th = _heart_ellipse(a, ctr)
     dx, dy = gx - _F32(hx), gy - _F32(hy)
     xr = dx * _F32(math.cos(th)) + dy * _F32(math.sin(th))
     yr = -dx * _F32(math.sin(th)) + dy * _F32(math.cos(th))
@@ -379,7 +461,11 @@ def render_chest(
     fx = found.get("fracture")
     if fx is not None:
         k = (fx.rib or 6) - 1
-        sg, uf = _SIGN[fx.side or "right"], float(find_rng.uniform(0.6, 0.88))
+        sg = _SIGN[fx.side or "right"]
+        if fx.centre is None:
+            uf = float(find_rng.uniform(0.6, 0.88))
+        else:  # the lateral fraction of the lung, as a fraction of the half-width
+            uf = _lung_point(a, sg, fx.centre[0], 0.0)[0] * sg / tw
         step = (0.25 if fx.chronic else find_rng.uniform(0.6, 0.9)) * a.rib_width
         gap = 1.5 if fx.chronic else find_rng.uniform(4.5, 6.5)
         in_rib = (np.floor(phase) == k) & (gx * _F32(sg) > 0)
@@ -450,10 +536,16 @@ def render_chest(
     if co is not None:
         for side in co.sides:
             sg = _SIGN[side]
-            zf = {"upper": 0.28, "middle": 0.52, "lower": 0.78}[co.zone or "lower"]
-            cy = top + zf * (_dome(a, sg) - top) + find_rng.normal(0, 6)
-            cx = sg * (a.medial + find_rng.uniform(0.35, 0.65) * (tw - a.medial))
-            rx, ry = find_rng.uniform(28, 46), find_rng.uniform(24, 40)
+            if co.centre is None:
+                zf = _ZONE_CENTRES[co.zone or "lower"]
+                cy = top + zf * (_dome(a, sg) - top) + find_rng.normal(0, 6)
+                cx = sg * (a.medial + find_rng.uniform(0.35, 0.65) * (tw - a.medial))
+            else:
+                cx, cy = _lung_point(a, sg, *co.centre)
+            if co.extent is None:
+                rx, ry = find_rng.uniform(28, 46), find_rng.uniform(24, 40)
+            else:
+                rx, ry = CONSOLIDATION_RADII_MM[co.extent]
             sl = fr.window(cx, cy, 2.2 * max(rx, ry))
             x, y = gx[sl], gy[sl]
             env = np.exp(-_sq((x - _F32(cx)) * _F32(1 / rx)) - _sq((y - _F32(cy)) * _F32(1 / ry)))
@@ -483,7 +575,10 @@ def render_chest(
     if nd is not None:
         sg = _SIGN[nd.side or "right"]
         r = 0.5 * (nd.size_mm or 10.0)
-        cx, cy = _place_in_lung(a, sg, nd.zone or "upper", r, hx, hy, ha, find_rng)
+        if nd.centre is None:
+            cx, cy = _place_in_lung(a, sg, nd.zone or "upper", r, hx, hy, ha, find_rng)
+        else:
+            cx, cy = _lung_point(a, sg, *nd.centre)
         sl = fr.window(cx, cy, r + 3.0)
         d = _dist(gx[sl] - _F32(cx), gy[sl] - _F32(cy))
         core = np.sqrt(np.clip(_F32(1.0) - _sq(d * _F32(1 / r)), 0.0, 1.0))
@@ -544,18 +639,56 @@ def _place_in_lung(
     rng: np.random.Generator,
 ) -> tuple[float, float]:
     """A nodule centre well inside the aerated lung and clear of the heart."""
-    lo, hi = {"upper": (0.14, 0.36), "middle": (0.38, 0.6), "lower": (0.6, 0.78)}[zone]
-    best = (sg * (a.medial + 0.6 * (a.half_width - a.medial)), a.apex_y + 0.45 * 200.0)
+    placed = _place_fractions(a, sg, zone, r, hx, hy, ha, rng)
+    if placed is None:
+        return sg * (a.medial + 0.6 * (a.half_width - a.medial)), a.apex_y + 0.45 * 200.0
+    cx, cy = _lung_point(a, sg, *placed)
+    return float(cx), float(cy)
+
+
+def _place_fractions(
+    a: Anatomy,
+    sg: float,
+    zone: str,
+    r: float,
+    hx: float,
+    hy: float,
+    ha: float,
+    rng: np.random.Generator,
+) -> tuple[float, float] | None:
+    """(lateral, craniocaudal) lung fractions of a radius-``r`` nodule well inside the aerated
+    lung and clear of the heart; None when 40 draws found no such place."""
+    lo, hi = _ZONE_BANDS[zone]
     for _ in range(40):
-        cy = a.apex_y + rng.uniform(lo, hi) * (_dome(a, sg) - a.apex_y)
-        cx = sg * (a.medial + rng.uniform(0.2, 0.85) * (a.half_width - a.medial))
+        vertical = rng.uniform(lo, hi)
+        lateral = rng.uniform(0.2, 0.85)
+        cx, cy = _lung_point(a, sg, lateral, vertical)
         pts_x = np.array([cx, cx - r, cx + r, cx, cx], dtype=_F32)
         pts_y = np.array([cy, cy, cy, cy - r, cy + r], dtype=_F32)
         inside = _lung_mask(pts_x, pts_y, a, sg).min() > 0.95
         clear = math.hypot(cx - hx, cy - hy) > ha + r + 4.0
         if inside and clear:
-            return float(cx), float(cy)
-    return best
+            return float(lateral), float(vertical)
+    return None
+
+
+def _lung_point(a: Anatomy, sg: float, lateral: float, vertical: float) -> tuple[float, float]:
+    """Patient-frame (x, y) mm of a point given as fractions of one lung (see Finding.centre)."""
+    cx = sg * (a.medial + lateral * (a.half_width - a.medial))
+    cy = a.apex_y + vertical * (_dome(a, sg) - a.apex_y)
+    return cx, cy
+
+
+def _heart_ellipse(a: Anatomy, ctr: float) -> tuple[float, float, float, float, float]:
+    """(centre x, centre y, semi-axes a and b, tilt in radians) of the heart drawn for this
+    cardiothoracic ratio (already scaled for an AP view)."""
+    width = ctr * 2.0 * a.half_width
+    th = math.radians(a.heart_tilt_deg)
+    ha, hb = 1.0, 0.64 - 0.4 * (ctr - 0.45)
+    hw = math.hypot(ha * math.cos(th), hb * math.sin(th))
+    ha, hb = ha * width / 2 / hw, hb * width / 2 / hw
+    hv = math.hypot(ha * math.sin(th), hb * math.cos(th))
+    return width / 5.0, a.dome_left_y - 0.5 * hv, ha, hb, th
 
 
 def _devices(
@@ -660,6 +793,9 @@ def with_finding(findings: tuple[Finding, ...], f: Finding) -> tuple[Finding, ..
 
 
 __all__ = [
+    "CARDIAC_DEGREES",
+    "CONSOLIDATION_RADII_MM",
+    "CTR_BANDS",
     "DEVICES",
     "MAX_CANVAS",
     "SIZES",
@@ -667,7 +803,10 @@ __all__ = [
     "Anatomy",
     "Detector",
     "Finding",
+    "anchor_finding",
+    "cardiac_degree",
     "render_chest",
+    "reposition",
     "sample_anatomy",
     "sample_devices",
     "sample_finding",

@@ -15,12 +15,19 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 import numpy as np
 
 from fedrad.common.findings import ABSENT, FINDINGS, PRESENT, UNCERTAIN
 
-from .cxr_image import Finding
+from .cxr_image import Finding, cardiac_degree
+
+STATED_SIZES: Final[frozenset[str]] = frozenset(
+    {"nodule", "pleural_effusion", "pneumothorax", "cardiomegaly"}
+)
+"""Findings whose size (or degree) a followed patient's report always states, never hedged or
+missed, in words the site reads a size from: comparing two such reports gives the change."""
 
 
 @dataclass(frozen=True)
@@ -114,8 +121,9 @@ def _side(f: Finding) -> str:
     return f.side or "right"
 
 
-def _positive(w: Writer, f: Finding, view: str) -> tuple[str, str]:
-    """(FINDINGS sentence, IMPRESSION item) stating ``f`` as present."""
+def _positive(w: Writer, f: Finding, view: str, *, sized: bool = False) -> tuple[str, str]:
+    """(FINDINGS sentence, IMPRESSION item) stating ``f`` as present; ``sized``: only
+    FINDINGS wordings that grade it (an effusion's size, the degree of cardiomegaly)."""
     side = _side(f)
     if f.name == "nodule":
         size, where = (
@@ -165,17 +173,15 @@ def _positive(w: Writer, f: Finding, view: str) -> tuple[str, str]:
             [f"{cap(size)} {side} pleural effusion.", f"{cap(side)} effusion."]
         )
     if f.name == "cardiomegaly":
-        ctr = f.ctr or 0.6
-        sev = "mild" if ctr < 0.6 else ("moderate" if ctr < 0.65 else "marked")
-        s = w.pick(
-            [
-                "The cardiac silhouette is enlarged.",
-                "Cardiomegaly.",
-                f"{cap(sev)} cardiomegaly.",
-                "The heart is enlarged.",
-                f"Heart size is {sev}ly enlarged.",
-            ]
-        )
+        sev = cardiac_degree(f.ctr or 0.6)
+        opts = [
+            "The cardiac silhouette is enlarged.",
+            "Cardiomegaly.",
+            f"{cap(sev)} cardiomegaly.",
+            "The heart is enlarged.",
+            f"Heart size is {sev}ly enlarged.",
+        ]
+        s = w.pick([f"{cap(sev)} cardiomegaly."] if sized else opts)
         return s, w.pick(
             ["Cardiomegaly.", f"{cap(sev)} cardiomegaly.", "Enlarged cardiac silhouette."]
         )
@@ -189,6 +195,8 @@ def _positive(w: Writer, f: Finding, view: str) -> tuple[str, str]:
             f"A {side} pneumothorax is present, measuring approximately {cm:.1f} cm at the apex.",
             f"{cap(side)} pneumothorax with a visible visceral pleural line.",
         ]
+        if sized:
+            opts = opts[:1]
         if size == "small":
             opts.append(f"Small {side} apical pneumothorax.")
         if size == "large":
@@ -386,8 +394,11 @@ def _fmt_date(w: Writer, d: dt.date) -> str:
     )
 
 
-def _negations(w: Writer, names: list[str], *, lungs_clear_ok: bool) -> list[str]:
-    """Negative sentences for ``names``, combining some the way radiologists do."""
+def _negations(
+    w: Writer, names: list[str], *, lungs_clear_ok: bool, interval: bool = True
+) -> list[str]:
+    """Negative sentences for ``names``, combining some the way radiologists do; ``interval``
+    allows a few "has resolved" ones (wrong for a followed patient whose prior lacked it)."""
     out: list[str] = []
     todo = list(names)
     trio = {"consolidation", "pleural_effusion", "pneumothorax"}
@@ -416,7 +427,7 @@ def _negations(w: Writer, names: list[str], *, lungs_clear_ok: bool) -> list[str
         out.append(w.pick(["The lungs are clear.", "Lungs are clear without focal consolidation."]))
         todo.remove("consolidation")
     for n in todo:
-        if n in _RESOLVED and w.chance(0.05):
+        if interval and n in _RESOLVED and w.chance(0.05):
             out.append(_RESOLVED[n])
         else:
             out.append(w.pick(_NEG[n]))
@@ -431,8 +442,16 @@ def write_report(
     style: ReportStyle,
     phi: HeaderPHI,
     rng: np.random.Generator,
+    followed: bool = False,
+    has_prior: bool = False,
 ) -> Report:
-    """Write FINDINGS/IMPRESSION prose for the image's findings and return the asserted labels."""
+    """Write FINDINGS/IMPRESSION prose for the image's findings and return the asserted labels.
+
+    ``followed``: the patient is followed over visits, so the report states the size of every
+    present `STATED_SIZES` finding (never hedged or missed) and says nothing of interval change
+    ("has resolved"): the site compares two such reports itself. ``has_prior``: an earlier study
+    of this patient is on file (dated ``phi.prior_date``), so a COMPARISON line never says none.
+    """
     w = Writer(rng)
     present = {f.name: f for f in findings}
     labels = dict.fromkeys(FINDINGS, ABSENT)
@@ -455,6 +474,8 @@ def write_report(
                 to_negate.append(name)
             continue
         r = w.rng.random()
+        if followed and name in STATED_SIZES:
+            r = 1.0  # stated, with its size
         if r < style.miss_rate:  # missed: not mentioned, or wrongly negated
             if name == "cardiomegaly" or w.chance(0.5):
                 to_negate.append(name)
@@ -465,7 +486,7 @@ def write_report(
             if w.chance(0.7):
                 impression.append((priority.index(name), imp))
         else:
-            s, imp = _positive(w, f, view)
+            s, imp = _positive(w, f, view, sized=followed)
             labels[name] = PRESENT
             impression.append((priority.index(name), imp))
         if name == "cardiomegaly":
@@ -474,7 +495,10 @@ def write_report(
             sentences.append(s)
     mentioned_lung = any(labels[n] != ABSENT for n in ("nodule", "consolidation", "pneumothorax"))
     negs = _negations(
-        w, [n for n in to_negate if n != "cardiomegaly"], lungs_clear_ok=not mentioned_lung
+        w,
+        [n for n in to_negate if n != "cardiomegaly"],
+        lungs_clear_ok=not mentioned_lung,
+        interval=not followed,
     )
     if "cardiomegaly" in to_negate:
         opts = list(_NEG["cardiomegaly"])
@@ -524,11 +548,10 @@ def write_report(
                 ]
             )
     elif w.chance(style.comparison_rate):
-        header = (
-            "COMPARISON: "
-            + w.pick(["None.", "None available.", "Chest radiograph from a prior admission."])
-            + "\n"
-        )
+        options = ["None.", "None available.", "Chest radiograph from a prior admission."]
+        if has_prior:
+            options = ["Prior chest radiograph.", "Chest radiograph from a prior admission."]
+        header = "COMPARISON: " + w.pick(options) + "\n"
 
     joiner = "\n" if style.sentence_per_line else " "
     body = "FINDINGS:" + ("\n" if style.sentence_per_line else " ") + joiner.join(sentences)

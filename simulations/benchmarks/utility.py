@@ -142,6 +142,37 @@ def pooled(per_site: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
+def pooled_interval(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The interval figures (`interval_evaluation`) over every site: each accuracy weighted by
+    the decisions behind it (a finding's studies with a prior and a known change)."""
+    rows = [m["interval"] for m in per_site.values() if (m.get("interval") or {}).get("pairs")]
+    if not rows:
+        return {"pairs": 0}
+    out: dict[str, Any] = {"pairs": sum(r["pairs"] for r in rows)}
+    total = sum(r["decisions"] for r in rows)
+    out["decisions"] = total
+    for arm in ("model", "rule"):
+        out[arm] = sum(r[arm] * r["decisions"] for r in rows) / total
+    for table in ("by_finding", "by_change"):
+        merged: dict[str, dict[str, float]] = {}
+        for r in rows:
+            for key, cell in r[table].items():
+                acc = merged.setdefault(key, {"n": 0, "model": 0.0, "rule": 0.0})
+                acc["n"] += cell["n"]
+                acc["model"] += cell["model"] * cell["n"]
+                acc["rule"] += cell["rule"] * cell["n"]
+        out[table] = {
+            k: {"n": v["n"], "model": v["model"] / v["n"], "rule": v["rule"] / v["n"]}
+            for k, v in merged.items()
+        }
+    changed = [v for k, v in out["by_change"].items() if k != "absent"]
+    n = sum(v["n"] for v in changed)
+    out["decisions_present"] = n
+    for arm in ("model", "rule"):
+        out[f"{arm}_present"] = sum(v[arm] * v["n"] for v in changed) / n if n else None
+    return out
+
+
 def evaluate_on_cohort(
     cohort: Path,
     model_for: Callable[[str], RadiologyModel],

@@ -56,6 +56,7 @@ def test_report_json_contract(checkpoint: Path, tmp_path: Path, scan: str) -> No
         "thresholds",
         "answer",
         "answer_value",
+        "comparison",
         "notes",
     }
     assert set(data["findings"]) == set(FINDINGS) == set(data["decisions"])
@@ -103,7 +104,7 @@ def test_report_without_question_has_null_answer(checkpoint: Path, tmp_path: Pat
         ("missing_file", "no such file"),
         ("pipe", "named pipe (not a regular file)"),
         ("huge_header", "over the 67 megapixel limit"),
-        ("old_model", "checkpoint format 2: it predates the volume (CT) encoder"),
+        ("old_model", "checkpoint format 2: it predates the parts this fedrad serves"),
     ],
 )
 def test_report_bad_input(checkpoint: Path, tmp_path: Path, case: str, message: str) -> None:

@@ -141,7 +141,7 @@ def test_cache_and_logs_hold_no_phi(tmp_path: Path, caplog: pytest.LogCaptureFix
     _, manifest = prepare_site(site, cache, config=PreprocessConfig(image_size=32), workers=1)
     studies = load_manifest(manifest)
     assert len(studies) == 2
-    forbidden = ["ACC0000001", "ACC0000002", "IM1.dcm", "p1/s1"]
+    forbidden = ["ACC0000001", "ACC0000002", "IM1.dcm", "p1/s1", "20230311", "2023-03-11"]
     for value in PHI.values():
         forbidden.extend(p for p in value.split("^") if len(p) > 2)
     blobs = [p.read_bytes() for p in cache.rglob("*") if p.is_file()]
@@ -152,3 +152,33 @@ def test_cache_and_logs_hold_no_phi(tmp_path: Path, caplog: pytest.LogCaptureFix
     data = json.loads(manifest.read_text())
     assert data["preprocess"]["image_size"] == 32
     assert {s.labels["pleural_effusion"] for s in studies} == {0, 1}
+
+
+def test_a_patients_studies_link_by_keyed_pseudonym_and_shifted_day(tmp_path: Path) -> None:
+    """Two studies of one patient share a pseudonym (never the PatientID) and keep their
+    spacing in days (never the date); another patient's study has another pseudonym, and
+    each report's graded sizes are kept."""
+    site = tmp_path / "site"
+    write_radiograph(site / "a" / "IM1.dcm", accession="ACC1", extra={"StudyDate": "20230101"})
+    write_radiograph(site / "b" / "IM1.dcm", accession="ACC2", extra={"StudyDate": "20230311"})
+    other = {"StudyDate": "20230105", "PatientID": "MRN5550001"}
+    write_radiograph(site / "c" / "IM1.dcm", accession="ACC3", extra=other)
+    write_reports(
+        site / "reports.csv",
+        [
+            ("ACC1", "FINDINGS: Small right pleural effusion. 5 mm nodule in the right lung."),
+            ("ACC2", "FINDINGS: Large right pleural effusion. 9 mm nodule in the right lung."),
+            ("ACC3", "FINDINGS: Normal chest."),
+        ],
+    )
+    _, manifest = prepare_site(
+        site, tmp_path / "cache", config=PreprocessConfig(image_size=32), workers=1
+    )
+    studies = sorted(load_manifest(manifest), key=lambda s: s.day or 0)
+    first, second = (s for s in studies if s.sizes)
+    third = next(s for s in studies if not s.sizes)
+    assert first.patient == second.patient != third.patient
+    assert "MRN" not in first.patient and len(first.patient) == 16
+    assert second.day - first.day == 69
+    assert first.sizes == {"nodule": 5.0, "pleural_effusion": 1.0}
+    assert second.sizes == {"nodule": 9.0, "pleural_effusion": 3.0}

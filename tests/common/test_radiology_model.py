@@ -32,7 +32,9 @@ def test_only_encoder_projector_heads_and_lora_train() -> None:
     model = micro_model()
     names = list(model.trainable_state())
     assert names and all(
-        n.startswith(("encoder.", "projector.", "volume_projector.", "head.", "side_head."))
+        n.startswith(
+            ("encoder.", "projector.", "volume_projector.", "head.", "side_head.", "interval_head.")
+        )
         or "lora_" in n
         for n in names
     )
