@@ -116,19 +116,22 @@ def rule_change(p_prior: float, p_current: float, threshold: float) -> str:
 
 
 def consistent_changes(decided_now: int, decided_before: int | None = None) -> tuple[str, ...]:
-    """The changes that agree with the head's decision on the current study (present:
-    new/larger/smaller/stable; absent: absent/resolved; uncertain: any but absent, stated with
-    a hedge); with the prior's decision too, the one or the other side of the table."""
+    """The changes that agree with the finding head's decisions: on the current study
+    (present: new, larger, smaller, stable; absent: absent, resolved; uncertain: any but
+    absent, stated with a hedge) and, when given, on the prior (present before: not new;
+    absent before: new or absent; uncertain before: no constraint). Whether a finding is new or
+    resolved is then the head's call on each study, and the interval head says how a finding
+    present in both changed."""
     if decided_now == UNCERTAIN:
-        return CHANGES[1:]
-    if decided_now == PRESENT:
+        options: tuple[str, ...] = CHANGES[1:]
+    elif decided_now == PRESENT:
         options = ("new", *sorted(PERSISTING, key=CHANGES.index))
-        if decided_before is not None:
-            options = ("new",) if decided_before != PRESENT else tuple(PERSISTING)
     else:
         options = ("absent", "resolved")
-        if decided_before is not None:
-            options = ("resolved",) if decided_before == PRESENT else ("absent",)
+    if decided_before == PRESENT:
+        options = tuple(c for c in options if c not in ("new", "absent"))
+    elif decided_before == ABSENT:
+        options = tuple(c for c in options if c in ("new", "absent"))
     return tuple(c for c in CHANGES if c in options)
 
 

@@ -166,20 +166,22 @@ def main() -> None:
 
 
 def _followed_patient(site: Path) -> tuple[Path, Path]:
-    """The latest and the one-before-latest radiograph of the site's first patient with two
-    or more studies, by the dates in their headers (the cohort keeps a patient's studies in
-    one folder)."""
+    """A followed patient's latest radiograph and the one before it: one whose effusion changed
+    between them if the site has one (the generator's truth, which a researcher's demo may
+    read), else any followed patient's; found by the accession numbers in the headers."""
+    import csv
+
     import pydicom
 
-    for folder in sorted(p for p in (site / "dicom").iterdir() if p.is_dir()):
-        files = sorted(f for f in folder.rglob("*") if f.is_file())
-        if len({f.parent for f in files}) < 2:
-            continue
-        dated = sorted(
-            (str(pydicom.dcmread(f, stop_before_pixels=True).StudyDate), f) for f in files
-        )
-        return dated[-1][1], dated[-2][1]
-    raise SystemExit(f"demo: no followed patient in {site}")
+    with (site / "ground_truth.csv").open(newline="", encoding="utf-8") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("prior_accession")]
+    rows.sort(key=lambda r: r["pleural_effusion_change"] in ("absent", ""))
+    if not rows:
+        raise SystemExit(f"demo: no followed patient in {site}")
+    files = {}
+    for path in sorted(p for p in (site / "dicom").rglob("*") if p.is_file()):
+        files[str(pydicom.dcmread(path, stop_before_pixels=True).AccessionNumber)] = path
+    return files[rows[0]["accession_number"]], files[rows[0]["prior_accession"]]
 
 
 def _num(value: object) -> str:

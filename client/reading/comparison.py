@@ -26,6 +26,7 @@ from fedrad.common.interval import (
     rule_change,
 )
 from fedrad.common.model.radiology_model import RadiologyModel
+from fedrad.common.tasks import Thresholds, suggestions
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,11 @@ def compare(
     shown: dict[str, float],
     decided: dict[str, int],
     prior_shown: dict[str, float],
-    threshold: float,
+    thresholds: Thresholds,
 ) -> Comparison:
     """The interval head's change per finding between two comparable scans: its most
-    probable change among those that agree with the head's decision on the current study
-    (an uncertain one rules out only "absent at both", and is stated with a hedge)."""
+    probable change among those that agree with the finding head's decisions on both studies
+    (`interval.consistent_changes`; a finding uncertain now is stated with a hedge)."""
     problem = prior_problem(current, prior)
     if problem is not None:
         return Comparison.left_out(problem)
@@ -118,12 +119,13 @@ def compare(
         f: {c: round(p, 4) for c, p in zip(CHANGES, row, strict=True)}
         for f, row in zip(FINDINGS, table, strict=True)
     }
+    before = suggestions(prior_shown, thresholds)
     changes = {
-        f: max(consistent_changes(decided[f]), key=lambda c, f=f: probabilities[f][c])
+        f: max(consistent_changes(decided[f], before[f]), key=lambda c, f=f: probabilities[f][c])
         for f in FINDINGS
     }
     uncertain = frozenset(f for f in FINDINGS if decided[f] == -1)
-    rule = {f: rule_change(prior_shown[f], shown[f], threshold) for f in FINDINGS}
+    rule = {f: rule_change(prior_shown[f], shown[f], thresholds.present) for f in FINDINGS}
     return Comparison(
         compared=True,
         days_before=days,

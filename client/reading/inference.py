@@ -309,7 +309,7 @@ def answer_scan(
             shown=shown,
             decided=decided,
             prior_shown={f: round(p, 4) for f, p in zip(FINDINGS, before, strict=True)},
-            threshold=(thresholds or Thresholds()).present,
+            thresholds=thresholds or Thresholds(),
         )
     side_probs = {
         f: {side: round(p, 4) for side, p in row.items()}
@@ -366,4 +366,5 @@ def _interval_answer(finding: str, comparison: Comparison | None) -> tuple[str, 
     change = comparison.changes[finding]
     p = comparison.probabilities[finding][change]
     name = DISPLAY_NAMES[finding]
-    return f"{change} ({name}, probability {p:.3f} from the interval head)", change
+    said = "absent in both studies" if change == "absent" else change
+    return f"{said} ({name}, probability {p:.3f} from the interval head)", change

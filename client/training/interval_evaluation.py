@@ -2,8 +2,8 @@
 compares the two studies' finding probabilities.
 
 References are the site's own: the change its two reports state (`interval.report_changes`).
-The model's change is the interval head's, kept to the finding head's decision on the current
-study as the reading does (`client/reading/comparison.py`); the rule reads each study alone.
+The model's change is the interval head's, kept to the finding head's decisions on the two
+studies as the reading does (`client/reading/comparison.py`); the rule reads each study alone.
 Only aggregate figures come out.
 """
 
@@ -48,12 +48,12 @@ def interval_evaluation(
         [table] = logits.float().softmax(-1).tolist()
         now = dict(zip(FINDINGS, map(float, probs[i]), strict=True))
         before = dict(zip(FINDINGS, map(float, probs[p]), strict=True))
-        decided = suggestions(now, t)
+        decided, earlier = suggestions(now, t), suggestions(before, t)
         for k, f in enumerate(FINDINGS):
             target = int(truth[i][k])
             if target < 0:
                 continue
-            allowed = consistent_changes(decided[f])
+            allowed = consistent_changes(decided[f], earlier[f])
             said = max(allowed, key=lambda c, k=k: table[k][CHANGES.index(c)])
             ruled = rule_change(before[f], now[f], t.present)
             want = CHANGES[target]

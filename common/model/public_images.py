@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,10 @@ from fedrad.common.metrics import finding_auroc, macro
 from fedrad.common.model.config import ModelConfig
 from fedrad.common.model.encoder import ImageEncoder
 from fedrad.common.model.preprocess import PreprocessConfig, preprocess
+
+if TYPE_CHECKING:
+    from fedrad.common.synthetic.cxr_image import Detector
+    from fedrad.common.synthetic.site_profiles import SiteProfile
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,23 @@ class EncoderRecipe:
             raise ValueError("finding_rate must be in (0, 1) and held_out_fraction in (0, 0.5)")
 
 
+def drawing_geometry(profile: SiteProfile, render_size: int) -> tuple[int, int, float, Detector]:
+    """(rows, cols, spacing mm, detector) of a public drawing whose longest side is
+    `render_size`: the profile's field of view, its detector in display orientation (as a
+    site's loader hands pixels to preprocessing), its quantum noise per pixel scaled as if
+    drawn at the profile's native matrix and averaged down to this one."""
+    scale = render_size / max(profile.rows, profile.cols)
+    rows, cols = max(8, round(profile.rows * scale)), max(8, round(profile.cols * scale))
+    spacing = profile.pixel_spacing_mm * profile.rows / rows
+    native = max(profile.rows, profile.cols)
+    detector = dataclasses.replace(
+        profile.detector,
+        monochrome1=False,
+        noise=profile.detector.noise * min(1.0, render_size / native),
+    )
+    return rows, cols, spacing, detector
+
+
 def _draw(args: tuple[int, int, int, float, int]) -> tuple[np.ndarray, np.ndarray]:
     """One public image (float16, 1 x S x S, preprocessed as a site would) and its labels."""
     from fedrad.common.synthetic.cxr_image import (
@@ -80,21 +101,11 @@ def _draw(args: tuple[int, int, int, float, int]) -> tuple[np.ndarray, np.ndarra
     findings = tuple(sample_finding(n, rng) for n in names)
     devices = sample_devices(rng, rate=profile.device_rate) if view == "AP" else ()
     anatomy = sample_anatomy(rng, sex="M" if rng.random() < 0.5 else "F", view=view)
-    scale = render_size / max(profile.rows, profile.cols)
-    rows, cols = max(8, round(profile.rows * scale)), max(8, round(profile.cols * scale))
-    spacing = profile.pixel_spacing_mm * profile.rows / rows
+    rows, cols, spacing, detector = drawing_geometry(profile, render_size)
     img = render_chest(
         anatomy, findings, rows=rows, cols=cols, spacing_mm=spacing, view=view, rng=rng,
         devices=devices,
     )  # fmt: skip
-    # Display orientation, as a site's loader hands pixels to preprocessing; quantum noise per
-    # pixel scaled as if drawn at the profile's native matrix and then averaged down to ours.
-    native = max(profile.rows, profile.cols)
-    detector = dataclasses.replace(
-        profile.detector,
-        monochrome1=False,
-        noise=profile.detector.noise * min(1.0, render_size / native),
-    )
     pixels = to_stored(img, detector, spacing_mm=spacing, rng=rng)
     tensor = preprocess(pixels, PreprocessConfig(image_size=image_size))
     labels = np.array([f in names for f in FINDINGS], dtype=np.float32)

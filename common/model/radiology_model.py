@@ -148,8 +148,11 @@ class RadiologyModel(nn.Module):
 
     def interval_logits(self, current: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """(B, findings, changes) logits of the change from the prior to the current study,
-        from their pooled features."""
+        from their pooled features, standardised per row (no parameters): the raw features'
+        norm is in the hundreds, and a per-sample gradient that size would take most of each
+        DP clip from the parts the other tasks train."""
         features = torch.cat([current, prior, current - prior], dim=1)
+        features = F.layer_norm(features, features.shape[1:])
         return self.interval_head(features).view(-1, len(FINDINGS), len(CHANGES))
 
     @torch.no_grad()

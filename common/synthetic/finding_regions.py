@@ -19,7 +19,6 @@ scan drawn here.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Final
 
 import numpy as np
@@ -32,6 +31,7 @@ from fedrad.common.model.preprocess import (
     preprocess,
     preprocess_volume,
 )
+from fedrad.common.model.public_images import drawing_geometry
 
 REGION_SEED_NAMESPACE: Final[int] = 4_242
 """Spawn key of the measurement split; unused by cohorts (0-3), public sets (99), canaries."""
@@ -83,10 +83,7 @@ def draw_with_region(
     view = "AP" if rng.random() < profile.ap_fraction else "PA"
     anatomy = sample_anatomy(rng, sex="M" if rng.random() < 0.5 else "F", view=view)
     drawn = sample_finding(finding, rng)
-    render_size = 2 * image_size
-    scale = render_size / max(profile.rows, profile.cols)
-    rows, cols = max(8, round(profile.rows * scale)), max(8, round(profile.cols * scale))
-    spacing = profile.pixel_spacing_mm * profile.rows / rows
+    rows, cols, spacing, detector = drawing_geometry(profile, 2 * image_size)
     # render_chest spawns its streams from the generator's seed sequence: give each render its
     # own copy of the same state, so both see the same anatomy and texture streams
     state = copy.deepcopy(rng)
@@ -98,12 +95,6 @@ def draw_with_region(
         for found in ((drawn,), ())
     ]  # fmt: skip
     with_finding, without = renders
-    native = max(profile.rows, profile.cols)
-    detector = dataclasses.replace(
-        profile.detector,
-        monochrome1=False,
-        noise=profile.detector.noise * min(1.0, render_size / native),
-    )
     pixels = to_stored(with_finding, detector, spacing_mm=spacing, rng=rng)
     config = PreprocessConfig(image_size=image_size)
     image = preprocess(pixels, config).numpy()

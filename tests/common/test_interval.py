@@ -81,6 +81,10 @@ def test_consistent_changes_follow_the_current_decision() -> None:
     assert consistent_changes(0) == ("absent", "resolved")
     assert consistent_changes(1, 1) == ("larger", "smaller", "stable")
     assert consistent_changes(0, 1) == ("resolved",)
+    assert consistent_changes(1, 0) == ("new",) and consistent_changes(0, -1) == (
+        "absent",
+        "resolved",
+    )
 
 
 def test_the_statement_is_ignored_by_the_labeler_in_its_section() -> None:
