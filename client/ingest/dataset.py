@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,21 +96,36 @@ def split_held_out(
     unknown): the same studies are held out in every run, and a patient's studies all fall on
     one side, so a held-out study's prior was never trained on as a study of its own.
 
-    Pseudonyms are keyed, so a small site could draw no held-out study at all by chance; with
+    Patients whose hash falls below `fraction` are held out, in hash order, up to
+    ceil(fraction x studies) studies (the first one always): pseudonyms are keyed, and on a
+    small site a few patients with several studies each could otherwise take most of it. With
     two or more studies each side keeps at least one, so a site can always be evaluated and
-    still train.
+    still train; only a site whose studies all belong to one patient splits that patient.
     """
-    buckets = [
-        int(hashlib.sha256((study.patient or study.study_id).encode()).hexdigest()[:8], 16)
+    groups: dict[str, list[int]] = {}
+    for i, study in enumerate(studies.studies):
+        groups.setdefault(study.patient or f"study:{study.study_id}", []).append(i)
+    bucket = {
+        key: int(hashlib.sha256(key.removeprefix("study:").encode()).hexdigest()[:8], 16)
         / 0xFFFFFFFF
-        for study in studies.studies
-    ]
-    order = sorted(range(len(buckets)), key=lambda i: (buckets[i], studies.studies[i].study_id))
-    n_held = sum(1 for b in buckets if b < fraction)
-    n_held = min(max(n_held, 1), len(order) - 1) if len(order) >= 2 else 0
-    held = sorted(order[:n_held])
-    train = sorted(order[n_held:])
-    return studies.subset(train), studies.subset(held)
+        for key in groups
+    }
+    order = sorted(groups, key=lambda k: (bucket[k], k))
+    n = len(studies)
+    cap = math.ceil(fraction * n)
+    held: list[int] = []
+    for key in order:
+        rows = groups[key]
+        if held and (bucket[key] >= fraction or len(held) + len(rows) > cap):
+            break
+        held.extend(rows)
+    if len(order) == 1:  # one patient holds every study: split that patient's studies
+        held = held[:1]
+    if n < 2:
+        held = []
+    chosen = set(held)
+    train = [i for i in range(n) if i not in chosen]
+    return studies.subset(train), studies.subset(sorted(held))
 
 
 def encode_context(tokenizer: PreTrainedTokenizerBase, indication: str, limit: int) -> list[int]:

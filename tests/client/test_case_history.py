@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import math
+import random
 
 import pytest
 import torch
@@ -168,3 +170,22 @@ def test_a_reading_with_a_prior_states_the_comparison_and_answers_about_it() -> 
     assert unread.comparison is not None and unread.comparison.reason == "unreadable"
     none = answer_scan(model, current.tensor, question=q, candidates=1)
     assert none.comparison is None and none.answer_value == "cannot answer"
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_small_site_always_keeps_studies_to_train_on(seed: int) -> None:
+    """Keyed pseudonyms hash anywhere: patients with several studies each must not take a
+    small site's held-out split beyond ceil(fraction x n) (the first patient excepted)."""
+    rng = random.Random(seed)
+    n = rng.randint(2, 12)
+    studies = micro_studies(n)
+    owners = [f"p{seed}-{rng.randint(0, max(1, n // 2))}" for _ in range(n)]
+    rows = [dataclasses.replace(s, patient=o) for s, o in zip(studies.studies, owners, strict=True)]
+    site = SiteStudies(rows, studies.images)
+    train, held = split_held_out(site, fraction=0.2)
+    assert len(train) >= 1 and len(held) >= 1 and len(train) + len(held) == n
+    sides = {s.patient: "held" for s in held.studies}
+    if len(set(owners)) > 1:
+        assert all(sides.get(s.patient) != "held" for s in train.studies)  # never split
+        first = max(owners.count(s.patient) for s in held.studies)
+        assert len(held) <= max(math.ceil(0.2 * n), first)
