@@ -135,6 +135,12 @@ def consistent_changes(decided_now: int, decided_before: int | None = None) -> t
     return tuple(c for c in CHANGES if c in options)
 
 
+def decide_change(probabilities: Mapping[str, float], decided_now: int, decided_before: int) -> str:
+    """The change the reading states: the interval head's most probable change among those
+    that agree with the finding head's decisions on the two studies."""
+    return max(consistent_changes(decided_now, decided_before), key=lambda c: probabilities[c])
+
+
 _PHRASES: Final[dict[str, str]] = {
     "new": "is new",
     "larger": "is larger",

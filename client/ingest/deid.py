@@ -321,6 +321,17 @@ def _values(element_value: object) -> list[str]:
     return [str(element_value)]
 
 
+def header_date(ds: Dataset, keyword: str) -> dt.date | None:
+    """A DA attribute as a date (YYYYMMDD); None when missing or malformed."""
+    value = str(ds.get(keyword, "") or "").strip()
+    if not re.fullmatch(r"\d{8}", value):
+        return None
+    try:
+        return dt.date(int(value[:4]), int(value[4:6]), int(value[6:8]))
+    except ValueError:
+        return None
+
+
 def collect_phi(ds: Dataset) -> PhiValues:
     """Every identifying string in the header that report prose might repeat."""
     names: set[str] = set()
@@ -344,12 +355,9 @@ def collect_phi(ds: Dataset) -> PhiValues:
             elif len(value) >= 3:
                 identifiers.add(value)
     for keyword in PHI_DATE_ATTRIBUTES:
-        value = str(ds.get(keyword, "") or "").strip()
-        if re.fullmatch(r"\d{8}", value):
-            try:
-                dates.add(dt.date(int(value[:4]), int(value[4:6]), int(value[6:8])))
-            except ValueError:
-                continue
+        day = header_date(ds, keyword)
+        if day is not None:
+            dates.add(day)
     return PhiValues(frozenset(names), frozenset(identifiers), frozenset(places), frozenset(dates))
 
 

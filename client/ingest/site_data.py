@@ -27,6 +27,7 @@ from fedrad.client.ingest.deid import (
     PhiValues,
     PseudonymKey,
     collect_phi,
+    header_date,
     load_or_create_key,
     scrub_text,
 )
@@ -217,13 +218,7 @@ def _inspect_file(
 def patient_and_date(ds: Dataset) -> tuple[str, dt.date | None]:
     """PatientID and StudyDate as the header states them (None for a missing or malformed
     date): what links a patient's studies in order at the site."""
-    patient = str(ds.get("PatientID", "") or "").strip()
-    value = str(ds.get("StudyDate", "") or "").strip()
-    try:
-        day = dt.date(int(value[:4]), int(value[4:6]), int(value[6:8])) if len(value) == 8 else None
-    except ValueError:
-        day = None
-    return patient, day
+    return str(ds.get("PatientID", "") or "").strip(), header_date(ds, "StudyDate")
 
 
 def _inspect_series_file(

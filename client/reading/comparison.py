@@ -22,7 +22,7 @@ from fedrad.common.findings import FINDINGS
 from fedrad.common.interval import (
     CHANGES,
     comparison_statement,
-    consistent_changes,
+    decide_change,
     rule_change,
 )
 from fedrad.common.model.radiology_model import RadiologyModel
@@ -120,10 +120,7 @@ def compare(
         for f, row in zip(FINDINGS, table, strict=True)
     }
     before = suggestions(prior_shown, thresholds)
-    changes = {
-        f: max(consistent_changes(decided[f], before[f]), key=lambda c, f=f: probabilities[f][c])
-        for f in FINDINGS
-    }
+    changes = {f: decide_change(probabilities[f], decided[f], before[f]) for f in FINDINGS}
     uncertain = frozenset(f for f in FINDINGS if decided[f] == -1)
     rule = {f: rule_change(prior_shown[f], shown[f], thresholds.present) for f in FINDINGS}
     return Comparison(

@@ -14,7 +14,7 @@ import torch
 
 from fedrad.client.ingest.dataset import SiteStudies, encode_context, interval_targets
 from fedrad.common.findings import FINDINGS
-from fedrad.common.interval import CHANGES, consistent_changes, rule_change
+from fedrad.common.interval import CHANGES, decide_change, rule_change
 from fedrad.common.model.radiology_model import RadiologyModel
 from fedrad.common.tasks import Thresholds, suggestions
 
@@ -53,8 +53,7 @@ def interval_evaluation(
             target = int(truth[i][k])
             if target < 0:
                 continue
-            allowed = consistent_changes(decided[f], earlier[f])
-            said = max(allowed, key=lambda c, k=k: table[k][CHANGES.index(c)])
+            said = decide_change(dict(zip(CHANGES, table[k], strict=True)), decided[f], earlier[f])
             ruled = rule_change(before[f], now[f], t.present)
             want = CHANGES[target]
             counts[f] += 1
